@@ -1,0 +1,220 @@
+//! Who pays for guest memory: bytes private to one memory vs shared with others.
+//!
+//! Two sources: the page map of our own mappings (which pages are anonymous, i.e. were
+//! copied on write and belong to this mapping alone) and the files behind them (allocated
+//! blocks of each memfd, shared when more than one memory maps the file). The page map is
+//! read with the `PAGEMAP_SCAN` ioctl (Linux 6.7+), which returns ranges and skips
+//! unpopulated page tables; older kernels fall back to reading `/proc/self/pagemap`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::{Error, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result};
+
+/// Memory used by one [`GuestMemory`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Bytes only this memory holds: its anonymous (copied-on-write) pages and files
+    /// nobody else maps.
+    pub private_bytes: u64,
+    /// Bytes of files this memory maps together with other memories.
+    pub shared_bytes: u64,
+}
+
+/// What `memory` costs, split into private and shared bytes.
+pub fn usage(memory: &GuestMemory) -> Result<Usage> {
+    let mut u = Usage::default();
+    for region in memory.regions() {
+        u.private_bytes += anon_bytes(region)?;
+        for (file, refs_here) in files_of(region) {
+            let bytes = file.allocated_bytes()?;
+            // Every holder owns one Arc; more Arcs than this region's own mean sharing.
+            if Arc::strong_count(&file) - 1 > refs_here {
+                u.shared_bytes += bytes;
+            } else {
+                u.private_bytes += bytes;
+            }
+        }
+    }
+    Ok(u)
+}
+
+/// Total memory used by a set of memories, counting each file once: what N clones cost
+/// the host together.
+pub fn footprint(memories: &[&GuestMemory]) -> Result<u64> {
+    let mut files: HashMap<*const MemFile, Arc<MemFile>> = HashMap::new();
+    let mut total = 0;
+    for m in memories {
+        for region in m.regions() {
+            total += anon_bytes(region)?;
+            for (file, _) in files_of(region) {
+                files.insert(Arc::as_ptr(&file), file);
+            }
+        }
+    }
+    for f in files.values() {
+        total += f.allocated_bytes()?;
+    }
+    Ok(total)
+}
+
+/// The distinct files a region maps, with how many references the region holds to each.
+fn files_of(region: &Region) -> Vec<(Arc<MemFile>, usize)> {
+    let mut out: Vec<(Arc<MemFile>, usize)> = Vec::new();
+    let layout = region.layout();
+    let files: Vec<&Arc<MemFile>> = match &*layout {
+        Layout::File(f) => vec![f],
+        Layout::Layers(extents) => extents.iter().map(|e| &e.file).collect(),
+    };
+    for f in files {
+        match out.iter_mut().find(|(g, _)| Arc::ptr_eq(f, g)) {
+            Some((_, n)) => *n += 1,
+            None => out.push((f.clone(), 1)),
+        }
+    }
+    out
+}
+
+/// Bytes of anonymous memory in the region's mapping.
+pub fn anon_bytes(region: &Region) -> Result<u64> {
+    Ok(anon_runs(region.host_addr() as usize, region.size())?.iter().map(|(s, e)| (e - s) as u64).sum())
+}
+
+/// Runs `[start, end)` (offsets from `addr`) of pages in `[addr, addr + len)` that are
+/// anonymous and present or swapped: in a `MAP_PRIVATE` file mapping, exactly the pages
+/// written since they were mapped.
+pub fn anon_runs(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
+    match scan_ioctl(addr, len) {
+        Ok(runs) => Ok(runs),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => {
+            scan_pagemap_file(addr, len)
+        }
+        Err(e) => Err(Error::PageMap(e)),
+    }
+}
+
+// Layout of `struct pm_scan_arg` and `struct page_region` (include/uapi/linux/fs.h).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+
+fn scan_ioctl(addr: usize, len: usize) -> std::io::Result<Vec<(usize, usize)>> {
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let mut buf = vec![PageRegion::default(); 1024];
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let end = (addr + len) as u64;
+    let mut start = addr as u64;
+    while start < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start,
+            end,
+            vec: buf.as_mut_ptr() as u64,
+            vec_len: buf.len() as u64,
+            // Not a file page, and present or swapped.
+            category_inverted: PAGE_IS_FILE,
+            category_mask: PAGE_IS_FILE,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
+            ..Default::default()
+        };
+        // SAFETY: `arg` is a correctly sized pm_scan_arg whose `vec` points at `buf`, which
+        // has room for `vec_len` page_region entries and outlives the call.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for r in &buf[..n as usize] {
+            let (s, e) = (r.start as usize - addr, r.end as usize - addr);
+            match runs.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => runs.push((s, e)),
+            }
+        }
+        if arg.walk_end <= start {
+            break;
+        }
+        start = arg.walk_end;
+    }
+    Ok(runs)
+}
+
+fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let pagemap = File::open("/proc/self/pagemap").map_err(Error::PageMap)?;
+    let pages = len / PAGE_SIZE;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut raw = vec![0u8; 8 * 4096];
+    let mut page = 0;
+    while page < pages {
+        let batch = (pages - page).min(raw.len() / 8);
+        let at = ((addr / PAGE_SIZE + page) * 8) as u64;
+        pagemap.read_exact_at(&mut raw[..batch * 8], at).map_err(Error::PageMap)?;
+        for i in 0..batch {
+            let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {
+                let s = (page + i) * PAGE_SIZE;
+                match runs.last_mut() {
+                    Some(last) if last.1 == s => last.1 = s + PAGE_SIZE,
+                    _ => runs.push((s, s + PAGE_SIZE)),
+                }
+            }
+        }
+        page += batch;
+    }
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryOptions;
+
+    #[test]
+    fn ioctl_and_file_scans_agree() {
+        let mem = GuestMemory::with_size(64 * PAGE_SIZE, &MemoryOptions::default()).unwrap();
+        let (child, _) = mem.clone_with(crate::memory::Strategy::Cow).unwrap();
+        for page in [0usize, 1, 2, 7, 30, 63] {
+            child.write((page * PAGE_SIZE) as u64, &[1]).unwrap();
+        }
+        let r = &child.regions()[0];
+        let want = vec![(0, 3 * PAGE_SIZE), (7 * PAGE_SIZE, 8 * PAGE_SIZE), (30 * PAGE_SIZE, 31 * PAGE_SIZE), (63 * PAGE_SIZE, 64 * PAGE_SIZE)];
+        assert_eq!(scan_pagemap_file(r.host_addr() as usize, r.size()).unwrap(), want);
+        match scan_ioctl(r.host_addr() as usize, r.size()) {
+            Ok(runs) => assert_eq!(runs, want),
+            Err(e) => eprintln!("skipping PAGEMAP_SCAN half: kernel lacks it ({e})"),
+        }
+    }
+}

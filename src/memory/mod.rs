@@ -1,0 +1,397 @@
+//! Guest memory and the ways to clone it.
+//!
+//! Guest memory lives in memfds mapped into the VMM. A *clone* turns one [`GuestMemory`]
+//! that keeps running (the parent) into two: the parent and an independent child holding
+//! exactly the parent's contents at the clone instant. Afterwards neither side ever sees
+//! the other's writes. [`GuestMemory::clone_with`] is the one interface; each
+//! [`Strategy`] lives in a file of its own:
+//!
+//! | strategy | file | how |
+//! |---|---|---|
+//! | `copy` | [`copy`] | eager copy into a new memfd (the baseline) |
+//! | `cow` | [`cow`] | freeze the memory as immutable layers, both sides map them `MAP_PRIVATE` |
+//! | `reflink` | [`reflink`] | `ioctl(FICLONE)` into a new memfd (needs vmfork's kernel patch) |
+//! | `uffd` | [`uffd`] | child memfd filled lazily by a userfaultfd page server |
+//! | `auto` | here | `reflink` where the kernel has it, else `cow` |
+//!
+//! The caller keeps writers of the source quiet for the duration of
+//! [`GuestMemory::clone_with`] (a VMM pauses its vCPUs); how long that is, is what the
+//! strategies compete on.
+
+pub mod accounting;
+pub mod copy;
+pub mod cow;
+mod file;
+pub mod reflink;
+pub mod uffd;
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use file::{MemFile, Mapping, PAGE_SIZE, Share, check_size};
+
+/// Errors of the memory layer. The message says what happened and, where it helps, what
+/// to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Size is not a positive multiple of the page size.
+    #[error("memory size {0} bytes is not a positive multiple of the 4096-byte page size")]
+    BadSize(usize),
+    /// A range that does not fit the memory or is not page aligned.
+    #[error("range at offset {offset:#x} of {len:#x} bytes is not page aligned or lies outside the memory")]
+    BadRange { offset: usize, len: usize },
+    /// A guest-physical access outside every region.
+    #[error("guest-physical range {addr:#x}+{len:#x} is not backed by guest memory")]
+    BadGuestAddress { addr: u64, len: usize },
+    /// Regions overlap or are empty.
+    #[error("invalid region layout: {0}")]
+    BadLayout(String),
+    #[error("cannot create memfd: {0}")]
+    Memfd(#[source] std::io::Error),
+    #[error("cannot map guest memory: {0}")]
+    Mmap(#[source] std::io::Error),
+    #[error("cannot seal the memory file as an immutable base: {0} (is it mapped shared and writable by another process?)")]
+    Seal(#[source] std::io::Error),
+    #[error("cannot read the page map of guest memory: {0}")]
+    PageMap(#[source] std::io::Error),
+    /// The kernel has no reflink for memfd/tmpfs.
+    #[error(
+        "this kernel cannot reflink memfd/tmpfs files (FICLONE: {0}); vmfork's kernel-patch/ adds it. Use --strategy cow, or auto, which falls back to cow"
+    )]
+    ReflinkUnsupported(#[source] std::io::Error),
+    /// FICLONE failed for another reason.
+    #[error("FICLONE failed: {0}")]
+    Reflink(#[source] std::io::Error),
+    /// reflink clones files; a memory made of cow layers is not one file.
+    #[error(
+        "reflink needs memory backed by a single file, but this memory is a copy-on-write view over {0} layers (it was cloned with cow or uffd); clone it with cow"
+    )]
+    ReflinkNeedsFile(usize),
+    #[error("userfaultfd: {0}")]
+    Uffd(#[source] std::io::Error),
+    /// The page server of a lazily filled memory is gone.
+    #[error("the page server of this lazily cloned memory died; pages it never served are lost")]
+    PageServerDied,
+    #[error("unknown clone strategy {0:?}: expected one of copy, cow, reflink, uffd, auto")]
+    UnknownStrategy(String),
+    #[error("cannot copy guest memory: {0}")]
+    Copy(#[source] std::io::Error),
+}
+
+/// Result of the memory layer.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How a clone is made. See the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Copy,
+    Cow,
+    Reflink,
+    Uffd,
+    Auto,
+}
+
+impl Strategy {
+    /// Every strategy that does real work (`auto` only picks one of them).
+    pub const CONCRETE: [Strategy; 4] = [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd];
+
+    /// The name used on the command line and in benchmark records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Copy => "copy",
+            Strategy::Cow => "cow",
+            Strategy::Reflink => "reflink",
+            Strategy::Uffd => "uffd",
+            Strategy::Auto => "auto",
+        }
+    }
+
+    /// Turns `auto` into the strategy it stands for on this kernel, with the reason.
+    pub fn resolve(self) -> (Strategy, String) {
+        match self {
+            Strategy::Auto => match reflink::probe() {
+                Ok(()) => (Strategy::Reflink, "the kernel supports memfd reflink".into()),
+                Err(e) => (Strategy::Cow, format!("reflink unavailable ({e}); using cow")),
+            },
+            s => (s, format!("{} requested", s.name())),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "copy" => Strategy::Copy,
+            "cow" => Strategy::Cow,
+            "reflink" => Strategy::Reflink,
+            "uffd" => Strategy::Uffd,
+            "auto" => Strategy::Auto,
+            other => return Err(Error::UnknownStrategy(other.to_string())),
+        })
+    }
+}
+
+/// A contiguous run of a region mapped from one file.
+#[derive(Clone, Debug)]
+pub struct Extent {
+    /// Offset of the run within its region.
+    pub offset: usize,
+    /// Length in bytes.
+    pub len: usize,
+    /// The file the run is mapped from.
+    pub file: Arc<MemFile>,
+    /// Where in `file` the run starts.
+    pub file_offset: usize,
+}
+
+impl Extent {
+    fn end(&self) -> usize {
+        self.offset + self.len
+    }
+}
+
+/// What a region's mapping is made of.
+#[derive(Debug)]
+pub enum Layout {
+    /// One writable file of its own, mapped `MAP_SHARED`.
+    File(Arc<MemFile>),
+    /// A copy-on-write view: immutable (sealed) layer files mapped `MAP_PRIVATE`, in
+    /// order of offset, covering the region; pages written since are anonymous.
+    Layers(Vec<Extent>),
+}
+
+/// One contiguous range of guest-physical memory.
+#[derive(Debug)]
+pub struct Region {
+    guest_addr: u64,
+    map: Mapping,
+    layout: Mutex<Layout>,
+    /// Set while a uffd child is still being filled by its page server.
+    lazy: Mutex<Option<uffd::LazyFill>>,
+}
+
+impl Region {
+    /// A region backed by a fresh memfd of its own.
+    fn with_new_file(guest_addr: u64, size: usize, name: &str) -> Result<Self> {
+        Self::with_file(guest_addr, Arc::new(MemFile::create(name, size)?))
+    }
+
+    /// A region that maps `file` shared and writable.
+    pub fn with_file(guest_addr: u64, file: Arc<MemFile>) -> Result<Self> {
+        let map = Mapping::reserve(file.size())?;
+        map.map_file(0, file.size(), file.file().as_raw_fd(), 0, Share::Shared)?;
+        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::File(file)), lazy: Mutex::new(None) })
+    }
+
+    /// A region that maps immutable layers copy-on-write.
+    pub fn with_layers(guest_addr: u64, size: usize, extents: Vec<Extent>) -> Result<Self> {
+        let map = Mapping::reserve(size)?;
+        for e in &extents {
+            map.map_file(e.offset, e.len, e.file.file().as_raw_fd(), e.file_offset, Share::Private)?;
+        }
+        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::Layers(extents)), lazy: Mutex::new(None) })
+    }
+
+    /// First guest-physical address.
+    pub fn guest_addr(&self) -> u64 {
+        self.guest_addr
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Host virtual address of the first byte (for KVM memory slots).
+    pub fn host_addr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// The mapping of the region.
+    pub fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// The region's layout, locked.
+    pub fn layout(&self) -> MutexGuard<'_, Layout> {
+        self.layout.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lazy(&self) -> MutexGuard<'_, Option<uffd::LazyFill>> {
+        self.lazy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Finishes a lazy (uffd) fill: every page not yet served is fetched now and the page
+    /// server is stopped. A no-op for other regions.
+    pub fn materialize(&self) -> Result<()> {
+        let mut lazy = self.lazy();
+        if let Some(fill) = lazy.take() {
+            fill.finish(self)?;
+        }
+        Ok(())
+    }
+
+    /// Whether pages of this region are still served lazily.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy().is_some()
+    }
+
+    fn contains(&self, addr: u64, len: usize) -> Option<usize> {
+        let off = addr.checked_sub(self.guest_addr)? as usize;
+        (off.checked_add(len)? <= self.size()).then_some(off)
+    }
+}
+
+/// A VM's memory: one or more non-overlapping guest-physical regions.
+#[derive(Debug)]
+pub struct GuestMemory {
+    regions: Vec<Region>,
+    huge_pages: bool,
+}
+
+/// Options for [`GuestMemory::new`].
+#[derive(Clone, Debug, Default)]
+pub struct MemoryOptions {
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`) on every mapping.
+    pub huge_pages: bool,
+}
+
+impl GuestMemory {
+    /// Creates zeroed memory with regions of the given `(guest address, size)`.
+    pub fn new(layout: &[(u64, usize)], opts: &MemoryOptions) -> Result<Self> {
+        if layout.is_empty() {
+            return Err(Error::BadLayout("no regions".into()));
+        }
+        let mut sorted: Vec<_> = layout.to_vec();
+        sorted.sort_by_key(|r| r.0);
+        for pair in sorted.windows(2) {
+            if pair[0].0 + pair[0].1 as u64 > pair[1].0 {
+                return Err(Error::BadLayout(format!("regions at {:#x} and {:#x} overlap", pair[0].0, pair[1].0)));
+            }
+        }
+        let mut regions = Vec::with_capacity(sorted.len());
+        for &(gpa, size) in &sorted {
+            check_size(size)?;
+            if gpa % PAGE_SIZE as u64 != 0 {
+                return Err(Error::BadLayout(format!("region address {gpa:#x} is not page aligned")));
+            }
+            regions.push(Region::with_new_file(gpa, size, "vmfork-guest")?);
+        }
+        let mem = GuestMemory { regions, huge_pages: opts.huge_pages };
+        mem.apply_options()?;
+        Ok(mem)
+    }
+
+    /// Creates one zeroed region of `size` bytes at guest address 0.
+    pub fn with_size(size: usize, opts: &MemoryOptions) -> Result<Self> {
+        Self::new(&[(0, size)], opts)
+    }
+
+    /// Assembles memory from regions built elsewhere (a clone, or memory received from
+    /// another process).
+    pub fn from_regions(regions: Vec<Region>, huge_pages: bool) -> Result<Self> {
+        let mem = GuestMemory { regions, huge_pages };
+        mem.apply_options()?;
+        Ok(mem)
+    }
+
+    fn apply_options(&self) -> Result<()> {
+        if self.huge_pages {
+            for r in &self.regions {
+                r.map.advise_huge()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The regions, in order of guest address.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Total bytes of guest memory.
+    pub fn size(&self) -> usize {
+        self.regions.iter().map(Region::size).sum()
+    }
+
+    /// Whether transparent huge pages were asked for.
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages
+    }
+
+    /// Host address of guest-physical `addr`, valid for `len` bytes.
+    ///
+    /// Fails with [`Error::PageServerDied`] where the memory was filled lazily by a page
+    /// server that has died.
+    pub fn host_addr(&self, addr: u64, len: usize) -> Result<*mut u8> {
+        for r in &self.regions {
+            if let Some(off) = r.contains(addr, len) {
+                r.check_served()?;
+                // SAFETY: `off + len <= size` (checked by `contains`), so the result stays
+                // inside the region's mapping.
+                return Ok(unsafe { r.host_addr().add(off) });
+            }
+        }
+        Err(Error::BadGuestAddress { addr, len })
+    }
+
+    /// Copies guest memory at `addr` into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let src = self.host_addr(addr, buf.len())?;
+        // SAFETY: `src` is valid for `buf.len()` bytes of mapped guest memory (checked by
+        // host_addr); guest memory is never referenced by Rust, so no aliasing rule applies.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let dst = self.host_addr(addr, data.len())?;
+        // SAFETY: as in `read`, with the roles swapped.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Clones this memory with `strategy` (see the module documentation). Returns the
+    /// child and the concrete strategy that made it (what `auto` chose).
+    pub fn clone_with(&self, strategy: Strategy) -> Result<(GuestMemory, Strategy)> {
+        let (concrete, _) = strategy.resolve();
+        let mut regions = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            let child = match concrete {
+                Strategy::Copy => copy::clone_region(r, self.huge_pages)?,
+                Strategy::Cow => cow::clone_region(r)?,
+                Strategy::Reflink => reflink::clone_region(r)?,
+                Strategy::Uffd => uffd::clone_region(r)?,
+                Strategy::Auto => unreachable!("resolve() never returns auto"),
+            };
+            regions.push(child);
+        }
+        Ok((GuestMemory::from_regions(regions, self.huge_pages)?, concrete))
+    }
+
+    /// Fetches every page a lazy (uffd) clone has not been served yet and stops its page
+    /// server, so the memory stands on its own.
+    pub fn materialize(&self) -> Result<()> {
+        self.regions.iter().try_for_each(Region::materialize)
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // Stop the page server before the mapping it fills goes away.
+        if let Some(fill) = self.lazy().take() {
+            fill.stop();
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! A thin userfaultfd binding: the handful of ioctls vmfork uses, one method each.
+//!
+//! vmfork binds the uAPI itself rather than using the `userfaultfd` crate, whose build
+//! runs bindgen (it needs libclang on every build machine) and pins an old `nix`; the
+//! structures below are fixed kernel ABI (include/uapi/linux/userfaultfd.h).
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+
+/// Features vmfork asks for.
+pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+
+const REGISTER_MODE_MISSING: u64 = 1;
+
+/// Events read from the descriptor.
+pub const EVENT_PAGEFAULT: u8 = 0x12;
+pub const EVENT_REMOVE: u8 = 0x15;
+
+#[repr(C)]
+struct ApiArg {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct Range {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct RegisterArg {
+    range: Range,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct CopyArg {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct ZeroPageArg {
+    range: Range,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// One message read from a userfaultfd (`struct uffd_msg`, 32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Msg {
+    pub event: u8,
+    _reserved: [u8; 7],
+    /// pagefault: flags; remove: start.
+    pub arg0: u64,
+    /// pagefault: address; remove: end.
+    pub arg1: u64,
+    _arg2: u64,
+}
+
+/// An open userfaultfd (non-blocking, close-on-exec).
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd and negotiates `features`. Kernel-mode faults (KVM's accesses
+    /// to guest memory) are handled too: `UFFD_USER_MODE_ONLY` is not set.
+    pub fn open(features: u64) -> io::Result<Self> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as RawFd;
+        let fd = if raw >= 0 {
+            // SAFETY: `raw` is a fresh fd that nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        } else {
+            // Unprivileged syscall use may be off (vm.unprivileged_userfaultfd=0);
+            // /dev/userfaultfd grants it by file permission instead.
+            let dev = OpenOptions::new().read(true).write(true).open("/dev/userfaultfd").map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create a userfaultfd ({}; /dev/userfaultfd: {e}): run as root, set vm.unprivileged_userfaultfd=1, or give this user access to /dev/userfaultfd",
+                        io::Error::last_os_error()
+                    ),
+                )
+            })?;
+            // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
+            let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: the ioctl returned a fresh fd that nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        };
+        let mut api = ApiArg { api: UFFD_API, features, ioctls: 0 };
+        // SAFETY: UFFDIO_API reads and writes one ApiArg, which lives across the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Uffd { fd })
+    }
+
+    /// Routes missing-page faults in `[start, start + len)` to this descriptor.
+    pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut arg = RegisterArg { range: Range { start: start as u64, len: len as u64 }, mode: REGISTER_MODE_MISSING, ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER reads and writes one RegisterArg that outlives the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut arg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops routing faults in the range here.
+    pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
+        let arg = Range { start: start as u64, len: len as u64 };
+        // SAFETY: UFFDIO_UNREGISTER reads one Range that outlives the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &arg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Wakes threads waiting on faults in the range, so they retry.
+    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+        let arg = Range { start: start as u64, len: len as u64 };
+        // SAFETY: UFFDIO_WAKE reads one Range that outlives the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &arg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Atomically fills `len` bytes at `dst` (registered, missing) with a copy of `src`
+    /// and wakes the faulting threads. Returns the bytes copied; on an error after a
+    /// partial copy, the error is returned with nothing more to say about the prefix.
+    pub fn copy(&self, dst: usize, src: *const u8, len: usize) -> io::Result<usize> {
+        let mut arg = CopyArg { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, copy: 0 };
+        // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (the caller guarantees they are
+        // mapped) and writes only into the registered range and the CopyArg.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut arg) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(arg.copy as usize)
+    }
+
+    /// Fills `len` bytes at `dst` with zeros and wakes the faulting threads.
+    pub fn zeropage(&self, dst: usize, len: usize) -> io::Result<()> {
+        let mut arg = ZeroPageArg { range: Range { start: dst as u64, len: len as u64 }, mode: 0, zeropage: 0 };
+        // SAFETY: UFFDIO_ZEROPAGE writes only into the registered range and the argument.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut arg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads pending messages into `buf`; returns how many (0 when none is pending).
+    pub fn read(&self, buf: &mut [Msg]) -> io::Result<usize> {
+        let bytes = std::mem::size_of_val(buf);
+        // SAFETY: `buf` is valid for `bytes` bytes of writes, and Msg is plain old data
+        // for which any bit pattern is valid.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
+        }
+        Ok(n as usize / std::mem::size_of::<Msg>())
+    }
+
+    /// The descriptor, for poll(2) or to pass to another process.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Msg>() == 32);
