@@ -23,6 +23,7 @@ pub mod copy;
 pub mod cow;
 mod file;
 pub mod reflink;
+pub mod transfer;
 pub mod uffd;
 
 use std::fmt;
@@ -80,6 +81,11 @@ pub enum Error {
     UnknownStrategy(String),
     #[error("cannot copy guest memory: {0}")]
     Copy(#[source] std::io::Error),
+    /// A memory manifest that does not match the files sent with it.
+    #[error("invalid guest memory manifest: {0}")]
+    BadManifest(String),
+    #[error("cannot pass guest memory between processes: {0}")]
+    Transfer(#[source] std::io::Error),
 }
 
 /// Result of the memory layer.
