@@ -107,13 +107,10 @@ fn one_strategy(
         "ns",
     ));
     if strategy == Strategy::Uffd {
-        if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| {
-            let st = s.stats();
-            (
-                st.faults.load(std::sync::atomic::Ordering::Relaxed),
-                st.service_ns.load(std::sync::atomic::Ordering::Relaxed),
-            )
-        }) {
+        if let Some((faults, ns)) = reader.regions()[0]
+            .with_page_server(|s| s.service_time())
+            .flatten()
+        {
             if faults > 0 {
                 out.push(Record::value(
                     SUITE,

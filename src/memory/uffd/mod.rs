@@ -37,13 +37,13 @@
 mod fence;
 pub mod sys;
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::{Error, Layout, MemFile, PAGE_SIZE, Region, Result, cow};
+use super::{Error, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result, cow};
 use sys::{Msg, Uffd};
 
 pub use fence::EXIT_PAGE_SERVER_DIED;
@@ -66,121 +66,76 @@ pub struct ServerStats {
 pub(super) fn clone_region(src: &Region) -> Result<Region> {
     src.materialize()?;
     let image = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
-    let child = Region::with_file(
-        src.guest_addr(),
-        Arc::new(MemFile::create("vmfork-uffd", src.size())?),
+    let file = Arc::new(MemFile::create("vmfork-uffd", src.size())?);
+    let child = Region::with_file(src.guest_addr(), file.clone())?;
+    let mut target = LazyTarget::register(&file, child.host_addr() as usize)?;
+    let (alive_rx, alive_tx) = pipe()?;
+    let server = PageServer::spawn(
+        target.uffd().clone(),
+        image,
+        target.addr,
+        target.len,
+        Some(alive_tx),
     )?;
-    let file = match &*child.layout() {
-        Layout::File(f) => f.clone(),
-        Layout::Layers(_) => unreachable!("Region::with_file maps one file"),
-    };
-    let fill = LazyFill::start(image, &file, child.host_addr() as usize)?;
-    *child.lazy.lock().unwrap_or_else(|p| p.into_inner()) = Some(fill);
+    target.watch(alive_rx)?;
+    *child.lazy() = Some(LazyFill {
+        target,
+        server: Some(server),
+    });
     Ok(child)
 }
 
-/// The page server and its watchdog, for one lazily filled region.
+/// A lazily filled region: the faulting half, and the serving half when the server
+/// runs in this process.
 #[derive(Debug)]
 pub struct LazyFill {
-    uffd: Arc<Uffd>,
-    addr: usize,
-    len: usize,
-    stopping: Arc<AtomicBool>,
-    dead: Arc<AtomicBool>,
-    stop_tx: Option<OwnedFd>,
-    server: Option<JoinHandle<()>>,
-    watchdog: Option<JoinHandle<()>>,
-    stats: Arc<ServerStats>,
+    target: LazyTarget,
+    server: Option<PageServer>,
 }
 
 impl LazyFill {
-    fn start(image: Region, file: &Arc<MemFile>, addr: usize) -> Result<Self> {
-        let len = file.size();
-        // Weak, so the fill does not count as another holder of the child's file.
-        let file = Arc::downgrade(file);
-        let uffd = Arc::new(
-            Uffd::open(sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE).map_err(Error::Uffd)?,
-        );
-        uffd.register_missing(addr, len).map_err(Error::Uffd)?;
-        fence::install_handler();
-        let (stop_rx, stop_tx) = pipe()?;
-        let (alive_rx, alive_tx) = pipe()?;
-        let stats = Arc::new(ServerStats::default());
-        let stopping = Arc::new(AtomicBool::new(false));
-        let dead = Arc::new(AtomicBool::new(false));
-        let server = {
-            let (uffd, stats) = (uffd.clone(), stats.clone());
-            std::thread::Builder::new()
-                .name("vmfork-pages".into())
-                .spawn(move || {
-                    let _alive = alive_tx; // Dropped when this thread ends, however it ends.
-                    PageServer {
-                        uffd: &uffd,
-                        image,
-                        addr,
-                        len,
-                        removed: Vec::new(),
-                        stats: &stats,
-                    }
-                    .run(&stop_rx);
-                })
-                .map_err(Error::Copy)?
-        };
-        let watchdog = {
-            let (uffd, stopping, dead) = (uffd.clone(), stopping.clone(), dead.clone());
-            std::thread::Builder::new()
-                .name("vmfork-pages-watch".into())
-                .spawn(move || {
-                    wait_hangup(&alive_rx);
-                    if !stopping.load(Ordering::Acquire) {
-                        dead.store(true, Ordering::Release);
-                        // The region (and so its file) outlives this thread: Region::drop
-                        // stops the fill first.
-                        if let Some(file) = file.upgrade() {
-                            fence::fence_unserved(&uffd, &file, addr);
-                        }
-                    }
-                })
-                .map_err(Error::Copy)?
-        };
-        Ok(LazyFill {
-            uffd,
-            addr,
-            len,
-            stopping,
-            dead,
-            stop_tx: Some(stop_tx),
-            server: Some(server),
-            watchdog: Some(watchdog),
-            stats,
-        })
+    /// A lazily filled region whose page server runs elsewhere (another process, which
+    /// received `target.uffd()`).
+    pub fn remote(target: LazyTarget) -> Self {
+        LazyFill { target, server: None }
     }
 
-    /// The page server's counters.
-    pub fn stats(&self) -> &ServerStats {
-        &self.stats
+    /// The local page server, if the server runs in this process.
+    pub fn server(&self) -> Option<&PageServer> {
+        self.server.as_ref()
+    }
+
+    /// `(faults answered, nanoseconds spent)` of the local page server, if any.
+    pub fn service_time(&self) -> Option<(u64, u64)> {
+        self.server.as_ref().map(|s| {
+            let st = s.stats();
+            (
+                st.faults.load(Ordering::Relaxed),
+                st.service_ns.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Whether the page server died before the memory was filled.
     pub fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::Acquire)
+        self.target.dead.load(Ordering::Acquire)
     }
 
-    /// Ends the page server as if it had crashed (for tests of the failure path).
+    /// Ends the local page server as if it had crashed (for tests of the failure path),
+    /// and waits until the watchdog has fenced the memory.
     #[doc(hidden)]
     pub fn kill_server(&mut self) {
-        self.stop_tx.take();
-        if let Some(s) = self.server.take() {
-            let _ = s.join();
+        if let Some(mut s) = self.server.take() {
+            s.stop();
         }
-        if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
+        while !self.is_dead() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
-    /// Fetches every page not served yet, then stops the server: the region becomes
+    /// Fetches every page not served yet, then stops serving: the region becomes
     /// ordinary file-backed memory.
-    pub(super) fn finish(self, region: &Region) -> Result<()> {
+    pub(super) fn finish(mut self, region: &Region) -> Result<()> {
         if self.is_dead() {
             return Err(Error::PageServerDied);
         }
@@ -194,30 +149,191 @@ impl LazyFill {
                 .mapping()
                 .madvise(start, end - start, libc::MADV_POPULATE_READ)?;
         }
-        self.uffd.unregister(self.addr, self.len).map_err(Error::Uffd)?;
-        self.stop();
+        if self.is_dead() {
+            return Err(Error::PageServerDied);
+        }
+        self.target.stop_watching();
+        self.target
+            .uffd
+            .unregister(self.target.addr, self.target.len)
+            .map_err(Error::Uffd)?;
         Ok(())
     }
 
-    /// Stops the server and the watchdog; faults that come later are no longer served.
+    /// Stops serving; faults that come later are no longer answered.
     pub(super) fn stop(mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.kill_server();
+        self.target.stop_watching();
     }
 }
 
 impl Drop for LazyFill {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.kill_server();
+        // Watchdog first, so stopping the server is not taken for a crash.
+        self.target.stop_watching();
+        if let Some(mut s) = self.server.take() {
+            s.stop();
+        }
+    }
+}
+
+/// The faulting half: a region registered for missing-page faults, plus the watchdog
+/// that fences it when the page server goes away (see the module documentation).
+#[derive(Debug)]
+pub struct LazyTarget {
+    uffd: Arc<Uffd>,
+    addr: usize,
+    len: usize,
+    dead: Arc<AtomicBool>,
+    /// Weak: the target must not count as another holder of the child's file.
+    file: Weak<MemFile>,
+    stop_tx: Option<OwnedFd>,
+    watchdog: Option<JoinHandle<()>>,
+}
+
+impl LazyTarget {
+    /// Registers the mapping of `file` at `addr` (all of it) for missing-page faults.
+    pub fn register(file: &Arc<MemFile>, addr: usize) -> Result<Self> {
+        let uffd = Uffd::open(sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE).map_err(Error::Uffd)?;
+        uffd.register_missing(addr, file.size()).map_err(Error::Uffd)?;
+        fence::install_handler();
+        Ok(LazyTarget {
+            uffd: Arc::new(uffd),
+            addr,
+            len: file.size(),
+            dead: Arc::new(AtomicBool::new(false)),
+            file: Arc::downgrade(file),
+            stop_tx: None,
+            watchdog: None,
+        })
+    }
+
+    /// The userfaultfd, to hand to the page server.
+    pub fn uffd(&self) -> &Arc<Uffd> {
+        &self.uffd
+    }
+
+    /// First address and length of the registered range.
+    pub fn range(&self) -> (usize, usize) {
+        (self.addr, self.len)
+    }
+
+    /// Starts the watchdog: when `liveness` hangs up (the server's end closed: it exited,
+    /// crashed, or its process died), unserved pages are fenced.
+    pub fn watch(&mut self, liveness: OwnedFd) -> Result<()> {
+        let (stop_rx, stop_tx) = pipe()?;
+        let (uffd, dead, file, addr) = (self.uffd.clone(), self.dead.clone(), self.file.clone(), self.addr);
+        let watchdog = std::thread::Builder::new()
+            .name("vmfork-pages-watch".into())
+            .spawn(move || {
+                if wait_hangup(&liveness, &stop_rx) {
+                    dead.store(true, Ordering::Release);
+                    // The region (and so its file) outlives this thread: LazyFill's drop
+                    // stops the watchdog before the region unmaps.
+                    if let Some(file) = file.upgrade() {
+                        fence::fence_unserved(&uffd, &file, addr);
+                    }
+                }
+            })
+            .map_err(Error::Copy)?;
+        self.stop_tx = Some(stop_tx);
+        self.watchdog = Some(watchdog);
+        Ok(())
+    }
+
+    fn stop_watching(&mut self) {
+        self.stop_tx.take();
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for LazyTarget {
+    fn drop(&mut self) {
+        self.stop_watching();
         fence::forget(self.addr);
     }
 }
 
+/// The serving half: answers the faults of one userfaultfd from an image of the clone
+/// instant. Runs wherever the image is: beside the child in one process, or in the
+/// parent VMM serving a forked child's memory.
+#[derive(Debug)]
+pub struct PageServer {
+    stop_tx: Option<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<ServerStats>,
+}
+
+impl PageServer {
+    /// Serves faults in `[addr, addr + len)` of `uffd`'s address space from `image`
+    /// (same size). `liveness` is closed when the server ends, however it ends.
+    pub fn spawn(
+        uffd: Arc<Uffd>,
+        image: Region,
+        addr: usize,
+        len: usize,
+        liveness: Option<OwnedFd>,
+    ) -> Result<Self> {
+        if image.size() != len {
+            return Err(Error::BadRange { offset: 0, len });
+        }
+        let (stop_rx, stop_tx) = pipe()?;
+        let stats = Arc::new(ServerStats::default());
+        let thread = {
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("vmfork-pages".into())
+                .spawn(move || {
+                    let _alive = liveness;
+                    let mut worker = Worker {
+                        uffd: &uffd,
+                        image,
+                        addr,
+                        len,
+                        removed: Vec::new(),
+                        stats: &stats,
+                    };
+                    worker.run(&stop_rx);
+                })
+                .map_err(Error::Copy)?
+        };
+        Ok(PageServer {
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Stops serving and waits for the thread.
+    pub fn stop(&mut self) {
+        self.stop_tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl Region {
-    /// The page server of a lazily filled region, if it still has one.
+    /// Runs `f` on the lazy fill of this region, if it is still being filled.
     pub fn with_page_server<T>(&self, f: impl FnOnce(&mut LazyFill) -> T) -> Option<T> {
         self.lazy().as_mut().map(f)
+    }
+
+    /// Makes this region lazily filled by a page server elsewhere.
+    pub fn set_remote_fill(&self, target: LazyTarget) {
+        *self.lazy() = Some(LazyFill::remote(target));
     }
 
     /// Fails if this region lost its page server before it was filled.
@@ -226,6 +342,90 @@ impl Region {
             Some(fill) if fill.is_dead() => Err(Error::PageServerDied),
             _ => Ok(()),
         }
+    }
+}
+
+/// The parent's half of a lazy clone whose child lives in another process: the frozen
+/// image of each region, and a page server per region once the child has registered.
+#[derive(Debug)]
+pub struct RemoteSource {
+    images: Vec<Option<Region>>,
+    servers: Vec<PageServer>,
+}
+
+impl GuestMemory {
+    /// Freezes this memory (as `cow` does) and returns the image to serve from, plus an
+    /// empty memory of the same shape to send to the child process, which registers it
+    /// with [`GuestMemory::expect_remote_fill`] and sends back its userfaultfds.
+    pub fn lazy_clone_for_remote(&self) -> Result<(RemoteSource, GuestMemory)> {
+        let mut images = Vec::with_capacity(self.regions().len());
+        let mut empties = Vec::with_capacity(self.regions().len());
+        for r in self.regions() {
+            r.materialize()?;
+            images.push(Some(Region::with_layers(
+                r.guest_addr(),
+                r.size(),
+                cow::freeze(r)?,
+            )?));
+            empties.push(Region::with_file(
+                r.guest_addr(),
+                Arc::new(MemFile::create("vmfork-uffd", r.size())?),
+            )?);
+        }
+        let child = GuestMemory::from_regions(empties, self.huge_pages())?;
+        Ok((
+            RemoteSource {
+                images,
+                servers: Vec::new(),
+            },
+            child,
+        ))
+    }
+
+    /// The child's half: registers every region for missing-page faults, to be served by
+    /// the process at the other end of `liveness`; when that end closes before the memory
+    /// is filled, unserved pages are fenced. Returns each region's userfaultfd and the
+    /// address it was registered at, for [`RemoteSource::serve`].
+    pub fn expect_remote_fill(&self, liveness: &impl AsFd) -> Result<Vec<(Arc<Uffd>, usize)>> {
+        let mut out = Vec::with_capacity(self.regions().len());
+        for r in self.regions() {
+            let file = match &*r.layout() {
+                Layout::File(f) => f.clone(),
+                Layout::Layers(_) => {
+                    return Err(Error::BadLayout(
+                        "a remotely filled region must map a file of its own".into(),
+                    ));
+                }
+            };
+            let mut target = LazyTarget::register(&file, r.host_addr() as usize)?;
+            target.watch(liveness.as_fd().try_clone_to_owned().map_err(Error::Uffd)?)?;
+            out.push((target.uffd().clone(), target.addr));
+            r.set_remote_fill(target);
+        }
+        Ok(out)
+    }
+}
+
+impl RemoteSource {
+    /// Starts serving region `index` of the child through `uffd`, registered at `addr`
+    /// in the child's address space.
+    pub fn serve(&mut self, index: usize, uffd: Uffd, addr: usize) -> Result<()> {
+        let image = self
+            .images
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or(Error::BadLayout(format!(
+                "region {index} does not exist or is already served"
+            )))?;
+        let len = image.size();
+        self.servers
+            .push(PageServer::spawn(Arc::new(uffd), image, addr, len, None)?);
+        Ok(())
+    }
+
+    /// The page servers started so far.
+    pub fn servers(&self) -> &[PageServer] {
+        &self.servers
     }
 }
 
@@ -245,7 +445,7 @@ fn holes(file: &MemFile) -> Vec<(usize, usize)> {
     out
 }
 
-struct PageServer<'a> {
+struct Worker<'a> {
     uffd: &'a Uffd,
     image: Region,
     addr: usize,
@@ -255,8 +455,8 @@ struct PageServer<'a> {
     stats: &'a ServerStats,
 }
 
-impl PageServer<'_> {
-    fn run(mut self, stop: &OwnedFd) {
+impl Worker<'_> {
+    fn run(&mut self, stop: &OwnedFd) {
         let mut msgs = [Msg::default(); 64];
         let mut retry: Vec<usize> = Vec::new();
         loop {
@@ -367,18 +567,31 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Uffd(e.into()))
 }
 
-/// Blocks until the write end of the pipe is closed.
-fn wait_hangup(rx: &OwnedFd) {
+/// Blocks until `liveness` hangs up (true) or `stop` does (false).
+fn wait_hangup(liveness: &OwnedFd, stop: &OwnedFd) -> bool {
     loop {
-        let mut fd = libc::pollfd {
-            fd: rx.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
-        if rc > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-            return;
+        let mut fds = [
+            libc::pollfd {
+                fd: liveness.as_raw_fd(),
+                events: 0,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: 0,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc <= 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        if fds[0].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) != 0 {
+            return true;
         }
     }
 }

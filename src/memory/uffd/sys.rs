@@ -124,6 +124,12 @@ impl Uffd {
         Ok(Uffd { fd })
     }
 
+    /// Wraps a userfaultfd received from another process (it keeps serving the address
+    /// space of the process that created it).
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Uffd { fd }
+    }
+
     /// Routes missing-page faults in `[start, start + len)` to this descriptor.
     pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
         let mut arg = RegisterArg {
