@@ -306,7 +306,11 @@ fn bad_input_is_a_clear_error() {
         Err(Error::BadLayout(_))
     ));
     let e = "fork".parse::<Strategy>().unwrap_err();
-    assert!(e.to_string().contains("copy, cow, reflink, uffd, auto"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("copy, cow, reflink, uffd, uffd-minor, auto"),
+        "{e}"
+    );
     let mem = new_memory(4);
     assert!(matches!(
         mem.write(3 * 4096 + 4000, &[0; 200]),
@@ -360,9 +364,13 @@ fn dead_page_server_subprocess() {
         eprintln!("skipped: only meaningful as the subprocess of uffd_dead_page_server_is_a_clear_error");
         return;
     }
+    let strategy: Strategy = std::env::var("VMFORK_DEAD_SERVER_CHILD")
+        .unwrap()
+        .parse()
+        .unwrap();
     let parent = new_memory(PAGES);
     stamp(&parent, 3, 1);
-    let (child, _) = parent.clone_with(Strategy::Uffd).unwrap();
+    let (child, _) = parent.clone_with(strategy).unwrap();
     assert_eq!(read_u64(&child, 0), 3);
     child.regions()[0].with_page_server(|s| s.kill_server()).unwrap();
     // The library refuses up front...
@@ -378,6 +386,12 @@ fn dead_page_server_subprocess() {
 
 #[test]
 fn uffd_dead_page_server_is_a_clear_error() {
+    for strategy in ["uffd", "uffd-minor"] {
+        dead_page_server(strategy);
+    }
+}
+
+fn dead_page_server(strategy: &str) {
     let start = std::time::Instant::now();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
@@ -386,14 +400,14 @@ fn uffd_dead_page_server_is_a_clear_error() {
             "--ignored",
             "--nocapture",
         ])
-        .env("VMFORK_DEAD_SERVER_CHILD", "1")
+        .env("VMFORK_DEAD_SERVER_CHILD", strategy)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(vmfork::memory::uffd::EXIT_PAGE_SERVER_DIED),
-        "stderr: {stderr}"
+        "{strategy}: {stderr}"
     );
     assert!(
         stderr.contains("library error: the page server of this lazily cloned memory died"),
@@ -408,4 +422,33 @@ fn uffd_dead_page_server_is_a_clear_error() {
         "took {:?}",
         start.elapsed()
     );
+}
+
+#[test]
+fn uffd_minor_children_share_clean_pages_after_reading_them() {
+    let parent = new_memory(PAGES);
+    stamp(&parent, 4, 1);
+    let children: Vec<_> = (0..4)
+        .map(|_| parent.clone_with(Strategy::UffdMinor).unwrap().0)
+        .collect();
+    for c in &children {
+        assert_eq!(checksums(c), checksums(&parent));
+    }
+    let mut all: Vec<&GuestMemory> = children.iter().collect();
+    all.push(&parent);
+    // Every child read every page, yet nothing was copied: the pages were only mapped.
+    assert_eq!(accounting::footprint(&all).unwrap(), (PAGES * PAGE_SIZE) as u64);
+    let served: u64 = children
+        .iter()
+        .map(|c| {
+            c.regions()[0]
+                .with_page_server(|s| s.service_time())
+                .flatten()
+                .unwrap()
+                .0
+        })
+        .sum();
+    assert!(served > 0, "first touches must have gone through the page server");
+    children[0].materialize().unwrap();
+    assert!(!children[0].regions()[0].is_lazy());
 }

@@ -106,7 +106,7 @@ fn one_strategy(
         read_ns,
         "ns",
     ));
-    if strategy == Strategy::Uffd {
+    if matches!(strategy, Strategy::Uffd | Strategy::UffdMinor) {
         if let Some((faults, ns)) = reader.regions()[0]
             .with_page_server(|s| s.service_time())
             .flatten()

@@ -12,6 +12,7 @@
 //! | `cow` | [`cow`] | freeze the memory as immutable layers, both sides map them `MAP_PRIVATE` |
 //! | `reflink` | [`reflink`] | `ioctl(FICLONE)` into a new memfd (needs vmfork's kernel patch) |
 //! | `uffd` | [`uffd`] | child memfd filled lazily by a userfaultfd page server |
+//! | `uffd-minor` | [`uffd`] | `cow` view whose first touch of each page goes through a page server (`UFFDIO_CONTINUE`) |
 //! | `auto` | here | `reflink` where the kernel has it, else `cow` |
 //!
 //! The caller keeps writers of the source quiet for the duration of
@@ -77,7 +78,7 @@ pub enum Error {
     /// The page server of a lazily filled memory is gone.
     #[error("the page server of this lazily cloned memory died; pages it never served are lost")]
     PageServerDied,
-    #[error("unknown clone strategy {0:?}: expected one of copy, cow, reflink, uffd, auto")]
+    #[error("unknown clone strategy {0:?}: expected one of copy, cow, reflink, uffd, uffd-minor, auto")]
     UnknownStrategy(String),
     #[error("cannot copy guest memory: {0}")]
     Copy(#[source] std::io::Error),
@@ -99,12 +100,20 @@ pub enum Strategy {
     Cow,
     Reflink,
     Uffd,
+    #[serde(rename = "uffd-minor")]
+    UffdMinor,
     Auto,
 }
 
 impl Strategy {
     /// Every strategy that does real work (`auto` only picks one of them).
-    pub const CONCRETE: [Strategy; 4] = [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd];
+    pub const CONCRETE: [Strategy; 5] = [
+        Strategy::Copy,
+        Strategy::Cow,
+        Strategy::Reflink,
+        Strategy::Uffd,
+        Strategy::UffdMinor,
+    ];
 
     /// The name used on the command line and in benchmark records.
     pub fn name(self) -> &'static str {
@@ -113,6 +122,7 @@ impl Strategy {
             Strategy::Cow => "cow",
             Strategy::Reflink => "reflink",
             Strategy::Uffd => "uffd",
+            Strategy::UffdMinor => "uffd-minor",
             Strategy::Auto => "auto",
         }
     }
@@ -143,6 +153,7 @@ impl FromStr for Strategy {
             "cow" => Strategy::Cow,
             "reflink" => Strategy::Reflink,
             "uffd" => Strategy::Uffd,
+            "uffd-minor" => Strategy::UffdMinor,
             "auto" => Strategy::Auto,
             other => return Err(Error::UnknownStrategy(other.to_string())),
         })
@@ -405,6 +416,7 @@ impl GuestMemory {
                 Strategy::Cow => cow::clone_region(r)?,
                 Strategy::Reflink => reflink::clone_region(r)?,
                 Strategy::Uffd => uffd::clone_region(r)?,
+                Strategy::UffdMinor => uffd::clone_region_minor(r)?,
                 Strategy::Auto => unreachable!("resolve() never returns auto"),
             };
             regions.push(child);

@@ -27,12 +27,20 @@
 //! [`EXIT_PAGE_SERVER_DIED`]. KVM's own accesses fail with `EFAULT` instead, and
 //! [`super::GuestMemory::read`] and friends return [`Error::PageServerDied`] up front.
 //!
-//! # Not done
-//! The minor-fault variant (`UFFDIO_CONTINUE` over the image's page cache) would share
-//! clean pages between children, but minor faults resolve by mapping the shmem page
-//! *shared*, so a later write from the child would reach the image: it needs a private
-//! mapping of the image plus `MINOR` registration, which the kernel supports only for
-//! shared shmem and hugetlbfs mappings. `cow` already shares clean pages.
+//! # The minor-fault variant (`uffd-minor`)
+//! The child is a `cow` view of the frozen layers (`MAP_PRIVATE`), registered for minor
+//! faults: its pages are all in the layers' page cache already, so the server answers
+//! each first touch with `UFFDIO_CONTINUE`, which maps the shared page read-only without
+//! copying; a later write copies on write as under `cow`. Clean pages stay shared
+//! between all children, and the server sees every first touch (the hook for recording
+//! a working set, or for filling the page cache from a compressed snapshot before
+//! mapping). Discarded ranges (`MADV_DONTNEED`) revert to the layers, as for any private
+//! mapping.
+//!
+//! # Known gap
+//! For `uffd`, a range discarded with `MADV_REMOVE` reads back as zeros; a hole punched
+//! with `fallocate(2)` is not reported to the server, which would serve the image's old
+//! contents there. Discard guest memory of a lazily filled region with `MADV_REMOVE`.
 
 mod fence;
 pub mod sys;
@@ -43,8 +51,9 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::accounting::mapped_runs;
 use super::{Error, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result, cow};
-use sys::{Msg, Uffd};
+use sys::{Mode, Msg, Uffd};
 
 pub use fence::EXIT_PAGE_SERVER_DIED;
 
@@ -77,6 +86,22 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
         target.len,
         Some(alive_tx),
     )?;
+    target.watch(alive_rx)?;
+    *child.lazy() = Some(LazyFill {
+        target,
+        server: Some(server),
+    });
+    Ok(child)
+}
+
+/// Clones `src` as a `cow` view whose pages reach the child through minor faults:
+/// see the module documentation.
+pub(super) fn clone_region_minor(src: &Region) -> Result<Region> {
+    src.materialize()?;
+    let child = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
+    let mut target = LazyTarget::register_minor(child.host_addr() as usize, child.size())?;
+    let (alive_rx, alive_tx) = pipe()?;
+    let server = PageServer::spawn_minor(target.uffd().clone(), target.addr, target.len, Some(alive_tx))?;
     target.watch(alive_rx)?;
     *child.lazy() = Some(LazyFill {
         target,
@@ -139,12 +164,12 @@ impl LazyFill {
         if self.is_dead() {
             return Err(Error::PageServerDied);
         }
-        let file = match &*region.layout() {
-            Layout::File(f) => f.clone(),
-            Layout::Layers(_) => unreachable!("a lazily filled region maps its own file"),
+        let unserved = match &self.target.kind {
+            Kind::Missing(file) => file.upgrade().map_or_else(Vec::new, |f| holes(&f)),
+            Kind::Minor => vec![(0, self.target.len)],
         };
-        for (start, end) in holes(&file) {
-            // A read fault on each missing page goes to the server, which fills it.
+        for (start, end) in unserved {
+            // A read fault on each page not served yet goes to the server.
             region
                 .mapping()
                 .madvise(start, end - start, libc::MADV_POPULATE_READ)?;
@@ -184,24 +209,49 @@ pub struct LazyTarget {
     addr: usize,
     len: usize,
     dead: Arc<AtomicBool>,
-    /// Weak: the target must not count as another holder of the child's file.
-    file: Weak<MemFile>,
+    kind: Kind,
     stop_tx: Option<OwnedFd>,
     watchdog: Option<JoinHandle<()>>,
+}
+
+/// What a lazily filled region waits for.
+#[derive(Clone, Debug)]
+enum Kind {
+    /// Missing pages of its own file (weak: the target must not count as another holder
+    /// of the child's file); unserved pages are the file's holes.
+    Missing(Weak<MemFile>),
+    /// Minor faults on a `cow` view; unserved pages are those not mapped yet.
+    Minor,
 }
 
 impl LazyTarget {
     /// Registers the mapping of `file` at `addr` (all of it) for missing-page faults.
     pub fn register(file: &Arc<MemFile>, addr: usize) -> Result<Self> {
-        let uffd = Uffd::open(sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE).map_err(Error::Uffd)?;
-        uffd.register_missing(addr, file.size()).map_err(Error::Uffd)?;
+        let features = sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE;
+        Self::open(
+            addr,
+            file.size(),
+            features,
+            Mode::Missing,
+            Kind::Missing(Arc::downgrade(file)),
+        )
+    }
+
+    /// Registers a `MAP_PRIVATE` view of shmem layers at `addr` for minor faults.
+    pub fn register_minor(addr: usize, len: usize) -> Result<Self> {
+        Self::open(addr, len, sys::FEATURE_MINOR_SHMEM, Mode::Minor, Kind::Minor)
+    }
+
+    fn open(addr: usize, len: usize, features: u64, mode: Mode, kind: Kind) -> Result<Self> {
+        let uffd = Uffd::open(features).map_err(Error::Uffd)?;
+        uffd.register(addr, len, mode).map_err(Error::Uffd)?;
         fence::install_handler();
         Ok(LazyTarget {
             uffd: Arc::new(uffd),
             addr,
-            len: file.size(),
+            len,
             dead: Arc::new(AtomicBool::new(false)),
-            file: Arc::downgrade(file),
+            kind,
             stop_tx: None,
             watchdog: None,
         })
@@ -221,7 +271,13 @@ impl LazyTarget {
     /// crashed, or its process died), unserved pages are fenced.
     pub fn watch(&mut self, liveness: OwnedFd) -> Result<()> {
         let (stop_rx, stop_tx) = pipe()?;
-        let (uffd, dead, file, addr) = (self.uffd.clone(), self.dead.clone(), self.file.clone(), self.addr);
+        let (uffd, dead, kind, addr, len) = (
+            self.uffd.clone(),
+            self.dead.clone(),
+            self.kind.clone(),
+            self.addr,
+            self.len,
+        );
         let watchdog = std::thread::Builder::new()
             .name("vmfork-pages-watch".into())
             .spawn(move || {
@@ -229,9 +285,11 @@ impl LazyTarget {
                     dead.store(true, Ordering::Release);
                     // The region (and so its file) outlives this thread: LazyFill's drop
                     // stops the watchdog before the region unmaps.
-                    if let Some(file) = file.upgrade() {
-                        fence::fence_unserved(&uffd, &file, addr);
-                    }
+                    let unserved = match kind {
+                        Kind::Missing(file) => file.upgrade().map_or_else(Vec::new, |f| holes(&f)),
+                        Kind::Minor => gaps(&mapped_runs(addr, len).unwrap_or_default(), len),
+                    };
+                    fence::fence(&uffd, &unserved, addr, len);
                 }
             })
             .map_err(Error::Copy)?;
@@ -278,6 +336,22 @@ impl PageServer {
         if image.size() != len {
             return Err(Error::BadRange { offset: 0, len });
         }
+        Self::start(uffd, Fill::Copy(image), addr, len, liveness)
+    }
+
+    /// Serves minor faults in `[addr, addr + len)` by mapping the pages already in the
+    /// page cache (`UFFDIO_CONTINUE`): nothing is copied.
+    pub fn spawn_minor(uffd: Arc<Uffd>, addr: usize, len: usize, liveness: Option<OwnedFd>) -> Result<Self> {
+        Self::start(uffd, Fill::Continue, addr, len, liveness)
+    }
+
+    fn start(
+        uffd: Arc<Uffd>,
+        fill: Fill,
+        addr: usize,
+        len: usize,
+        liveness: Option<OwnedFd>,
+    ) -> Result<Self> {
         let (stop_rx, stop_tx) = pipe()?;
         let stats = Arc::new(ServerStats::default());
         let thread = {
@@ -288,7 +362,7 @@ impl PageServer {
                     let _alive = liveness;
                     let mut worker = Worker {
                         uffd: &uffd,
-                        image,
+                        fill,
                         addr,
                         len,
                         removed: Vec::new(),
@@ -429,25 +503,38 @@ impl RemoteSource {
     }
 }
 
-/// Ranges of the file that hold no page yet.
-fn holes(file: &MemFile) -> Vec<(usize, usize)> {
+/// The complement of sorted, disjoint `runs` within `[0, len)`.
+fn gaps(runs: &[(usize, usize)], len: usize) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut pos = 0;
-    for (s, e) in file.data_ranges() {
+    for &(s, e) in runs {
         if s > pos {
             out.push((pos, s));
         }
         pos = e;
     }
-    if pos < file.size() {
-        out.push((pos, file.size()));
+    if pos < len {
+        out.push((pos, len));
     }
     out
 }
 
+/// Ranges of the file that hold no page yet.
+fn holes(file: &MemFile) -> Vec<(usize, usize)> {
+    gaps(&file.data_ranges(), file.size())
+}
+
+/// Where served pages come from.
+enum Fill {
+    /// Copied from this image of the clone instant.
+    Copy(Region),
+    /// Already in the page cache; only mapped.
+    Continue,
+}
+
 struct Worker<'a> {
     uffd: &'a Uffd,
-    image: Region,
+    fill: Fill,
     addr: usize,
     len: usize,
     /// Ranges (offsets) the child discarded: they fault back as zeros.
@@ -489,7 +576,11 @@ impl Worker<'_> {
             for m in &msgs[..n] {
                 match m.event {
                     sys::EVENT_PAGEFAULT => retry.push(m.arg1 as usize),
-                    sys::EVENT_REMOVE => self.note_removed(m.arg0 as usize, m.arg1 as usize),
+                    // Discarding a private (minor) view reverts it to the layers, which the
+                    // next fault maps again; only a shared file's discards read as zeros.
+                    sys::EVENT_REMOVE if matches!(self.fill, Fill::Copy(_)) => {
+                        self.note_removed(m.arg0 as usize, m.arg1 as usize)
+                    }
                     _ => {}
                 }
             }
@@ -511,7 +602,9 @@ impl Worker<'_> {
         }
     }
 
-    /// Places the page at `fault` (and missing neighbours) from the image.
+    /// Places the page at `fault`, and its neighbours in a [`FAULT_AROUND`] window where
+    /// they are still missing, falling back to the one page when the window fails
+    /// (`EEXIST`: some neighbour is there already).
     fn serve(&self, fault: usize) -> std::io::Result<()> {
         let page = (fault & !(PAGE_SIZE - 1)).clamp(self.addr, self.addr + self.len - PAGE_SIZE) - self.addr;
         if self.is_removed(page, PAGE_SIZE) {
@@ -522,24 +615,31 @@ impl Worker<'_> {
         let start = page - page % window;
         let end = (start + window).min(self.len);
         if !self.is_removed(start, end - start) {
-            // SAFETY (of the source pointer): [start, end) lies inside the image mapping,
-            // which lives as long as this server.
-            let src = self.image.host_addr().wrapping_add(start);
-            if let Ok(n) = self.uffd.copy(self.addr + start, src, end - start) {
+            if let Ok(n) = self.place(start, end - start) {
                 self.stats
                     .pages
                     .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
                 return Ok(());
             }
-            // Some neighbour exists already (EEXIST) or the window raced: fall back to
-            // the one page that faulted.
         }
-        let src = self.image.host_addr().wrapping_add(page);
-        let n = ok_if_exists(self.uffd.copy(self.addr + page, src, PAGE_SIZE))?;
+        let n = ok_if_exists(self.place(page, PAGE_SIZE))?;
         self.stats
             .pages
             .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Fills `[offset, offset + len)` of the target; returns the bytes placed.
+    fn place(&self, offset: usize, len: usize) -> std::io::Result<usize> {
+        match &self.fill {
+            // The source range lies inside the image mapping, which lives as long as
+            // this worker; UFFDIO_COPY only reads it.
+            Fill::Copy(image) => {
+                self.uffd
+                    .copy(self.addr + offset, image.host_addr().wrapping_add(offset), len)
+            }
+            Fill::Continue => self.uffd.continue_range(self.addr + offset, len),
+        }
     }
 
     fn note_removed(&mut self, start: usize, end: usize) {

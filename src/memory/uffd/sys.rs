@@ -15,13 +15,22 @@ const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
 const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
 const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+const UFFDIO_CONTINUE: libc::c_ulong = 0xC020_AA07;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 
 /// Features vmfork asks for.
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 
-const REGISTER_MODE_MISSING: u64 = 1;
+/// Which faults a range reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No page in the page cache (shmem) or page table: fill with `UFFDIO_COPY`.
+    Missing = 1,
+    /// The page is in the page cache but not mapped here: map it with `UFFDIO_CONTINUE`.
+    Minor = 4,
+}
 
 /// Events read from the descriptor.
 pub const EVENT_PAGEFAULT: u8 = 0x12;
@@ -54,6 +63,13 @@ struct CopyArg {
     len: u64,
     mode: u64,
     copy: i64,
+}
+
+#[repr(C)]
+struct ContinueArg {
+    range: Range,
+    mode: u64,
+    mapped: i64,
 }
 
 #[repr(C)]
@@ -130,14 +146,14 @@ impl Uffd {
         Uffd { fd }
     }
 
-    /// Routes missing-page faults in `[start, start + len)` to this descriptor.
-    pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
+    /// Routes faults of `mode` in `[start, start + len)` to this descriptor.
+    pub fn register(&self, start: usize, len: usize, mode: Mode) -> io::Result<()> {
         let mut arg = RegisterArg {
             range: Range {
                 start: start as u64,
                 len: len as u64,
             },
-            mode: REGISTER_MODE_MISSING,
+            mode: mode as u64,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one RegisterArg that outlives the call.
@@ -191,6 +207,26 @@ impl Uffd {
             return Err(io::Error::last_os_error());
         }
         Ok(arg.copy as usize)
+    }
+
+    /// Maps the page-cache pages already backing `[dst, dst + len)` and wakes the
+    /// faulting threads; returns the bytes mapped. In a `MAP_PRIVATE` mapping the pages
+    /// are mapped read-only, so a later write still copies.
+    pub fn continue_range(&self, dst: usize, len: usize) -> io::Result<usize> {
+        let mut arg = ContinueArg {
+            range: Range {
+                start: dst as u64,
+                len: len as u64,
+            },
+            mode: 0,
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE writes only page tables of the registered range and
+        // the argument, which outlives the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut arg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(arg.mapped as usize)
     }
 
     /// Fills `len` bytes at `dst` with zeros and wakes the faulting threads.
