@@ -92,13 +92,7 @@ pub fn freeze(region: &Region) -> Result<Vec<Extent>> {
                     write_layer(region, &fit_budget(runs, room))?
                 };
                 for p in &placed {
-                    map.map_file(
-                        p.offset,
-                        p.len,
-                        p.file.file().as_raw_fd(),
-                        p.file_offset,
-                        Share::Private,
-                    )?;
+                    p.map_private(map)?;
                 }
                 *extents = overlay(extents, &placed);
             }

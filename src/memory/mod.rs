@@ -177,6 +177,17 @@ impl Extent {
     fn end(&self) -> usize {
         self.offset + self.len
     }
+
+    /// Maps this run of its layer copy-on-write at its place in `map`.
+    fn map_private(&self, map: &Mapping) -> Result<()> {
+        map.map_file(
+            self.offset,
+            self.len,
+            self.file.file().as_raw_fd(),
+            self.file_offset,
+            Share::Private,
+        )
+    }
 }
 
 /// What a region's mapping is made of.
@@ -221,13 +232,7 @@ impl Region {
     pub fn with_layers(guest_addr: u64, size: usize, extents: Vec<Extent>) -> Result<Self> {
         let map = Mapping::reserve(size)?;
         for e in &extents {
-            map.map_file(
-                e.offset,
-                e.len,
-                e.file.file().as_raw_fd(),
-                e.file_offset,
-                Share::Private,
-            )?;
+            e.map_private(&map)?;
         }
         Ok(Region {
             guest_addr,

@@ -210,8 +210,7 @@ pub struct LazyTarget {
     len: usize,
     dead: Arc<AtomicBool>,
     kind: Kind,
-    stop_tx: Option<OwnedFd>,
-    watchdog: Option<JoinHandle<()>>,
+    watchdog: Option<Helper>,
 }
 
 /// What a lazily filled region waits for.
@@ -252,7 +251,6 @@ impl LazyTarget {
             len,
             dead: Arc::new(AtomicBool::new(false)),
             kind,
-            stop_tx: None,
             watchdog: None,
         })
     }
@@ -270,7 +268,6 @@ impl LazyTarget {
     /// Starts the watchdog: when `liveness` hangs up (the server's end closed: it exited,
     /// crashed, or its process died), unserved pages are fenced.
     pub fn watch(&mut self, liveness: OwnedFd) -> Result<()> {
-        let (stop_rx, stop_tx) = pipe()?;
         let (uffd, dead, kind, addr, len) = (
             self.uffd.clone(),
             self.dead.clone(),
@@ -278,31 +275,23 @@ impl LazyTarget {
             self.addr,
             self.len,
         );
-        let watchdog = std::thread::Builder::new()
-            .name("vmfork-pages-watch".into())
-            .spawn(move || {
-                if wait_hangup(&liveness, &stop_rx) {
-                    dead.store(true, Ordering::Release);
-                    // The region (and so its file) outlives this thread: LazyFill's drop
-                    // stops the watchdog before the region unmaps.
-                    let unserved = match kind {
-                        Kind::Missing(file) => file.upgrade().map_or_else(Vec::new, |f| holes(&f)),
-                        Kind::Minor => gaps(&mapped_runs(addr, len).unwrap_or_default(), len),
-                    };
-                    fence::fence(&uffd, &unserved, addr, len);
-                }
-            })
-            .map_err(Error::Copy)?;
-        self.stop_tx = Some(stop_tx);
-        self.watchdog = Some(watchdog);
+        self.watchdog = Some(Helper::spawn("vmfork-pages-watch", move |stop| {
+            if wait_hangup(&liveness, &stop) {
+                dead.store(true, Ordering::Release);
+                // The region (and so its file) outlives this thread: LazyFill's drop
+                // stops the watchdog before the region unmaps.
+                let unserved = match kind {
+                    Kind::Missing(file) => file.upgrade().map_or_else(Vec::new, |f| holes(&f)),
+                    Kind::Minor => gaps(&mapped_runs(addr, len).unwrap_or_default(), len),
+                };
+                fence::fence(&uffd, &unserved, addr, len);
+            }
+        })?);
         Ok(())
     }
 
     fn stop_watching(&mut self) {
-        self.stop_tx.take();
-        if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
-        }
+        self.watchdog.take();
     }
 }
 
@@ -318,8 +307,7 @@ impl Drop for LazyTarget {
 /// parent VMM serving a forked child's memory.
 #[derive(Debug)]
 pub struct PageServer {
-    stop_tx: Option<OwnedFd>,
-    thread: Option<JoinHandle<()>>,
+    worker: Option<Helper>,
     stats: Arc<ServerStats>,
 }
 
@@ -352,29 +340,24 @@ impl PageServer {
         len: usize,
         liveness: Option<OwnedFd>,
     ) -> Result<Self> {
-        let (stop_rx, stop_tx) = pipe()?;
         let stats = Arc::new(ServerStats::default());
-        let thread = {
+        let worker = {
             let stats = stats.clone();
-            std::thread::Builder::new()
-                .name("vmfork-pages".into())
-                .spawn(move || {
-                    let _alive = liveness;
-                    let mut worker = Worker {
-                        uffd: &uffd,
-                        fill,
-                        addr,
-                        len,
-                        removed: Vec::new(),
-                        stats: &stats,
-                    };
-                    worker.run(&stop_rx);
-                })
-                .map_err(Error::Copy)?
+            Helper::spawn("vmfork-pages", move |stop| {
+                let _alive = liveness; // Closed when this thread ends, however it ends.
+                let mut worker = Worker {
+                    uffd: &uffd,
+                    fill,
+                    addr,
+                    len,
+                    removed: Vec::new(),
+                    stats: &stats,
+                };
+                worker.run(&stop);
+            })?
         };
         Ok(PageServer {
-            stop_tx: Some(stop_tx),
-            thread: Some(thread),
+            worker: Some(worker),
             stats,
         })
     }
@@ -386,16 +369,38 @@ impl PageServer {
 
     /// Stops serving and waits for the thread.
     pub fn stop(&mut self) {
+        self.worker.take();
+    }
+}
+
+/// A helper thread that runs until the pipe it is given hangs up; dropping the helper
+/// closes the pipe and joins the thread.
+#[derive(Debug)]
+struct Helper {
+    stop_tx: Option<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Helper {
+    fn spawn(name: &str, body: impl FnOnce(OwnedFd) + Send + 'static) -> Result<Self> {
+        let (stop_rx, stop_tx) = pipe()?;
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(stop_rx))
+            .map_err(Error::Copy)?;
+        Ok(Helper {
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
         self.stop_tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl Drop for PageServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
