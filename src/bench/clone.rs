@@ -16,7 +16,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use super::{BenchError, BenchOptions, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
 use crate::memory::{GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, accounting, reflink};
 
 const SUITE: &str = "clone";
@@ -280,4 +280,60 @@ fn mem_available() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// The clone suite's targets, per size, from one run's records.
+pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
+    let value = |strategy: &str, metric: &str, size: u64| {
+        records
+            .iter()
+            .find(|r| {
+                r.suite == SUITE && r.strategy == strategy && r.metric == metric && r.size_bytes == size
+            })
+            .and_then(|r| r.value)
+    };
+    let mut sizes: Vec<u64> = records
+        .iter()
+        .filter(|r| r.suite == SUITE)
+        .map(|r| r.size_bytes)
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut out = Vec::new();
+    for size in sizes {
+        let mut push = |name: &str, v: Option<f64>, target: &str, met: fn(f64) -> bool| {
+            if let Some(v) = v.filter(|v| v.is_finite()) {
+                out.push(Ratio {
+                    name: name.into(),
+                    size_bytes: size,
+                    value: v,
+                    target: target.into(),
+                    met: met(v),
+                });
+            }
+        };
+        let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+        push(
+            "copy/cow clone_ns",
+            ratio(value("copy", "clone_ns", size), value("cow", "clone_ns", size)),
+            ">= 1000",
+            |v| v >= 1000.0,
+        );
+        push(
+            "cow/native first_read_ns_per_page",
+            ratio(
+                value("cow", "first_read_ns_per_page", size),
+                value("native", "first_read_ns_per_page", size),
+            ),
+            "<= 1.5",
+            |v| v <= 1.5,
+        );
+        push(
+            "cow fanout16_total_bytes/size",
+            value("cow", "fanout16_total_bytes", size).map(|b| b / size as f64),
+            "<= 1.1",
+            |v| v <= 1.1,
+        );
+    }
+    out
 }

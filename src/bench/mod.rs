@@ -124,6 +124,19 @@ fn utc_now() -> String {
 pub struct Report {
     pub run: RunInfo,
     pub records: Vec<Record>,
+    /// The targets, as ratios taken from `records`.
+    pub ratios: Vec<Ratio>,
+}
+
+/// One ratio between two records of the same run, against a target.
+#[derive(Debug, Serialize)]
+pub struct Ratio {
+    pub name: String,
+    pub size_bytes: u64,
+    pub value: f64,
+    /// The target, e.g. `>= 1000`.
+    pub target: String,
+    pub met: bool,
 }
 
 /// Runs the suites and prints a table; writes JSON when asked.
@@ -142,8 +155,21 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     );
     let mut records = Vec::new();
     clone::run(opts, &mut records)?;
-    let report = Report { run, records };
-    print_table(&report.records, &mut std::io::stdout().lock())?;
+    let ratios = clone::ratios(&records);
+    let report = Report { run, records, ratios };
+    let mut out = std::io::stdout().lock();
+    print_table(&report.records, &mut out)?;
+    for r in &report.ratios {
+        let verdict = if r.met { "met" } else { "NOT met" };
+        writeln!(
+            out,
+            "ratio {} at {}: {:.2} (target {}: {verdict})",
+            r.name,
+            human_bytes(r.size_bytes),
+            r.value,
+            r.target
+        )?;
+    }
     if let Some(path) = &opts.json {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json)
