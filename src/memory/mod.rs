@@ -32,7 +32,7 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use file::{Mapping, MemFile, PAGE_SIZE, Share, check_size};
+pub use file::{MFD_REFLINK, Mapping, MemFile, PAGE_SIZE, Share, check_size, kernel_has_mfd_reflink};
 
 /// Errors of the memory layer. The message says what happened and, where it helps, what
 /// to do about it.
@@ -62,7 +62,7 @@ pub enum Error {
     PageMap(#[source] std::io::Error),
     /// The kernel has no reflink for memfd/tmpfs.
     #[error(
-        "this kernel cannot reflink memfd/tmpfs files (FICLONE: {0}); vmfork's kernel-patch/ adds it. Use --strategy cow, or auto, which falls back to cow"
+        "this kernel cannot reflink memfd/tmpfs files (FICLONE: {0}); vmfork's kernel-patch/ adds it (memfds made with MFD_REFLINK). Use --strategy cow, or auto, which falls back to cow"
     )]
     ReflinkUnsupported(#[source] std::io::Error),
     /// FICLONE failed for another reason.

@@ -2,8 +2,9 @@
 //!
 //! Each side then keeps a `MAP_SHARED` mapping of its own file and the kernel shares the
 //! pages underneath until one side writes. No Linux kernel offers this for tmpfs/memfd
-//! yet (they answer `EOPNOTSUPP` or `EXDEV`); vmfork's `kernel-patch/` adds it. Support is
-//! probed once per process with two one-page memfds.
+//! yet (they answer `EOPNOTSUPP` or `EXDEV`); vmfork's `kernel-patch/` adds it, for memfds
+//! created with its `MFD_REFLINK` flag, which vmfork sets on every guest memfd where the
+//! kernel accepts it. Support is probed once per process with two one-page memfds.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
