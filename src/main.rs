@@ -33,6 +33,14 @@ enum Command {
         #[arg(long)]
         huge_pages: bool,
     },
+    /// Print a saved `vmfork bench --json` report (table and ratios).
+    Report {
+        /// The JSON file written by `vmfork bench --json`.
+        file: PathBuf,
+        /// Also write the report as Markdown to FILE.
+        #[arg(long, value_name = "FILE")]
+        markdown: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +58,7 @@ fn main() -> ExitCode {
             json,
         })
         .map(|_| ()),
+        Command::Report { file, markdown } => vmfork::bench::render(&file, markdown.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,10 +10,10 @@ mod clone;
 use std::io::Write;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One measurement.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     pub suite: String,
     pub scenario: String,
@@ -79,7 +79,7 @@ pub struct BenchOptions {
 }
 
 /// Facts about the run that every ratio depends on.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RunInfo {
     pub date_utc: String,
     pub kernel: String,
@@ -120,7 +120,7 @@ fn utc_now() -> String {
 }
 
 /// The report written by `--json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub run: RunInfo,
     pub records: Vec<Record>,
@@ -129,7 +129,7 @@ pub struct Report {
 }
 
 /// One ratio between two records of the same run, against a target.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Ratio {
     pub name: String,
     pub size_bytes: u64,
@@ -157,8 +157,19 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     clone::run(opts, &mut records)?;
     let ratios = clone::ratios(&records);
     let report = Report { run, records, ratios };
-    let mut out = std::io::stdout().lock();
-    print_table(&report.records, &mut out)?;
+    print_report(&report, &mut std::io::stdout().lock())?;
+    if let Some(path) = &opts.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json)
+            .map_err(|e| BenchError(format!("cannot write {}: {e}", path.display())))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(report)
+}
+
+/// The table and the ratios.
+pub fn print_report(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    print_table(&report.records, out)?;
     for r in &report.ratios {
         let verdict = if r.met { "met" } else { "NOT met" };
         writeln!(
@@ -170,13 +181,29 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             r.target
         )?;
     }
-    if let Some(path) = &opts.json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json)
-            .map_err(|e| BenchError(format!("cannot write {}: {e}", path.display())))?;
-        eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// `vmfork report`: prints a saved report and, if asked, writes it as Markdown.
+pub fn render(path: &std::path::Path, markdown: Option<&std::path::Path>) -> Result<(), BenchError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BenchError(format!("cannot read {}: {e}", path.display())))?;
+    let report: Report = serde_json::from_str(&text)
+        .map_err(|e| BenchError(format!("{} is not a vmfork bench report: {e}", path.display())))?;
+    print_report(&report, &mut std::io::stdout().lock())?;
+    if let Some(md) = markdown {
+        let mut buf = Vec::new();
+        writeln!(
+            buf,
+            "# vmfork bench report\n\nMeasured {} on kernel {} ({}, {} CPUs), shmem THP `{}`.\n\n```text",
+            report.run.date_utc, report.run.kernel, report.run.cpu, report.run.cpus, report.run.shmem_thp
+        )?;
+        print_report(&report, &mut buf)?;
+        writeln!(buf, "```")?;
+        std::fs::write(md, buf).map_err(|e| BenchError(format!("cannot write {}: {e}", md.display())))?;
+        eprintln!("wrote {}", md.display());
     }
-    Ok(report)
+    Ok(())
 }
 
 /// A table per suite: one row per (scenario, metric, size), one column per strategy.
