@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use vmfork::memory::transfer::{recv_with_fds, send_with_fds};
 use vmfork::memory::uffd::sys::Uffd;
-use vmfork::memory::{Error, GuestMemory, MemoryOptions, PAGE_SIZE};
+use vmfork::memory::{Error, GuestMemory, MemoryOptions, PAGE_SIZE, Strategy};
 
 const PAGES: usize = 512;
 
@@ -27,7 +27,8 @@ fn page_server_subprocess() {
             .write((p * PAGE_SIZE) as u64, &(p as u64 * 3).to_le_bytes())
             .unwrap();
     }
-    let (mut remote, child) = source.lazy_clone_for_remote().unwrap();
+    let strategy: Strategy = std::env::var("VMFORK_REMOTE_STRATEGY").unwrap().parse().unwrap();
+    let (mut remote, child) = source.lazy_clone_for_remote(strategy).unwrap();
     // The parent keeps running and writing; the child must see the clone instant.
     source.write(0, &u64::MAX.to_le_bytes()).unwrap();
     let sock = UnixStream::connect(path).unwrap();
@@ -36,7 +37,9 @@ fn page_server_subprocess() {
     let (addrs, fds) = recv_with_fds(&sock).unwrap();
     let addrs: Vec<usize> = serde_json::from_slice(&addrs).unwrap();
     for (i, (fd, addr)) in fds.into_iter().zip(addrs).enumerate() {
-        remote.serve(i, Uffd::from_fd(fd), addr).unwrap();
+        remote
+            .serve(i, Uffd::from_fd(fd), addr, PAGES * PAGE_SIZE)
+            .unwrap();
     }
     // Serve until the child hangs up (or we are killed).
     let mut buf = [0u8; 1];
@@ -45,12 +48,19 @@ fn page_server_subprocess() {
 
 #[test]
 fn remote_page_server_fills_the_child_and_its_death_is_noticed() {
-    let dir = std::env::temp_dir().join(format!("vmfork-uffd-remote-{}", std::process::id()));
+    for strategy in ["uffd", "uffd-minor"] {
+        remote_fill(strategy);
+    }
+}
+
+fn remote_fill(strategy: &str) {
+    let dir = std::env::temp_dir().join(format!("vmfork-uffd-remote-{}-{strategy}", std::process::id()));
     let _ = std::fs::remove_file(&dir);
     let listener = UnixListener::bind(&dir).unwrap();
     let mut server = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "page_server_subprocess", "--ignored", "--nocapture"])
         .env("VMFORK_REMOTE_SERVER", &dir)
+        .env("VMFORK_REMOTE_STRATEGY", strategy)
         .spawn()
         .unwrap();
     let (sock, _) = listener.accept().unwrap();
@@ -83,6 +93,13 @@ fn remote_page_server_fills_the_child_and_its_death_is_noticed() {
     server.kill().unwrap();
     server.wait().unwrap();
     let killed = Instant::now();
+    if strategy == "uffd-minor" {
+        // The child maps the frozen layers itself: it carries on as a cow view.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(read(400).unwrap(), 1200, "minor child must keep its memory");
+        assert!(child.regions()[0].check_served().is_ok());
+        return;
+    }
     while child.regions()[0].check_served().is_ok() {
         assert!(
             killed.elapsed() < Duration::from_secs(1),
@@ -90,6 +107,9 @@ fn remote_page_server_fills_the_child_and_its_death_is_noticed() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    eprintln!("child noticed its page server died after {:?}", killed.elapsed());
+    eprintln!(
+        "{strategy}: child noticed its page server died after {:?}",
+        killed.elapsed()
+    );
     assert!(matches!(read(400), Err(Error::PageServerDied)));
 }

@@ -91,26 +91,10 @@ pub fn anon_bytes(region: &Region) -> Result<u64> {
 /// anonymous and present or swapped: in a `MAP_PRIVATE` file mapping, exactly the pages
 /// written since they were mapped.
 pub fn anon_runs(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
-    scan(addr, len, Pages::Anon)
-}
-
-/// Runs of pages in `[addr, addr + len)` that are mapped (present or swapped), whatever
-/// backs them.
-pub fn mapped_runs(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
-    scan(addr, len, Pages::Mapped)
-}
-
-#[derive(Clone, Copy)]
-enum Pages {
-    Anon,
-    Mapped,
-}
-
-fn scan(addr: usize, len: usize, which: Pages) -> Result<Vec<(usize, usize)>> {
-    match scan_ioctl(addr, len, which) {
+    match scan_ioctl(addr, len) {
         Ok(runs) => Ok(runs),
         Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => {
-            scan_pagemap_file(addr, len, which)
+            scan_pagemap_file(addr, len)
         }
         Err(e) => Err(Error::PageMap(e)),
     }
@@ -148,11 +132,7 @@ const PAGE_IS_FILE: u64 = 1 << 2;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
 
-fn scan_ioctl(addr: usize, len: usize, which: Pages) -> std::io::Result<Vec<(usize, usize)>> {
-    let not_file = match which {
-        Pages::Anon => PAGE_IS_FILE,
-        Pages::Mapped => 0,
-    };
+fn scan_ioctl(addr: usize, len: usize) -> std::io::Result<Vec<(usize, usize)>> {
     let pagemap = File::open("/proc/self/pagemap")?;
     let mut buf = vec![PageRegion::default(); 1024];
     let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -165,9 +145,9 @@ fn scan_ioctl(addr: usize, len: usize, which: Pages) -> std::io::Result<Vec<(usi
             end,
             vec: buf.as_mut_ptr() as u64,
             vec_len: buf.len() as u64,
-            // Present or swapped, and for Anon not a file page.
-            category_inverted: not_file,
-            category_mask: not_file,
+            // Not a file page, and present or swapped.
+            category_inverted: PAGE_IS_FILE,
+            category_mask: PAGE_IS_FILE,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
             ..Default::default()
@@ -193,7 +173,7 @@ fn scan_ioctl(addr: usize, len: usize, which: Pages) -> std::io::Result<Vec<(usi
     Ok(runs)
 }
 
-fn scan_pagemap_file(addr: usize, len: usize, which: Pages) -> Result<Vec<(usize, usize)>> {
+fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     const FILE_OR_SHARED: u64 = 1 << 61;
@@ -210,11 +190,7 @@ fn scan_pagemap_file(addr: usize, len: usize, which: Pages) -> Result<Vec<(usize
             .map_err(Error::PageMap)?;
         for i in 0..batch {
             let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            let wanted = match which {
-                Pages::Anon => e & FILE_OR_SHARED == 0,
-                Pages::Mapped => true,
-            };
-            if e & (PRESENT | SWAPPED) != 0 && wanted {
+            if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {
                 let s = (page + i) * PAGE_SIZE;
                 match runs.last_mut() {
                     Some(last) if last.1 == s => last.1 = s + PAGE_SIZE,
@@ -246,11 +222,8 @@ mod tests {
             (30 * PAGE_SIZE, 31 * PAGE_SIZE),
             (63 * PAGE_SIZE, 64 * PAGE_SIZE),
         ];
-        assert_eq!(
-            scan_pagemap_file(r.host_addr() as usize, r.size(), Pages::Anon).unwrap(),
-            want
-        );
-        match scan_ioctl(r.host_addr() as usize, r.size(), Pages::Anon) {
+        assert_eq!(scan_pagemap_file(r.host_addr() as usize, r.size()).unwrap(), want);
+        match scan_ioctl(r.host_addr() as usize, r.size()) {
             Ok(runs) => assert_eq!(runs, want),
             Err(e) => eprintln!("skipping PAGEMAP_SCAN half: kernel lacks it ({e})"),
         }

@@ -51,8 +51,7 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::accounting::mapped_runs;
-use super::{Error, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result, cow};
+use super::{Error, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result, Strategy, cow};
 use sys::{Mode, Msg, Uffd};
 
 pub use fence::EXIT_PAGE_SERVER_DIED;
@@ -147,13 +146,13 @@ impl LazyFill {
     }
 
     /// Ends the local page server as if it had crashed (for tests of the failure path),
-    /// and waits until the watchdog has fenced the memory.
+    /// and waits until the watchdog has reacted.
     #[doc(hidden)]
     pub fn kill_server(&mut self) {
         if let Some(mut s) = self.server.take() {
             s.stop();
         }
-        while !self.is_dead() {
+        while self.target.watchdog.as_ref().is_some_and(|w| !w.is_finished()) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
@@ -219,7 +218,7 @@ enum Kind {
     /// Missing pages of its own file (weak: the target must not count as another holder
     /// of the child's file); unserved pages are the file's holes.
     Missing(Weak<MemFile>),
-    /// Minor faults on a `cow` view; unserved pages are those not mapped yet.
+    /// Minor faults on a `cow` view: nothing can be lost, the layers hold every page.
     Minor,
 }
 
@@ -277,14 +276,22 @@ impl LazyTarget {
         );
         self.watchdog = Some(Helper::spawn("vmfork-pages-watch", move |stop| {
             if wait_hangup(&liveness, &stop) {
-                dead.store(true, Ordering::Release);
                 // The region (and so its file) outlives this thread: LazyFill's drop
                 // stops the watchdog before the region unmaps.
-                let unserved = match kind {
-                    Kind::Missing(file) => file.upgrade().map_or_else(Vec::new, |f| holes(&f)),
-                    Kind::Minor => gaps(&mapped_runs(addr, len).unwrap_or_default(), len),
-                };
-                fence::fence(&uffd, &unserved, addr, len);
+                match kind {
+                    Kind::Missing(file) => {
+                        dead.store(true, Ordering::Release);
+                        let unserved = file.upgrade().map_or_else(Vec::new, |f| holes(&f));
+                        fence::fence(&uffd, &unserved, addr, len);
+                    }
+                    // Every page of a minor view is in layers this process maps itself:
+                    // without a server it is simply a `cow` view. Stop reporting faults
+                    // and let the waiters retry as ordinary ones.
+                    Kind::Minor => {
+                        let _ = uffd.unregister(addr, len);
+                        let _ = uffd.wake(addr, len);
+                    }
+                }
             }
         })?);
         Ok(())
@@ -395,6 +402,12 @@ impl Helper {
     }
 }
 
+impl Helper {
+    fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
 impl Drop for Helper {
     fn drop(&mut self) {
         self.stop_tx.take();
@@ -424,59 +437,66 @@ impl Region {
     }
 }
 
-/// The parent's half of a lazy clone whose child lives in another process: the frozen
-/// image of each region, and a page server per region once the child has registered.
+/// The parent's half of a lazy clone whose child lives in another process: what each
+/// region is served from, and a page server per region once the child has registered.
 #[derive(Debug)]
 pub struct RemoteSource {
-    images: Vec<Option<Region>>,
+    fills: Vec<Option<Fill>>,
     servers: Vec<PageServer>,
 }
 
 impl GuestMemory {
-    /// Freezes this memory (as `cow` does) and returns the image to serve from, plus an
-    /// empty memory of the same shape to send to the child process, which registers it
-    /// with [`GuestMemory::expect_remote_fill`] and sends back its userfaultfds.
-    pub fn lazy_clone_for_remote(&self) -> Result<(RemoteSource, GuestMemory)> {
-        let mut images = Vec::with_capacity(self.regions().len());
-        let mut empties = Vec::with_capacity(self.regions().len());
+    /// Freezes this memory (as `cow` does) and returns what to serve from, plus the
+    /// memory to send to the child process, which registers it with
+    /// [`GuestMemory::expect_remote_fill`] and sends back its userfaultfds. For `uffd` the
+    /// child's memory is empty files of its own; for `uffd-minor` it is a `cow` view of
+    /// the frozen layers whose pages get mapped on first touch.
+    pub fn lazy_clone_for_remote(&self, strategy: Strategy) -> Result<(RemoteSource, GuestMemory)> {
+        let mut fills = Vec::with_capacity(self.regions().len());
+        let mut regions = Vec::with_capacity(self.regions().len());
         for r in self.regions() {
             r.materialize()?;
-            images.push(Some(Region::with_layers(
-                r.guest_addr(),
-                r.size(),
-                cow::freeze(r)?,
-            )?));
-            empties.push(Region::with_file(
-                r.guest_addr(),
-                Arc::new(MemFile::create("vmfork-uffd", r.size())?),
-            )?);
+            let layers = cow::freeze(r)?;
+            match strategy {
+                Strategy::Uffd => {
+                    fills.push(Some(Fill::Copy(Region::with_layers(
+                        r.guest_addr(),
+                        r.size(),
+                        layers,
+                    )?)));
+                    let file = Arc::new(MemFile::create("vmfork-uffd", r.size())?);
+                    regions.push(Region::with_file(r.guest_addr(), file)?);
+                }
+                Strategy::UffdMinor => {
+                    fills.push(Some(Fill::Continue));
+                    regions.push(Region::with_layers(r.guest_addr(), r.size(), layers)?);
+                }
+                other => return Err(Error::BadLayout(format!("{other} is not a lazy strategy"))),
+            }
         }
-        let child = GuestMemory::from_regions(empties, self.huge_pages())?;
+        let child = GuestMemory::from_regions(regions, self.huge_pages())?;
         Ok((
             RemoteSource {
-                images,
+                fills,
                 servers: Vec::new(),
             },
             child,
         ))
     }
 
-    /// The child's half: registers every region for missing-page faults, to be served by
-    /// the process at the other end of `liveness`; when that end closes before the memory
-    /// is filled, unserved pages are fenced. Returns each region's userfaultfd and the
-    /// address it was registered at, for [`RemoteSource::serve`].
+    /// The child's half: registers every region for faults to be served by the process
+    /// at the other end of `liveness` (missing pages of a region's own file, or minor
+    /// faults of a `cow` view); when that end closes before the memory is filled,
+    /// unserved pages are fenced. Returns each region's userfaultfd and the address it
+    /// was registered at, for [`RemoteSource::serve`].
     pub fn expect_remote_fill(&self, liveness: &impl AsFd) -> Result<Vec<(Arc<Uffd>, usize)>> {
         let mut out = Vec::with_capacity(self.regions().len());
         for r in self.regions() {
-            let file = match &*r.layout() {
-                Layout::File(f) => f.clone(),
-                Layout::Layers(_) => {
-                    return Err(Error::BadLayout(
-                        "a remotely filled region must map a file of its own".into(),
-                    ));
-                }
+            let addr = r.host_addr() as usize;
+            let mut target = match &*r.layout() {
+                Layout::File(f) => LazyTarget::register(f, addr)?,
+                Layout::Layers(_) => LazyTarget::register_minor(addr, r.size())?,
             };
-            let mut target = LazyTarget::register(&file, r.host_addr() as usize)?;
             target.watch(liveness.as_fd().try_clone_to_owned().map_err(Error::Uffd)?)?;
             out.push((target.uffd().clone(), target.addr));
             r.set_remote_fill(target);
@@ -487,18 +507,19 @@ impl GuestMemory {
 
 impl RemoteSource {
     /// Starts serving region `index` of the child through `uffd`, registered at `addr`
-    /// in the child's address space.
-    pub fn serve(&mut self, index: usize, uffd: Uffd, addr: usize) -> Result<()> {
-        let image = self
-            .images
-            .get_mut(index)
-            .and_then(Option::take)
-            .ok_or(Error::BadLayout(format!(
-                "region {index} does not exist or is already served"
-            )))?;
-        let len = image.size();
+    /// in the child's address space, `len` bytes.
+    pub fn serve(&mut self, index: usize, uffd: Uffd, addr: usize, len: usize) -> Result<()> {
+        let fill =
+            self.fills.get_mut(index).and_then(Option::take).ok_or_else(|| {
+                Error::BadLayout(format!("region {index} does not exist or is already served"))
+            })?;
+        if let Fill::Copy(image) = &fill {
+            if image.size() != len {
+                return Err(Error::BadRange { offset: 0, len });
+            }
+        }
         self.servers
-            .push(PageServer::spawn(Arc::new(uffd), image, addr, len, None)?);
+            .push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);
         Ok(())
     }
 
@@ -530,6 +551,7 @@ fn holes(file: &MemFile) -> Vec<(usize, usize)> {
 }
 
 /// Where served pages come from.
+#[derive(Debug)]
 enum Fill {
     /// Copied from this image of the clone instant.
     Copy(Region),
