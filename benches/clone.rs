@@ -22,9 +22,7 @@ fn sizes() -> Vec<usize> {
 }
 
 fn options() -> MemoryOptions {
-    MemoryOptions {
-        huge_pages: std::env::var_os("VMFORK_BENCH_HUGE").is_some(),
-    }
+    MemoryOptions { huge_pages: std::env::var_os("VMFORK_BENCH_HUGE").is_some() }
 }
 
 fn strategies() -> Vec<Strategy> {

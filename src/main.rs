@@ -46,18 +46,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench {
-            quick,
-            json,
-            sizes,
-            huge_pages,
-        } => vmfork::bench::run(&vmfork::bench::BenchOptions {
-            quick,
-            sizes,
-            huge_pages,
-            json,
-        })
-        .map(|_| ()),
+        Command::Bench { quick, json, sizes, huge_pages } => {
+            vmfork::bench::run(&vmfork::bench::BenchOptions { quick, sizes, huge_pages, json }).map(|_| ())
+        }
         Command::Report { file, markdown } => vmfork::bench::render(&file, markdown.as_deref()),
     };
     match result {

@@ -23,9 +23,7 @@ fn page_server_subprocess() {
     };
     let source = GuestMemory::with_size(PAGES * PAGE_SIZE, &MemoryOptions::default()).unwrap();
     for p in 0..PAGES {
-        source
-            .write((p * PAGE_SIZE) as u64, &(p as u64 * 3).to_le_bytes())
-            .unwrap();
+        source.write((p * PAGE_SIZE) as u64, &(p as u64 * 3).to_le_bytes()).unwrap();
     }
     let strategy: Strategy = std::env::var("VMFORK_REMOTE_STRATEGY").unwrap().parse().unwrap();
     let (mut remote, child) = source.lazy_clone_for_remote(strategy).unwrap();
@@ -37,9 +35,7 @@ fn page_server_subprocess() {
     let (addrs, fds) = recv_with_fds(&sock).unwrap();
     let addrs: Vec<usize> = serde_json::from_slice(&addrs).unwrap();
     for (i, (fd, addr)) in fds.into_iter().zip(addrs).enumerate() {
-        remote
-            .serve(i, Uffd::from_fd(fd), addr, PAGES * PAGE_SIZE)
-            .unwrap();
+        remote.serve(i, Uffd::from_fd(fd), addr, PAGES * PAGE_SIZE).unwrap();
     }
     // Serve until the child hangs up (or we are killed).
     let mut buf = [0u8; 1];
@@ -76,15 +72,9 @@ fn remote_fill(strategy: &str) {
     // Pages come from the other process, as of the clone instant.
     let read = |p: usize| {
         let mut b = [0u8; 8];
-        child
-            .read((p * PAGE_SIZE) as u64, &mut b)
-            .map(|_| u64::from_le_bytes(b))
+        child.read((p * PAGE_SIZE) as u64, &mut b).map(|_| u64::from_le_bytes(b))
     };
-    assert_eq!(
-        read(0).unwrap(),
-        0,
-        "the parent's write after the clone must not show"
-    );
+    assert_eq!(read(0).unwrap(), 0, "the parent's write after the clone must not show");
     assert_eq!(read(100).unwrap(), 300);
     child.write(100 * PAGE_SIZE as u64, &7u64.to_le_bytes()).unwrap();
     assert_eq!(read(100).unwrap(), 7);
@@ -101,15 +91,9 @@ fn remote_fill(strategy: &str) {
         return;
     }
     while child.regions()[0].check_served().is_ok() {
-        assert!(
-            killed.elapsed() < Duration::from_secs(1),
-            "child did not notice its page server died"
-        );
+        assert!(killed.elapsed() < Duration::from_secs(1), "child did not notice its page server died");
         std::thread::sleep(Duration::from_millis(1));
     }
-    eprintln!(
-        "{strategy}: child noticed its page server died after {:?}",
-        killed.elapsed()
-    );
+    eprintln!("{strategy}: child noticed its page server died after {:?}", killed.elapsed());
     assert!(matches!(read(400), Err(Error::PageServerDied)));
 }

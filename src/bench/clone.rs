@@ -29,9 +29,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     } else {
         vec![64 << 20, 256 << 20, 1 << 30]
     };
-    let mem_opts = MemoryOptions {
-        huge_pages: opts.huge_pages,
-    };
+    let mem_opts = MemoryOptions { huge_pages: opts.huge_pages };
     for &size in &sizes {
         eprintln!("clone suite at {}", human_bytes(size as u64));
         native(size, opts.huge_pages, out);
@@ -84,9 +82,7 @@ fn one_strategy(
     let t = Instant::now();
     let (reader, _) = source.clone_with(strategy)?;
     let clone_ns = t.elapsed().as_nanos() as f64;
-    out.push(Record::value(
-        SUITE, "clone_ns", name, sz, "clone_ns", clone_ns, "ns",
-    ));
+    out.push(Record::value(SUITE, "clone_ns", name, sz, "clone_ns", clone_ns, "ns"));
     out.push(Record::value(
         SUITE,
         "child_private_bytes",
@@ -107,10 +103,7 @@ fn one_strategy(
         "ns",
     ));
     if matches!(strategy, Strategy::Uffd | Strategy::UffdMinor) {
-        if let Some((faults, ns)) = reader.regions()[0]
-            .with_page_server(|s| s.service_time())
-            .flatten()
-        {
+        if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| s.service_time()).flatten() {
             if faults > 0 {
                 out.push(Record::value(
                     SUITE,
@@ -156,9 +149,8 @@ fn one_strategy(
             ),
         ));
     } else {
-        let clones: Vec<GuestMemory> = (0..16)
-            .map(|_| source.clone_with(strategy).map(|c| c.0))
-            .collect::<Result<_, _>>()?;
+        let clones: Vec<GuestMemory> =
+            (0..16).map(|_| source.clone_with(strategy).map(|c| c.0)).collect::<Result<_, _>>()?;
         let mut all: Vec<&GuestMemory> = clones.iter().collect();
         all.push(&source);
         let total = accounting::footprint(&all)?;
@@ -178,15 +170,7 @@ fn one_strategy(
     }
     let t = Instant::now();
     let (again, _) = source.clone_with(strategy)?;
-    out.push(Record::value(
-        SUITE,
-        "reclone_ns",
-        name,
-        sz,
-        "reclone_ns",
-        t.elapsed().as_nanos() as f64,
-        "ns",
-    ));
+    out.push(Record::value(SUITE, "reclone_ns", name, sz, "reclone_ns", t.elapsed().as_nanos() as f64, "ns"));
     drop(again);
 
     Ok(())
@@ -260,14 +244,9 @@ fn native(size: usize, huge: bool, out: &mut Vec<Record>) {
                 "ns",
             ));
         }
-        Err(e) => out.push(Record::skipped(
-            SUITE,
-            "native",
-            "native",
-            sz,
-            "first_read_ns_per_page",
-            &e.to_string(),
-        )),
+        Err(e) => {
+            out.push(Record::skipped(SUITE, "native", "native", sz, "first_read_ns_per_page", &e.to_string()))
+        }
     }
 }
 
@@ -292,11 +271,7 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             })
             .and_then(|r| r.value)
     };
-    let mut sizes: Vec<u64> = records
-        .iter()
-        .filter(|r| r.suite == SUITE)
-        .map(|r| r.size_bytes)
-        .collect();
+    let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == SUITE).map(|r| r.size_bytes).collect();
     sizes.sort_unstable();
     sizes.dedup();
     let mut out = Vec::new();

@@ -95,8 +95,7 @@ impl RunInfo {
         let cpu = read("/proc/cpuinfo")
             .lines()
             .find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
             })
             .unwrap_or_default();
         let shmem_thp = read("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
@@ -112,11 +111,8 @@ impl RunInfo {
 }
 
 fn utc_now() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
 /// The report written by `--json`.
@@ -147,11 +143,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         run.kernel,
         run.cpus,
         run.shmem_thp,
-        if opts.huge_pages {
-            "requested"
-        } else {
-            "not requested"
-        }
+        if opts.huge_pages { "requested" } else { "not requested" }
     );
     let mut records = Vec::new();
     clone::run(opts, &mut records)?;
@@ -214,12 +206,7 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
         if !strategies.contains(&r.strategy.as_str()) {
             strategies.push(&r.strategy);
         }
-        let key = (
-            r.suite.as_str(),
-            r.scenario.as_str(),
-            r.metric.as_str(),
-            r.size_bytes,
-        );
+        let key = (r.suite.as_str(), r.scenario.as_str(), r.metric.as_str(), r.size_bytes);
         if !rows.contains(&key) {
             rows.push(key);
         }
@@ -230,11 +217,7 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
     }
     writeln!(out)?;
     for (suite, scenario, metric, size) in rows {
-        let label = if scenario == metric {
-            metric.to_string()
-        } else {
-            format!("{scenario}/{metric}")
-        };
+        let label = if scenario == metric { metric.to_string() } else { format!("{scenario}/{metric}") };
         write!(out, "{suite:<8} {label:<26} {:>9}", human_bytes(size))?;
         for s in &strategies {
             let cell = records
@@ -277,11 +260,7 @@ pub fn human_bytes(b: u64) -> String {
     for (scale, unit) in UNITS {
         if b >= scale {
             let v = b as f64 / scale as f64;
-            return if v.fract() == 0.0 {
-                format!("{v:.0}{unit}")
-            } else {
-                format!("{v:.1}{unit}")
-            };
+            return if v.fract() == 0.0 { format!("{v:.0}{unit}") } else { format!("{v:.1}{unit}") };
         }
     }
     format!("{b}")

@@ -81,10 +81,7 @@ fn files_of(region: &Region) -> Vec<(Arc<MemFile>, usize)> {
 
 /// Bytes of anonymous memory in the region's mapping.
 pub fn anon_bytes(region: &Region) -> Result<u64> {
-    Ok(anon_runs(region.host_addr() as usize, region.size())?
-        .iter()
-        .map(|(s, e)| (e - s) as u64)
-        .sum())
+    Ok(anon_runs(region.host_addr() as usize, region.size())?.iter().map(|(s, e)| (e - s) as u64).sum())
 }
 
 /// Runs `[start, end)` (offsets from `addr`) of pages in `[addr, addr + len)` that are
@@ -185,9 +182,7 @@ fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
     while page < pages {
         let batch = (pages - page).min(raw.len() / 8);
         let at = ((addr / PAGE_SIZE + page) * 8) as u64;
-        pagemap
-            .read_exact_at(&mut raw[..batch * 8], at)
-            .map_err(Error::PageMap)?;
+        pagemap.read_exact_at(&mut raw[..batch * 8], at).map_err(Error::PageMap)?;
         for i in 0..batch {
             let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
             if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {

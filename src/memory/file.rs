@@ -120,12 +120,10 @@ pub const MFD_REFLINK: libc::c_uint = 0x0020;
 /// clonable, since a fork may come at any time.
 fn reflink_flag() -> libc::c_uint {
     static FLAG: OnceLock<libc::c_uint> = OnceLock::new();
-    *FLAG.get_or_init(
-        || match memfd_create("vmfork-probe", libc::MFD_CLOEXEC | MFD_REFLINK) {
-            Ok(_) => MFD_REFLINK,
-            Err(_) => 0,
-        },
-    )
+    *FLAG.get_or_init(|| match memfd_create("vmfork-probe", libc::MFD_CLOEXEC | MFD_REFLINK) {
+        Ok(_) => MFD_REFLINK,
+        Err(_) => 0,
+    })
 }
 
 /// Whether this kernel accepts `MFD_REFLINK` (has vmfork's reflink patch).

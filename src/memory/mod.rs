@@ -107,13 +107,8 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy that does real work (`auto` only picks one of them).
-    pub const CONCRETE: [Strategy; 5] = [
-        Strategy::Copy,
-        Strategy::Cow,
-        Strategy::Reflink,
-        Strategy::Uffd,
-        Strategy::UffdMinor,
-    ];
+    pub const CONCRETE: [Strategy; 5] =
+        [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
     /// The name used on the command line and in benchmark records.
     pub fn name(self) -> &'static str {
@@ -180,13 +175,7 @@ impl Extent {
 
     /// Maps this run of its layer copy-on-write at its place in `map`.
     fn map_private(&self, map: &Mapping) -> Result<()> {
-        map.map_file(
-            self.offset,
-            self.len,
-            self.file.file().as_raw_fd(),
-            self.file_offset,
-            Share::Private,
-        )
+        map.map_file(self.offset, self.len, self.file.file().as_raw_fd(), self.file_offset, Share::Private)
     }
 }
 
@@ -220,12 +209,7 @@ impl Region {
     pub fn with_file(guest_addr: u64, file: Arc<MemFile>) -> Result<Self> {
         let map = Mapping::reserve(file.size())?;
         map.map_file(0, file.size(), file.file().as_raw_fd(), 0, Share::Shared)?;
-        Ok(Region {
-            guest_addr,
-            map,
-            layout: Mutex::new(Layout::File(file)),
-            lazy: Mutex::new(None),
-        })
+        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::File(file)), lazy: Mutex::new(None) })
     }
 
     /// A region that maps immutable layers copy-on-write.
@@ -234,12 +218,7 @@ impl Region {
         for e in &extents {
             e.map_private(&map)?;
         }
-        Ok(Region {
-            guest_addr,
-            map,
-            layout: Mutex::new(Layout::Layers(extents)),
-            lazy: Mutex::new(None),
-        })
+        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::Layers(extents)), lazy: Mutex::new(None) })
     }
 
     /// First guest-physical address.
@@ -326,16 +305,11 @@ impl GuestMemory {
         for &(gpa, size) in &sorted {
             check_size(size)?;
             if gpa % PAGE_SIZE as u64 != 0 {
-                return Err(Error::BadLayout(format!(
-                    "region address {gpa:#x} is not page aligned"
-                )));
+                return Err(Error::BadLayout(format!("region address {gpa:#x} is not page aligned")));
             }
             regions.push(Region::with_new_file(gpa, size, "vmfork-guest")?);
         }
-        let mem = GuestMemory {
-            regions,
-            huge_pages: opts.huge_pages,
-        };
+        let mem = GuestMemory { regions, huge_pages: opts.huge_pages };
         mem.apply_options()?;
         Ok(mem)
     }

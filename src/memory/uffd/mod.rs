@@ -78,18 +78,9 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
     let child = Region::with_file(src.guest_addr(), file.clone())?;
     let mut target = LazyTarget::register(&file, child.host_addr() as usize)?;
     let (alive_rx, alive_tx) = pipe()?;
-    let server = PageServer::spawn(
-        target.uffd().clone(),
-        image,
-        target.addr,
-        target.len,
-        Some(alive_tx),
-    )?;
+    let server = PageServer::spawn(target.uffd().clone(), image, target.addr, target.len, Some(alive_tx))?;
     target.watch(alive_rx)?;
-    *child.lazy() = Some(LazyFill {
-        target,
-        server: Some(server),
-    });
+    *child.lazy() = Some(LazyFill { target, server: Some(server) });
     Ok(child)
 }
 
@@ -102,10 +93,7 @@ pub(super) fn clone_region_minor(src: &Region) -> Result<Region> {
     let (alive_rx, alive_tx) = pipe()?;
     let server = PageServer::spawn_minor(target.uffd().clone(), target.addr, target.len, Some(alive_tx))?;
     target.watch(alive_rx)?;
-    *child.lazy() = Some(LazyFill {
-        target,
-        server: Some(server),
-    });
+    *child.lazy() = Some(LazyFill { target, server: Some(server) });
     Ok(child)
 }
 
@@ -133,10 +121,7 @@ impl LazyFill {
     pub fn service_time(&self) -> Option<(u64, u64)> {
         self.server.as_ref().map(|s| {
             let st = s.stats();
-            (
-                st.faults.load(Ordering::Relaxed),
-                st.service_ns.load(Ordering::Relaxed),
-            )
+            (st.faults.load(Ordering::Relaxed), st.service_ns.load(Ordering::Relaxed))
         })
     }
 
@@ -169,18 +154,13 @@ impl LazyFill {
         };
         for (start, end) in unserved {
             // A read fault on each page not served yet goes to the server.
-            region
-                .mapping()
-                .madvise(start, end - start, libc::MADV_POPULATE_READ)?;
+            region.mapping().madvise(start, end - start, libc::MADV_POPULATE_READ)?;
         }
         if self.is_dead() {
             return Err(Error::PageServerDied);
         }
         self.target.stop_watching();
-        self.target
-            .uffd
-            .unregister(self.target.addr, self.target.len)
-            .map_err(Error::Uffd)?;
+        self.target.uffd.unregister(self.target.addr, self.target.len).map_err(Error::Uffd)?;
         Ok(())
     }
 
@@ -226,13 +206,7 @@ impl LazyTarget {
     /// Registers the mapping of `file` at `addr` (all of it) for missing-page faults.
     pub fn register(file: &Arc<MemFile>, addr: usize) -> Result<Self> {
         let features = sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE;
-        Self::open(
-            addr,
-            file.size(),
-            features,
-            Mode::Missing,
-            Kind::Missing(Arc::downgrade(file)),
-        )
+        Self::open(addr, file.size(), features, Mode::Missing, Kind::Missing(Arc::downgrade(file)))
     }
 
     /// Registers a `MAP_PRIVATE` view of shmem layers at `addr` for minor faults.
@@ -267,13 +241,8 @@ impl LazyTarget {
     /// Starts the watchdog: when `liveness` hangs up (the server's end closed: it exited,
     /// crashed, or its process died), unserved pages are fenced.
     pub fn watch(&mut self, liveness: OwnedFd) -> Result<()> {
-        let (uffd, dead, kind, addr, len) = (
-            self.uffd.clone(),
-            self.dead.clone(),
-            self.kind.clone(),
-            self.addr,
-            self.len,
-        );
+        let (uffd, dead, kind, addr, len) =
+            (self.uffd.clone(), self.dead.clone(), self.kind.clone(), self.addr, self.len);
         self.watchdog = Some(Helper::spawn("vmfork-pages-watch", move |stop| {
             if wait_hangup(&liveness, &stop) {
                 // The region (and so its file) outlives this thread: LazyFill's drop
@@ -352,21 +321,11 @@ impl PageServer {
             let stats = stats.clone();
             Helper::spawn("vmfork-pages", move |stop| {
                 let _alive = liveness; // Closed when this thread ends, however it ends.
-                let mut worker = Worker {
-                    uffd: &uffd,
-                    fill,
-                    addr,
-                    len,
-                    removed: Vec::new(),
-                    stats: &stats,
-                };
+                let mut worker = Worker { uffd: &uffd, fill, addr, len, removed: Vec::new(), stats: &stats };
                 worker.run(&stop);
             })?
         };
-        Ok(PageServer {
-            worker: Some(worker),
-            stats,
-        })
+        Ok(PageServer { worker: Some(worker), stats })
     }
 
     /// The server's counters.
@@ -395,10 +354,7 @@ impl Helper {
             .name(name.into())
             .spawn(move || body(stop_rx))
             .map_err(Error::Copy)?;
-        Ok(Helper {
-            stop_tx: Some(stop_tx),
-            thread: Some(thread),
-        })
+        Ok(Helper { stop_tx: Some(stop_tx), thread: Some(thread) })
     }
 }
 
@@ -459,11 +415,7 @@ impl GuestMemory {
             let layers = cow::freeze(r)?;
             match strategy {
                 Strategy::Uffd => {
-                    fills.push(Some(Fill::Copy(Region::with_layers(
-                        r.guest_addr(),
-                        r.size(),
-                        layers,
-                    )?)));
+                    fills.push(Some(Fill::Copy(Region::with_layers(r.guest_addr(), r.size(), layers)?)));
                     let file = Arc::new(MemFile::create("vmfork-uffd", r.size())?);
                     regions.push(Region::with_file(r.guest_addr(), file)?);
                 }
@@ -475,13 +427,7 @@ impl GuestMemory {
             }
         }
         let child = GuestMemory::from_regions(regions, self.huge_pages())?;
-        Ok((
-            RemoteSource {
-                fills,
-                servers: Vec::new(),
-            },
-            child,
-        ))
+        Ok((RemoteSource { fills, servers: Vec::new() }, child))
     }
 
     /// The child's half: registers every region for faults to be served by the process
@@ -518,8 +464,7 @@ impl RemoteSource {
                 return Err(Error::BadRange { offset: 0, len });
             }
         }
-        self.servers
-            .push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);
+        self.servers.push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);
         Ok(())
     }
 
@@ -575,16 +520,8 @@ impl Worker<'_> {
         let mut retry: Vec<usize> = Vec::new();
         loop {
             let mut fds = [
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
+                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
             let timeout = if retry.is_empty() { -1 } else { 1 };
             // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
@@ -622,9 +559,7 @@ impl Worker<'_> {
             });
             if served > 0 {
                 self.stats.faults.fetch_add(served, Ordering::Relaxed);
-                self.stats
-                    .service_ns
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                self.stats.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -643,16 +578,12 @@ impl Worker<'_> {
         let end = (start + window).min(self.len);
         if !self.is_removed(start, end - start) {
             if let Ok(n) = self.place(start, end - start) {
-                self.stats
-                    .pages
-                    .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+                self.stats.pages.fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
                 return Ok(());
             }
         }
         let n = ok_if_exists(self.place(page, PAGE_SIZE))?;
-        self.stats
-            .pages
-            .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+        self.stats.pages.fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -662,8 +593,7 @@ impl Worker<'_> {
             // The source range lies inside the image mapping, which lives as long as
             // this worker; UFFDIO_COPY only reads it.
             Fill::Copy(image) => {
-                self.uffd
-                    .copy(self.addr + offset, image.host_addr().wrapping_add(offset), len)
+                self.uffd.copy(self.addr + offset, image.host_addr().wrapping_add(offset), len)
             }
             Fill::Continue => self.uffd.continue_range(self.addr + offset, len),
         }
@@ -698,16 +628,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 fn wait_hangup(liveness: &OwnedFd, stop: &OwnedFd) -> bool {
     loop {
         let mut fds = [
-            libc::pollfd {
-                fd: liveness.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
+            libc::pollfd { fd: liveness.as_raw_fd(), events: 0, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: 0, revents: 0 },
         ];
         // SAFETY: two valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
