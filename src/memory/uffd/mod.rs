@@ -27,6 +27,12 @@
 //! [`EXIT_PAGE_SERVER_DIED`]. KVM's own accesses fail with `EFAULT` instead, and
 //! [`super::GuestMemory::read`] and friends return [`Error::PageServerDied`] up front.
 //!
+//! The liveness end can be a pipe to a server thread here or the socket to a parent
+//! process serving a forked child's memory ([`RemoteSource`]): the parent dying is the
+//! same event. A `uffd-minor` child loses nothing when its server dies (it maps the
+//! frozen layers itself), so its watchdog just unregisters and the child carries on as
+//! a `cow` view.
+//!
 //! # The minor-fault variant (`uffd-minor`)
 //! The child is a `cow` view of the frozen layers (`MAP_PRIVATE`), registered for minor
 //! faults: its pages are all in the layers' page cache already, so the server answers
@@ -76,12 +82,8 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
     let image = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
     let file = Arc::new(MemFile::create("vmfork-uffd", src.size())?);
     let child = Region::with_file(src.guest_addr(), file.clone())?;
-    let mut target = LazyTarget::register(&file, child.host_addr() as usize)?;
-    let (alive_rx, alive_tx) = pipe()?;
-    let server = PageServer::spawn(target.uffd().clone(), image, target.addr, target.len, Some(alive_tx))?;
-    target.watch(alive_rx)?;
-    *child.lazy() = Some(LazyFill { target, server: Some(server) });
-    Ok(child)
+    let target = LazyTarget::register(&file, child.host_addr() as usize)?;
+    serve_here(child, target, Fill::Copy(image))
 }
 
 /// Clones `src` as a `cow` view whose pages reach the child through minor faults:
@@ -89,9 +91,14 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
 pub(super) fn clone_region_minor(src: &Region) -> Result<Region> {
     src.materialize()?;
     let child = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
-    let mut target = LazyTarget::register_minor(child.host_addr() as usize, child.size())?;
+    let target = LazyTarget::register_minor(child.host_addr() as usize, child.size())?;
+    serve_here(child, target, Fill::Continue)
+}
+
+/// Starts a page server in this process for `child`, watched by its target.
+fn serve_here(child: Region, mut target: LazyTarget, fill: Fill) -> Result<Region> {
     let (alive_rx, alive_tx) = pipe()?;
-    let server = PageServer::spawn_minor(target.uffd().clone(), target.addr, target.len, Some(alive_tx))?;
+    let server = PageServer::start(target.uffd().clone(), fill, target.addr, target.len, Some(alive_tx))?;
     target.watch(alive_rx)?;
     *child.lazy() = Some(LazyFill { target, server: Some(server) });
     Ok(child)
@@ -288,27 +295,8 @@ pub struct PageServer {
 }
 
 impl PageServer {
-    /// Serves faults in `[addr, addr + len)` of `uffd`'s address space from `image`
-    /// (same size). `liveness` is closed when the server ends, however it ends.
-    pub fn spawn(
-        uffd: Arc<Uffd>,
-        image: Region,
-        addr: usize,
-        len: usize,
-        liveness: Option<OwnedFd>,
-    ) -> Result<Self> {
-        if image.size() != len {
-            return Err(Error::BadRange { offset: 0, len });
-        }
-        Self::start(uffd, Fill::Copy(image), addr, len, liveness)
-    }
-
-    /// Serves minor faults in `[addr, addr + len)` by mapping the pages already in the
-    /// page cache (`UFFDIO_CONTINUE`): nothing is copied.
-    pub fn spawn_minor(uffd: Arc<Uffd>, addr: usize, len: usize, liveness: Option<OwnedFd>) -> Result<Self> {
-        Self::start(uffd, Fill::Continue, addr, len, liveness)
-    }
-
+    /// Serves faults in `[addr, addr + len)` of `uffd`'s address space from `fill`.
+    /// `liveness` is closed when the server ends, however it ends.
     fn start(
         uffd: Arc<Uffd>,
         fill: Fill,
