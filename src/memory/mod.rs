@@ -68,11 +68,7 @@ pub enum Error {
     /// FICLONE failed for another reason.
     #[error("FICLONE failed: {0}")]
     Reflink(#[source] std::io::Error),
-    /// reflink clones files; a memory made of cow layers is not one file.
-    #[error(
-        "reflink needs memory backed by a single file, but this memory is a copy-on-write view over {0} layers (it was cloned with cow or uffd); clone it with cow"
-    )]
-    ReflinkNeedsFile(usize),
+
     #[error("userfaultfd: {0}")]
     Uffd(#[source] std::io::Error),
     /// The page server of a lazily filled memory is gone.
