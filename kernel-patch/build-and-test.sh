@@ -91,6 +91,8 @@ if [ "$PRISTINE" = 0 ]; then
 	done
 fi
 CONFIGS=("$HERE/config/testbed.config")
+# Callers (qemu-testbed/run) may add a fragment of their own needs.
+[ -n "${VMFORK_EXTRA_CONFIG:-}" ] && CONFIGS+=("$VMFORK_EXTRA_CONFIG")
 case "$VARIANT" in
 debug) CONFIGS+=("$HERE/config/debug.config") ;;
 kasan) CONFIGS+=("$HERE/config/debug.config" "$HERE/config/kasan.config") ;;
