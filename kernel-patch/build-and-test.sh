@@ -183,6 +183,9 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 echo "VMFORK-BOOTED \$(uname -r)"
+if [ -r /proc/lockdep_stats ]; then
+	echo "VMFORK-DEBUG lockdep: \$(grep 'lock-classes' /proc/lockdep_stats | tr -s ' ')"
+fi
 run() {
 	name=\$1; shift
 	if [ ! -x "/bin/\$1" ]; then
