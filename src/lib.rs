@@ -6,4 +6,5 @@
 
 pub mod bench;
 pub mod memory;
+pub mod units;
 pub mod vmm;

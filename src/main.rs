@@ -1,1 +1,61 @@
-fn main() {}
+//! The `vmfork` command: parses arguments and hands them to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vmfork",
+    version,
+    about = "Fork running KVM virtual machines by cloning guest memory as a file"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare the clone strategies side by side and print a table (and JSON).
+    Bench {
+        /// Small sizes only (64M, 256M): a few seconds.
+        #[arg(long)]
+        quick: bool,
+        /// Write every measurement as JSON records to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Guest memory sizes to measure (repeatable), e.g. --size 1G --size 4G.
+        #[arg(long = "size", value_parser = vmfork::units::parse_size)]
+        sizes: Vec<usize>,
+        /// Ask for transparent huge pages (MADV_HUGEPAGE) on guest memory.
+        #[arg(long)]
+        huge_pages: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench {
+            quick,
+            json,
+            sizes,
+            huge_pages,
+        } => vmfork::bench::run(&vmfork::bench::BenchOptions {
+            quick,
+            sizes,
+            huge_pages,
+            json,
+        })
+        .map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmfork: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -31,7 +31,8 @@ pub fn usage(memory: &GuestMemory) -> Result<Usage> {
         u.private_bytes += anon_bytes(region)?;
         for (file, refs_here) in files_of(region) {
             let bytes = file.allocated_bytes()?;
-            // Every holder owns one Arc; more Arcs than this region's own mean sharing.
+            // Every extent of every region holds one Arc, and `files_of` one more; any
+            // Arc beyond those of this region belongs to another memory.
             if Arc::strong_count(&file) - 1 > refs_here {
                 u.shared_bytes += bytes;
             } else {
@@ -80,7 +81,10 @@ fn files_of(region: &Region) -> Vec<(Arc<MemFile>, usize)> {
 
 /// Bytes of anonymous memory in the region's mapping.
 pub fn anon_bytes(region: &Region) -> Result<u64> {
-    Ok(anon_runs(region.host_addr() as usize, region.size())?.iter().map(|(s, e)| (e - s) as u64).sum())
+    Ok(anon_runs(region.host_addr() as usize, region.size())?
+        .iter()
+        .map(|(s, e)| (e - s) as u64)
+        .sum())
 }
 
 /// Runs `[start, end)` (offsets from `addr`) of pages in `[addr, addr + len)` that are
@@ -181,7 +185,9 @@ fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
     while page < pages {
         let batch = (pages - page).min(raw.len() / 8);
         let at = ((addr / PAGE_SIZE + page) * 8) as u64;
-        pagemap.read_exact_at(&mut raw[..batch * 8], at).map_err(Error::PageMap)?;
+        pagemap
+            .read_exact_at(&mut raw[..batch * 8], at)
+            .map_err(Error::PageMap)?;
         for i in 0..batch {
             let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
             if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {
@@ -210,7 +216,12 @@ mod tests {
             child.write((page * PAGE_SIZE) as u64, &[1]).unwrap();
         }
         let r = &child.regions()[0];
-        let want = vec![(0, 3 * PAGE_SIZE), (7 * PAGE_SIZE, 8 * PAGE_SIZE), (30 * PAGE_SIZE, 31 * PAGE_SIZE), (63 * PAGE_SIZE, 64 * PAGE_SIZE)];
+        let want = vec![
+            (0, 3 * PAGE_SIZE),
+            (7 * PAGE_SIZE, 8 * PAGE_SIZE),
+            (30 * PAGE_SIZE, 31 * PAGE_SIZE),
+            (63 * PAGE_SIZE, 64 * PAGE_SIZE),
+        ];
         assert_eq!(scan_pagemap_file(r.host_addr() as usize, r.size()).unwrap(), want);
         match scan_ioctl(r.host_addr() as usize, r.size()) {
             Ok(runs) => assert_eq!(runs, want),

@@ -40,7 +40,11 @@ pub(super) fn clone_region(src: &Region, huge_pages: bool) -> Result<Region> {
                         unsafe {
                             let from = (src_addr + start) as *const u8;
                             if huge_pages {
-                                std::ptr::copy_nonoverlapping(from, (dst_addr + start) as *mut u8, end - start);
+                                std::ptr::copy_nonoverlapping(
+                                    from,
+                                    (dst_addr + start) as *mut u8,
+                                    end - start,
+                                );
                             } else {
                                 let data = std::slice::from_raw_parts(from, end - start);
                                 file.write_all_at(data, start as u64)?;
@@ -51,7 +55,10 @@ pub(super) fn clone_region(src: &Region, huge_pages: bool) -> Result<Region> {
                 })
             })
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().map_err(|_| Error::Copy(std::io::Error::other("copy worker panicked")))?)
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| Error::Copy(std::io::Error::other("copy worker panicked")))?
+        })
     })?;
     Ok(child)
 }

@@ -22,9 +22,13 @@
 //!   between) so scattered writes do not explode the extent count.
 //!
 //! # Limits
-//! * Each extent is a VMA. `vm.max_map_count` (65530 by default) bounds VMAs per process
-//!   across all memories; past [`MAX_EXTENTS`] extents in one region a freeze flattens the
-//!   view into one layer (a full copy, amortised over the clones that fragmented it).
+//! * Each extent is a VMA, and `vm.max_map_count` (65530 by default) bounds VMAs per
+//!   process across all memories, so a region may use at most [`MAX_EXTENTS`]. Past that,
+//!   a freeze merges dirty runs across the smallest clean gaps (copying those clean pages
+//!   too), so widely scattered writes make a re-clone cost up to a full copy; and when
+//!   the view itself is used up it is flattened into one layer. Many fragmented memories
+//!   in one process (the in-process benchmark's fan-out) can still exhaust the map count:
+//!   the clone then fails with `ENOMEM` and the source is unchanged.
 //! * Sealed layers cannot punch holes: a page overwritten in every view that maps it
 //!   stays allocated in its old layer until every memory holding that layer is dropped.
 //!   Long chains that rewrite the same pages therefore accumulate garbage; flattening
@@ -41,8 +45,10 @@ use super::{Extent, Layout, MemFile, Region, Result, Share};
 /// Dirty runs separated by at most this many clean bytes become one run.
 pub const GAP_FILL: usize = 64 << 10;
 
-/// Beyond this many extents in a region, a freeze flattens the view into one layer.
-pub const MAX_EXTENTS: usize = 4096;
+/// Extents (VMAs) one region may use: 32 regions fit `vm.max_map_count`'s default.
+/// A freeze that would exceed it merges dirty runs across clean gaps (copying the clean
+/// pages too) until it fits, and flattens the view into one layer when even that fails.
+pub const MAX_EXTENTS: usize = 2048;
 
 /// Clones `src` copy-on-write.
 pub(super) fn clone_region(src: &Region) -> Result<Region> {
@@ -67,18 +73,32 @@ pub fn freeze(region: &Region) -> Result<Vec<Extent>> {
                 map.map_file(0, size, fd, 0, Share::Shared)?;
                 return Err(e);
             }
-            *layout = Layout::Layers(vec![Extent { offset: 0, len: size, file, file_offset: 0 }]);
+            *layout = Layout::Layers(vec![Extent {
+                offset: 0,
+                len: size,
+                file,
+                file_offset: 0,
+            }]);
         }
         Layout::Layers(extents) => {
             let runs = merge_close(anon_runs(map.as_ptr() as usize, size)?, GAP_FILL);
             if !runs.is_empty() {
-                let placed = if extents.len() + 2 * runs.len() > MAX_EXTENTS {
+                // Each new run can add two extents; stay within the budget by merging the
+                // runs closest together, or by flattening when the view is used up.
+                let room = MAX_EXTENTS.saturating_sub(extents.len()) / 2;
+                let placed = if room == 0 {
                     write_layer(region, &[(0, size)])?
                 } else {
-                    write_layer(region, &runs)?
+                    write_layer(region, &fit_budget(runs, room))?
                 };
                 for p in &placed {
-                    map.map_file(p.offset, p.len, p.file.file().as_raw_fd(), p.file_offset, Share::Private)?;
+                    map.map_file(
+                        p.offset,
+                        p.len,
+                        p.file.file().as_raw_fd(),
+                        p.file_offset,
+                        Share::Private,
+                    )?;
                 }
                 *extents = overlay(extents, &placed);
             }
@@ -102,7 +122,12 @@ fn write_layer(region: &Region, runs: &[(usize, usize)]) -> Result<Vec<Extent>> 
         // are the whole region) and the region is not written during a clone.
         let bytes = unsafe { std::slice::from_raw_parts(region.host_addr().add(s), e - s) };
         layer.write_all_at(bytes, at as u64)?;
-        placed.push(Extent { offset: s, len: e - s, file: layer.clone(), file_offset: at });
+        placed.push(Extent {
+            offset: s,
+            len: e - s,
+            file: layer.clone(),
+            file_offset: at,
+        });
         at += e - s;
     }
     layer.seal_immutable()?;
@@ -119,6 +144,17 @@ fn merge_close(runs: Vec<(usize, usize)>, gap: usize) -> Vec<(usize, usize)> {
         }
     }
     out
+}
+
+/// Merges the runs separated by the smallest gaps until at most `max_runs` remain.
+fn fit_budget(runs: Vec<(usize, usize)>, max_runs: usize) -> Vec<(usize, usize)> {
+    if runs.len() <= max_runs {
+        return runs;
+    }
+    let mut gaps: Vec<usize> = runs.windows(2).map(|w| w[1].0 - w[0].1).collect();
+    gaps.sort_unstable();
+    let must_merge = runs.len() - max_runs.max(1);
+    merge_close(runs, gaps[must_merge - 1])
 }
 
 /// Lays `top` (sorted, non-overlapping) over `base` (sorted, covering the region) and
@@ -177,7 +213,12 @@ mod tests {
     }
 
     fn ext(offset: usize, len: usize, f: &Arc<MemFile>, file_offset: usize) -> Extent {
-        Extent { offset: offset * PAGE_SIZE, len: len * PAGE_SIZE, file: f.clone(), file_offset: file_offset * PAGE_SIZE }
+        Extent {
+            offset: offset * PAGE_SIZE,
+            len: len * PAGE_SIZE,
+            file: f.clone(),
+            file_offset: file_offset * PAGE_SIZE,
+        }
     }
 
     /// Which (file, page) backs each page of the region.
@@ -224,8 +265,19 @@ mod tests {
     }
 
     #[test]
+    fn fit_budget_merges_the_closest_runs_first() {
+        let runs = vec![(0, 1), (2, 3), (10, 11), (100, 101), (103, 104)];
+        assert_eq!(fit_budget(runs.clone(), 5), runs);
+        assert_eq!(fit_budget(runs.clone(), 3), vec![(0, 3), (10, 11), (100, 104)]);
+        assert_eq!(fit_budget(runs, 1), vec![(0, 104)]);
+    }
+
+    #[test]
     fn merge_close_fills_small_gaps_only() {
         let runs = vec![(0, 4096), (8192, 12288), (1 << 20, (1 << 20) + 4096)];
-        assert_eq!(merge_close(runs, GAP_FILL), vec![(0, 12288), (1 << 20, (1 << 20) + 4096)]);
+        assert_eq!(
+            merge_close(runs, GAP_FILL),
+            vec![(0, 12288), (1 << 20, (1 << 20) + 4096)]
+        );
     }
 }

@@ -23,6 +23,7 @@ pub mod copy;
 pub mod cow;
 mod file;
 pub mod reflink;
+pub mod transfer;
 pub mod uffd;
 
 use std::fmt;
@@ -30,7 +31,7 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use file::{MemFile, Mapping, PAGE_SIZE, Share, check_size};
+pub use file::{Mapping, MemFile, PAGE_SIZE, Share, check_size};
 
 /// Errors of the memory layer. The message says what happened and, where it helps, what
 /// to do about it.
@@ -52,7 +53,9 @@ pub enum Error {
     Memfd(#[source] std::io::Error),
     #[error("cannot map guest memory: {0}")]
     Mmap(#[source] std::io::Error),
-    #[error("cannot seal the memory file as an immutable base: {0} (is it mapped shared and writable by another process?)")]
+    #[error(
+        "cannot seal the memory file as an immutable base: {0} (is it mapped shared and writable by another process?)"
+    )]
     Seal(#[source] std::io::Error),
     #[error("cannot read the page map of guest memory: {0}")]
     PageMap(#[source] std::io::Error),
@@ -78,6 +81,11 @@ pub enum Error {
     UnknownStrategy(String),
     #[error("cannot copy guest memory: {0}")]
     Copy(#[source] std::io::Error),
+    /// A memory manifest that does not match the files sent with it.
+    #[error("invalid guest memory manifest: {0}")]
+    BadManifest(String),
+    #[error("cannot pass guest memory between processes: {0}")]
+    Transfer(#[source] std::io::Error),
 }
 
 /// Result of the memory layer.
@@ -190,16 +198,32 @@ impl Region {
     pub fn with_file(guest_addr: u64, file: Arc<MemFile>) -> Result<Self> {
         let map = Mapping::reserve(file.size())?;
         map.map_file(0, file.size(), file.file().as_raw_fd(), 0, Share::Shared)?;
-        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::File(file)), lazy: Mutex::new(None) })
+        Ok(Region {
+            guest_addr,
+            map,
+            layout: Mutex::new(Layout::File(file)),
+            lazy: Mutex::new(None),
+        })
     }
 
     /// A region that maps immutable layers copy-on-write.
     pub fn with_layers(guest_addr: u64, size: usize, extents: Vec<Extent>) -> Result<Self> {
         let map = Mapping::reserve(size)?;
         for e in &extents {
-            map.map_file(e.offset, e.len, e.file.file().as_raw_fd(), e.file_offset, Share::Private)?;
+            map.map_file(
+                e.offset,
+                e.len,
+                e.file.file().as_raw_fd(),
+                e.file_offset,
+                Share::Private,
+            )?;
         }
-        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::Layers(extents)), lazy: Mutex::new(None) })
+        Ok(Region {
+            guest_addr,
+            map,
+            layout: Mutex::new(Layout::Layers(extents)),
+            lazy: Mutex::new(None),
+        })
     }
 
     /// First guest-physical address.
@@ -276,18 +300,26 @@ impl GuestMemory {
         sorted.sort_by_key(|r| r.0);
         for pair in sorted.windows(2) {
             if pair[0].0 + pair[0].1 as u64 > pair[1].0 {
-                return Err(Error::BadLayout(format!("regions at {:#x} and {:#x} overlap", pair[0].0, pair[1].0)));
+                return Err(Error::BadLayout(format!(
+                    "regions at {:#x} and {:#x} overlap",
+                    pair[0].0, pair[1].0
+                )));
             }
         }
         let mut regions = Vec::with_capacity(sorted.len());
         for &(gpa, size) in &sorted {
             check_size(size)?;
             if gpa % PAGE_SIZE as u64 != 0 {
-                return Err(Error::BadLayout(format!("region address {gpa:#x} is not page aligned")));
+                return Err(Error::BadLayout(format!(
+                    "region address {gpa:#x} is not page aligned"
+                )));
             }
             regions.push(Region::with_new_file(gpa, size, "vmfork-guest")?);
         }
-        let mem = GuestMemory { regions, huge_pages: opts.huge_pages };
+        let mem = GuestMemory {
+            regions,
+            huge_pages: opts.huge_pages,
+        };
         mem.apply_options()?;
         Ok(mem)
     }

@@ -57,7 +57,9 @@ fn ficlone(dst: &MemFile, src: &MemFile) -> Result<()> {
     }
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::EINVAL) => Err(Error::ReflinkUnsupported(err)),
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::EINVAL) => {
+            Err(Error::ReflinkUnsupported(err))
+        }
         _ => Err(Error::Reflink(err)),
     }
 }

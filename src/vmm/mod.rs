@@ -302,8 +302,7 @@ impl Vm {
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Needed on VMX hosts; other KVMs may refuse it harmlessly.
         let _ = vm.set_tss_address(TSS_ADDRESS);
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -319,17 +318,14 @@ impl Vm {
             };
             // SAFETY: the region's mapping is valid for its size and lives as long as
             // `memory`, which the Vm keeps (in `shared`) until the VM fd is closed.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
-            let v = vm
-                .create_vcpu(i as u64)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let v = vm.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut c = cpuid.clone();
             for e in c.as_mut_slice() {
                 if e.function == 1 {

@@ -10,10 +10,9 @@
 //! - VM level, after the vCPUs: PIT2, CLOCK, IRQCHIP (PIC master, PIC slave, IOAPIC).
 
 use kvm_bindings::{
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state,
-    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, Msrs,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
@@ -72,9 +71,7 @@ impl VcpuState {
         // Hosts without XCR0 (no XSAVE in the guest's CPUID) refuse this; then it has
         // nothing to save.
         let xcrs = vcpu.get_xcrs().ok();
-        let debugregs = vcpu
-            .get_debug_regs()
-            .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+        let debugregs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
         let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
         let cpuid = vcpu
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -86,8 +83,8 @@ impl VcpuState {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::StateMismatch(format!("MSR list: {e:?}")))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| Error::StateMismatch(format!("MSR list: {e:?}")))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         if n != entries.len() {
             let failed = entries[n].index;
@@ -95,9 +92,7 @@ impl VcpuState {
                 "KVM could not read MSR {failed:#x}"
             )));
         }
-        let events = vcpu
-            .get_vcpu_events()
-            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        let events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         Ok(VcpuState {
             cpuid,
             mp_state,
@@ -114,13 +109,11 @@ impl VcpuState {
 
     /// Writes this state into a fresh vCPU.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<()> {
-        vcpu.set_cpuid2(&self.cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpu.set_cpuid2(&self.cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        vcpu.set_sregs(&self.sregs)
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         // SAFETY: `self.xsave` is a complete kvm_xsave read by KVM_GET_XSAVE, which is
         // the buffer size KVM_SET_XSAVE reads.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
@@ -129,8 +122,7 @@ impl VcpuState {
         }
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-        vcpu.set_lapic(&self.lapic)
-            .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         let n = vcpu.set_msrs(&self.msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if n != self.msrs.as_slice().len() {
             let failed = self.msrs.as_slice()[n].index;
@@ -154,20 +146,11 @@ pub struct VmState {
     pub irqchips: Vec<kvm_irqchip>,
 }
 
-const IRQCHIPS: [u32; 3] = [
-    KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQCHIP_IOAPIC,
-];
+const IRQCHIPS: [u32; 3] = [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC];
 
 impl VmState {
     /// Reads the VM-level state after the vCPUs' (`vcpus`).
-    pub fn capture(
-        vm: &VmFd,
-        config: VmConfig,
-        memory_size: u64,
-        vcpus: Vec<VcpuState>,
-    ) -> Result<VmState> {
+    pub fn capture(vm: &VmFd, config: VmConfig, memory_size: u64, vcpus: Vec<VcpuState>) -> Result<VmState> {
         let pit = vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?;
         let mut clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
         // Only the clock value is restorable; the other fields describe the host moment.
@@ -201,8 +184,7 @@ impl VmState {
             )));
         }
         vm.set_pit2(&self.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-        vm.set_clock(&self.clock)
-            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        vm.set_clock(&self.clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
         for c in &self.irqchips {
             vm.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }

@@ -149,20 +149,13 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
 }
 
 /// Runs the guest until its next exit and handles it. `Some` ends the VM.
-fn run_once(
-    idx: usize,
-    vcpu: &mut VcpuFd,
-    ie: &ImmediateExit,
-    shared: &Shared,
-) -> Option<ExitReason> {
+fn run_once(idx: usize, vcpu: &mut VcpuFd, ie: &ImmediateExit, shared: &Shared) -> Option<ExitReason> {
     match vcpu.run() {
         Ok(VcpuExit::MmioWrite(addr, data)) if is_port(addr) => {
             port_out(idx, (addr - PIO_MMIO_BASE) as u16, data, shared)
         }
         Ok(VcpuExit::MmioRead(addr, data)) if is_port(addr) => {
-            shared
-                .devices
-                .port_read((addr - PIO_MMIO_BASE) as u16, data);
+            shared.devices.port_read((addr - PIO_MMIO_BASE) as u16, data);
             None
         }
         Ok(VcpuExit::IoOut(port, data)) => port_out(idx, port, data, shared),
@@ -198,8 +191,6 @@ fn run_once(
             ie.set(false);
             None
         }
-        Err(e) => Some(ExitReason::Crash(format!(
-            "vCPU {idx}: KVM_RUN failed: {e}"
-        ))),
+        Err(e) => Some(ExitReason::Crash(format!("vCPU {idx}: KVM_RUN failed: {e}"))),
     }
 }

@@ -13,7 +13,8 @@ pub const EXIT_PAGE_SERVER_DIED: i32 = 86;
 
 /// Fenced address ranges, readable from the signal handler without locks.
 const SLOTS: usize = 64;
-static FENCED: [(AtomicUsize, AtomicUsize); SLOTS] = [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; SLOTS];
+static FENCED: [(AtomicUsize, AtomicUsize); SLOTS] =
+    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; SLOTS];
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// Fences the pages of `[addr, addr + file.size())` that `file` does not hold, then wakes

@@ -38,8 +38,8 @@ mod fence;
 pub mod sys;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -66,12 +66,15 @@ pub struct ServerStats {
 pub(super) fn clone_region(src: &Region) -> Result<Region> {
     src.materialize()?;
     let image = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
-    let child = Region::with_file(src.guest_addr(), Arc::new(MemFile::create("vmfork-uffd", src.size())?))?;
+    let child = Region::with_file(
+        src.guest_addr(),
+        Arc::new(MemFile::create("vmfork-uffd", src.size())?),
+    )?;
     let file = match &*child.layout() {
         Layout::File(f) => f.clone(),
         Layout::Layers(_) => unreachable!("Region::with_file maps one file"),
     };
-    let fill = LazyFill::start(image, file, child.host_addr() as usize)?;
+    let fill = LazyFill::start(image, &file, child.host_addr() as usize)?;
     *child.lazy.lock().unwrap_or_else(|p| p.into_inner()) = Some(fill);
     Ok(child)
 }
@@ -91,9 +94,13 @@ pub struct LazyFill {
 }
 
 impl LazyFill {
-    fn start(image: Region, file: Arc<MemFile>, addr: usize) -> Result<Self> {
+    fn start(image: Region, file: &Arc<MemFile>, addr: usize) -> Result<Self> {
         let len = file.size();
-        let uffd = Arc::new(Uffd::open(sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE).map_err(Error::Uffd)?);
+        // Weak, so the fill does not count as another holder of the child's file.
+        let file = Arc::downgrade(file);
+        let uffd = Arc::new(
+            Uffd::open(sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE).map_err(Error::Uffd)?,
+        );
         uffd.register_missing(addr, len).map_err(Error::Uffd)?;
         fence::install_handler();
         let (stop_rx, stop_tx) = pipe()?;
@@ -107,7 +114,15 @@ impl LazyFill {
                 .name("vmfork-pages".into())
                 .spawn(move || {
                     let _alive = alive_tx; // Dropped when this thread ends, however it ends.
-                    PageServer { uffd: &uffd, image, addr, len, removed: Vec::new(), stats: &stats }.run(&stop_rx);
+                    PageServer {
+                        uffd: &uffd,
+                        image,
+                        addr,
+                        len,
+                        removed: Vec::new(),
+                        stats: &stats,
+                    }
+                    .run(&stop_rx);
                 })
                 .map_err(Error::Copy)?
         };
@@ -119,7 +134,11 @@ impl LazyFill {
                     wait_hangup(&alive_rx);
                     if !stopping.load(Ordering::Acquire) {
                         dead.store(true, Ordering::Release);
-                        fence::fence_unserved(&uffd, &file, addr);
+                        // The region (and so its file) outlives this thread: Region::drop
+                        // stops the fill first.
+                        if let Some(file) = file.upgrade() {
+                            fence::fence_unserved(&uffd, &file, addr);
+                        }
                     }
                 })
                 .map_err(Error::Copy)?
@@ -171,7 +190,9 @@ impl LazyFill {
         };
         for (start, end) in holes(&file) {
             // A read fault on each missing page goes to the server, which fills it.
-            region.mapping().madvise(start, end - start, libc::MADV_POPULATE_READ)?;
+            region
+                .mapping()
+                .madvise(start, end - start, libc::MADV_POPULATE_READ)?;
         }
         self.uffd.unregister(self.addr, self.len).map_err(Error::Uffd)?;
         self.stop();
@@ -240,8 +261,16 @@ impl PageServer<'_> {
         let mut retry: Vec<usize> = Vec::new();
         loop {
             let mut fds = [
-                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             let timeout = if retry.is_empty() { -1 } else { 1 };
             // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
@@ -275,7 +304,9 @@ impl PageServer<'_> {
             });
             if served > 0 {
                 self.stats.faults.fetch_add(served, Ordering::Relaxed);
-                self.stats.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                self.stats
+                    .service_ns
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -284,7 +315,8 @@ impl PageServer<'_> {
     fn serve(&self, fault: usize) -> std::io::Result<()> {
         let page = (fault & !(PAGE_SIZE - 1)).clamp(self.addr, self.addr + self.len - PAGE_SIZE) - self.addr;
         if self.is_removed(page, PAGE_SIZE) {
-            return ok_if_exists(self.uffd.zeropage(self.addr + page, PAGE_SIZE).map(|_| PAGE_SIZE)).map(|_| ());
+            return ok_if_exists(self.uffd.zeropage(self.addr + page, PAGE_SIZE).map(|_| PAGE_SIZE))
+                .map(|_| ());
         }
         let window = FAULT_AROUND * PAGE_SIZE;
         let start = page - page % window;
@@ -294,7 +326,9 @@ impl PageServer<'_> {
             // which lives as long as this server.
             let src = self.image.host_addr().wrapping_add(start);
             if let Ok(n) = self.uffd.copy(self.addr + start, src, end - start) {
-                self.stats.pages.fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+                self.stats
+                    .pages
+                    .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
                 return Ok(());
             }
             // Some neighbour exists already (EEXIST) or the window raced: fall back to
@@ -302,7 +336,9 @@ impl PageServer<'_> {
         }
         let src = self.image.host_addr().wrapping_add(page);
         let n = ok_if_exists(self.uffd.copy(self.addr + page, src, PAGE_SIZE))?;
-        self.stats.pages.fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+        self.stats
+            .pages
+            .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -334,7 +370,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 /// Blocks until the write end of the pipe is closed.
 fn wait_hangup(rx: &OwnedFd) {
     loop {
-        let mut fd = libc::pollfd { fd: rx.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut fd = libc::pollfd {
+            fd: rx.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(&mut fd, 1, -1) };
         if rc > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {

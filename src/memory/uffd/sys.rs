@@ -112,7 +112,11 @@ impl Uffd {
             // SAFETY: the ioctl returned a fresh fd that nothing else owns.
             unsafe { OwnedFd::from_raw_fd(raw) }
         };
-        let mut api = ApiArg { api: UFFD_API, features, ioctls: 0 };
+        let mut api = ApiArg {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_API reads and writes one ApiArg, which lives across the call.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
             return Err(io::Error::last_os_error());
@@ -122,7 +126,14 @@ impl Uffd {
 
     /// Routes missing-page faults in `[start, start + len)` to this descriptor.
     pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
-        let mut arg = RegisterArg { range: Range { start: start as u64, len: len as u64 }, mode: REGISTER_MODE_MISSING, ioctls: 0 };
+        let mut arg = RegisterArg {
+            range: Range {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_REGISTER reads and writes one RegisterArg that outlives the call.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut arg) } < 0 {
             return Err(io::Error::last_os_error());
@@ -132,7 +143,10 @@ impl Uffd {
 
     /// Stops routing faults in the range here.
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
-        let arg = Range { start: start as u64, len: len as u64 };
+        let arg = Range {
+            start: start as u64,
+            len: len as u64,
+        };
         // SAFETY: UFFDIO_UNREGISTER reads one Range that outlives the call.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &arg) } < 0 {
             return Err(io::Error::last_os_error());
@@ -142,7 +156,10 @@ impl Uffd {
 
     /// Wakes threads waiting on faults in the range, so they retry.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
-        let arg = Range { start: start as u64, len: len as u64 };
+        let arg = Range {
+            start: start as u64,
+            len: len as u64,
+        };
         // SAFETY: UFFDIO_WAKE reads one Range that outlives the call.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &arg) } < 0 {
             return Err(io::Error::last_os_error());
@@ -154,7 +171,13 @@ impl Uffd {
     /// and wakes the faulting threads. Returns the bytes copied; on an error after a
     /// partial copy, the error is returned with nothing more to say about the prefix.
     pub fn copy(&self, dst: usize, src: *const u8, len: usize) -> io::Result<usize> {
-        let mut arg = CopyArg { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, copy: 0 };
+        let mut arg = CopyArg {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode: 0,
+            copy: 0,
+        };
         // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (the caller guarantees they are
         // mapped) and writes only into the registered range and the CopyArg.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut arg) };
@@ -166,7 +189,14 @@ impl Uffd {
 
     /// Fills `len` bytes at `dst` with zeros and wakes the faulting threads.
     pub fn zeropage(&self, dst: usize, len: usize) -> io::Result<()> {
-        let mut arg = ZeroPageArg { range: Range { start: dst as u64, len: len as u64 }, mode: 0, zeropage: 0 };
+        let mut arg = ZeroPageArg {
+            range: Range {
+                start: dst as u64,
+                len: len as u64,
+            },
+            mode: 0,
+            zeropage: 0,
+        };
         // SAFETY: UFFDIO_ZEROPAGE writes only into the registered range and the argument.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut arg) } < 0 {
             return Err(io::Error::last_os_error());
@@ -182,7 +212,11 @@ impl Uffd {
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(0)
+            } else {
+                Err(e)
+            };
         }
         Ok(n as usize / std::mem::size_of::<Msg>())
     }

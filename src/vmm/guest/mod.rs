@@ -167,11 +167,7 @@ impl fmt::Display for Workload {
         match *self {
             Workload::Count { every } => write!(f, "count:{every}"),
             Workload::Touch { mib, random, every } => {
-                write!(
-                    f,
-                    "touch:{mib}:{}:{every}",
-                    if random { "rand" } else { "seq" }
-                )
+                write!(f, "touch:{mib}:{}:{every}", if random { "rand" } else { "seq" })
             }
             Workload::Idle => f.write_str("idle"),
             Workload::Exit => f.write_str("exit"),
@@ -222,9 +218,7 @@ impl fmt::Display for Report {
 /// Errors preparing guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error(
-        "guest memory of {0} bytes is outside the built-in guest's range ({MIN_MEM}..={MAX_MEM} bytes)"
-    )]
+    #[error("guest memory of {0} bytes is outside the built-in guest's range ({MIN_MEM}..={MAX_MEM} bytes)")]
     MemorySize(usize),
     #[error(
         "the workload needs {need} bytes of guest memory above {AREA_GPA:#x} but only {have} exist; give the VM more --mem"
@@ -272,9 +266,7 @@ fn gdt() -> [u64; 7] {
 /// running `workload`. Also clears the mailboxes and the generation id.
 pub fn setup(mem: &GuestMemory, vcpus: u32, workload: Workload) -> Result<(), SetupError> {
     let size = mem.size();
-    if !(MIN_MEM..=MAX_MEM).contains(&size)
-        || mem.regions().first().map(|r| r.guest_addr()) != Some(0)
-    {
+    if !(MIN_MEM..=MAX_MEM).contains(&size) || mem.regions().first().map(|r| r.guest_addr()) != Some(0) {
         return Err(SetupError::MemorySize(size));
     }
     mem.write(CODE_GPA, GUEST_BIN)?;
@@ -367,11 +359,7 @@ pub fn regs(vcpu: u32, user: bool) -> kvm_regs {
     let stack_top = STACKS_GPA + (v + 1) * STACK_SIZE;
     kvm_regs {
         rip: CODE_GPA + if user { USER_ENTRY } else { RING0_ENTRY },
-        rsp: if user {
-            stack_top - 64
-        } else {
-            stack_top - 64 - 40
-        },
+        rsp: if user { stack_top - 64 } else { stack_top - 64 - 40 },
         rflags: if user { ENTRY_RFLAGS } else { 0x2 },
         rdi: v,
         rsi: PARAMS_GPA + 64 * v,

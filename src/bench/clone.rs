@@ -1,0 +1,286 @@
+//! The `clone` suite: what a clone costs, and what touching the child costs afterwards.
+//!
+//! Per size and strategy, on a fully written source:
+//! * `clone_ns`: the first clone of the source (for cow this includes turning the whole
+//!   source into a base, the remap that zaps its page tables);
+//! * `reclone_ns`: a second clone after the source dirtied 1% of its pages;
+//! * `first_read_ns_per_page`, `first_write_ns_per_page`: touching every page of a fresh
+//!   child once (one byte per page);
+//! * `child_private_bytes`: what an idle child owns alone;
+//! * `fanout16_total_bytes`: source plus 16 idle clones, every file counted once;
+//! * `uffd_fault_service_ns`: the page server's time per fault.
+//!
+//! `native` records plain faults without clones: a read fault on a populated shmem
+//! mapping and a write fault on anonymous memory, the denominators of the ratios.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use super::{BenchError, BenchOptions, Record, human_bytes};
+use crate::memory::{GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, accounting, reflink};
+
+const SUITE: &str = "clone";
+
+pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
+    let sizes = if !opts.sizes.is_empty() {
+        opts.sizes.clone()
+    } else if opts.quick {
+        vec![64 << 20, 256 << 20]
+    } else {
+        vec![64 << 20, 256 << 20, 1 << 30]
+    };
+    let mem_opts = MemoryOptions {
+        huge_pages: opts.huge_pages,
+    };
+    for &size in &sizes {
+        eprintln!("clone suite at {}", human_bytes(size as u64));
+        native(size, opts.huge_pages, out);
+        for strategy in Strategy::CONCRETE {
+            if let Err(e) = one_strategy(strategy, size, &mem_opts, out) {
+                eprintln!("  {strategy}: {e}");
+                out.push(Record::skipped(
+                    SUITE,
+                    "clone",
+                    strategy.name(),
+                    size as u64,
+                    "clone_ns",
+                    &e.to_string(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn populated(size: usize, opts: &MemoryOptions) -> crate::memory::Result<GuestMemory> {
+    let mem = GuestMemory::with_size(size, opts)?;
+    let page = vec![0x5Au8; PAGE_SIZE];
+    for at in (0..size).step_by(PAGE_SIZE) {
+        mem.write(at as u64, &page[..64])?;
+    }
+    Ok(mem)
+}
+
+fn one_strategy(
+    strategy: Strategy,
+    size: usize,
+    opts: &MemoryOptions,
+    out: &mut Vec<Record>,
+) -> crate::memory::Result<()> {
+    let name = strategy.name();
+    let sz = size as u64;
+    if strategy == Strategy::Reflink {
+        if let Err(e) = reflink::probe() {
+            for metric in ["clone_ns", "first_read_ns_per_page", "first_write_ns_per_page"] {
+                out.push(Record::skipped(SUITE, metric, name, sz, metric, &e.to_string()));
+            }
+            return Ok(());
+        }
+    }
+    let pages = size / PAGE_SIZE;
+    let source = populated(size, opts)?;
+
+    // First clone, then read every page of that child.
+    let t = Instant::now();
+    let (reader, _) = source.clone_with(strategy)?;
+    let clone_ns = t.elapsed().as_nanos() as f64;
+    out.push(Record::value(
+        SUITE, "clone_ns", name, sz, "clone_ns", clone_ns, "ns",
+    ));
+    out.push(Record::value(
+        SUITE,
+        "child_private_bytes",
+        name,
+        sz,
+        "child_private_bytes",
+        accounting::usage(&reader)?.private_bytes as f64,
+        "bytes",
+    ));
+    let read_ns = touch(&reader, false);
+    out.push(Record::value(
+        SUITE,
+        "first_read_ns_per_page",
+        name,
+        sz,
+        "first_read_ns_per_page",
+        read_ns,
+        "ns",
+    ));
+    if strategy == Strategy::Uffd {
+        if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| {
+            let st = s.stats();
+            (
+                st.faults.load(std::sync::atomic::Ordering::Relaxed),
+                st.service_ns.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        }) {
+            if faults > 0 {
+                out.push(Record::value(
+                    SUITE,
+                    "uffd_fault_service_ns",
+                    name,
+                    sz,
+                    "uffd_fault_service_ns",
+                    ns as f64 / faults as f64,
+                    "ns",
+                ));
+            }
+        }
+    }
+    drop(reader);
+
+    // A second child, written once per page.
+    let (writer, _) = source.clone_with(strategy)?;
+    let write_ns = touch(&writer, true);
+    out.push(Record::value(
+        SUITE,
+        "first_write_ns_per_page",
+        name,
+        sz,
+        "first_write_ns_per_page",
+        write_ns,
+        "ns",
+    ));
+    drop(writer);
+
+    // Sixteen idle clones: what do they cost together?
+    let available = mem_available();
+    if strategy == Strategy::Copy && 17 * size as u64 > available / 2 {
+        out.push(Record::skipped(
+            SUITE,
+            "fanout16_total_bytes",
+            name,
+            sz,
+            "fanout16_total_bytes",
+            &format!(
+                "16 full copies need {}; only {} available",
+                human_bytes(16 * sz),
+                human_bytes(available)
+            ),
+        ));
+    } else {
+        let clones: Vec<GuestMemory> = (0..16)
+            .map(|_| source.clone_with(strategy).map(|c| c.0))
+            .collect::<Result<_, _>>()?;
+        let mut all: Vec<&GuestMemory> = clones.iter().collect();
+        all.push(&source);
+        let total = accounting::footprint(&all)?;
+        out.push(Record::value(
+            SUITE,
+            "fanout16_total_bytes",
+            name,
+            sz,
+            "fanout16_total_bytes",
+            total as f64,
+            "bytes",
+        ));
+    }
+    // Re-clone after the source dirtied 1% of its pages.
+    for p in (0..pages).step_by(100) {
+        source.write((p * PAGE_SIZE) as u64, &[1])?;
+    }
+    let t = Instant::now();
+    let (again, _) = source.clone_with(strategy)?;
+    out.push(Record::value(
+        SUITE,
+        "reclone_ns",
+        name,
+        sz,
+        "reclone_ns",
+        t.elapsed().as_nanos() as f64,
+        "ns",
+    ));
+    drop(again);
+
+    Ok(())
+}
+
+/// Touches one byte of every page; returns nanoseconds per page.
+fn touch(mem: &GuestMemory, write: bool) -> f64 {
+    let region = &mem.regions()[0];
+    let base = region.host_addr();
+    let pages = region.size() / PAGE_SIZE;
+    let t = Instant::now();
+    for p in 0..pages {
+        // SAFETY: page `p` lies inside the region's mapping; the benchmark owns the memory
+        // and nothing else accesses it meanwhile.
+        unsafe {
+            let ptr = base.add(p * PAGE_SIZE);
+            if write {
+                std::ptr::write_volatile(ptr, 1);
+            } else {
+                black_box(std::ptr::read_volatile(ptr));
+            }
+        }
+    }
+    t.elapsed().as_nanos() as f64 / pages as f64
+}
+
+/// Plain faults, no clone: the denominators.
+fn native(size: usize, huge: bool, out: &mut Vec<Record>) {
+    let sz = size as u64;
+    let run = || -> crate::memory::Result<(f64, f64)> {
+        // Populated exactly like the clone sources, then mapped afresh: every read is a
+        // minor fault on the same kind of folios (huge where the sources have them).
+        let source = populated(size, &MemoryOptions { huge_pages: huge })?;
+        let file = match &*source.regions()[0].layout() {
+            crate::memory::Layout::File(f) => f.clone(),
+            crate::memory::Layout::Layers(_) => unreachable!("fresh memory maps its own file"),
+        };
+        let shared = GuestMemory::from_regions(vec![crate::memory::Region::with_file(0, file)?], huge)?;
+        let read_ns = touch(&shared, false);
+        // Anonymous memory, first write.
+        let anon = crate::memory::Mapping::reserve(size)?;
+        anon.protect(0, size, libc::PROT_READ | libc::PROT_WRITE)?;
+        if huge {
+            anon.advise_huge()?;
+        }
+        let t = Instant::now();
+        for p in 0..size / PAGE_SIZE {
+            // SAFETY: inside our own read-write anonymous mapping.
+            unsafe { std::ptr::write_volatile(anon.as_ptr().add(p * PAGE_SIZE), 1) };
+        }
+        Ok((read_ns, t.elapsed().as_nanos() as f64 / (size / PAGE_SIZE) as f64))
+    };
+    match run() {
+        Ok((r, w)) => {
+            out.push(Record::value(
+                SUITE,
+                "first_read_ns_per_page",
+                "native",
+                sz,
+                "first_read_ns_per_page",
+                r,
+                "ns",
+            ));
+            out.push(Record::value(
+                SUITE,
+                "first_write_ns_per_page",
+                "native",
+                sz,
+                "first_write_ns_per_page",
+                w,
+                "ns",
+            ));
+        }
+        Err(e) => out.push(Record::skipped(
+            SUITE,
+            "native",
+            "native",
+            sz,
+            "first_read_ns_per_page",
+            &e.to_string(),
+        )),
+    }
+}
+
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

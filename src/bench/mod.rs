@@ -1,0 +1,276 @@
+//! `vmfork bench`: every strategy side by side, in one process, into one JSON file.
+//!
+//! Machines here are noisy (nested virtualisation, two shared cores), so absolute times
+//! mean little across runs; the point is the ratios within one run. Every record carries
+//! its strategy and size so those ratios can be taken from the file alone, and the
+//! `native` strategy measures plain page faults without any clone as the denominator.
+
+mod clone;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// One measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    pub suite: String,
+    pub scenario: String,
+    pub strategy: String,
+    pub size_bytes: u64,
+    pub metric: String,
+    /// `None` when the scenario was skipped; `note` then says why.
+    pub value: Option<f64>,
+    pub unit: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Record {
+    /// A measured value.
+    pub fn value(
+        suite: &str,
+        scenario: &str,
+        strategy: &str,
+        size: u64,
+        metric: &str,
+        value: f64,
+        unit: &str,
+    ) -> Self {
+        Record {
+            suite: suite.into(),
+            scenario: scenario.into(),
+            strategy: strategy.into(),
+            size_bytes: size,
+            metric: metric.into(),
+            value: Some(value),
+            unit: unit.into(),
+            note: None,
+        }
+    }
+
+    /// A scenario that could not run here, with the reason.
+    pub fn skipped(suite: &str, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
+        Record {
+            suite: suite.into(),
+            scenario: scenario.into(),
+            strategy: strategy.into(),
+            size_bytes: size,
+            metric: metric.into(),
+            value: None,
+            unit: String::new(),
+            note: Some(why.into()),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Small sizes only (64 MiB and 256 MiB), for CI and a first look.
+    pub quick: bool,
+    /// Sizes in bytes; empty means the default for `quick`.
+    pub sizes: Vec<usize>,
+    /// Ask for transparent huge pages on guest memory.
+    pub huge_pages: bool,
+    /// Where to write the JSON report.
+    pub json: Option<PathBuf>,
+}
+
+/// Facts about the run that every ratio depends on.
+#[derive(Debug, Serialize)]
+pub struct RunInfo {
+    pub date_utc: String,
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub shmem_thp: String,
+    pub huge_pages_requested: bool,
+}
+
+impl RunInfo {
+    fn collect(opts: &BenchOptions) -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_string();
+        let cpu = read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+            .unwrap_or_default();
+        let shmem_thp = read("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
+        RunInfo {
+            date_utc: utc_now(),
+            kernel: read("/proc/sys/kernel/osrelease"),
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shmem_thp,
+            huge_pages_requested: opts.huge_pages,
+        }
+    }
+}
+
+fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The report written by `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub run: RunInfo,
+    pub records: Vec<Record>,
+}
+
+/// Runs the suites and prints a table; writes JSON when asked.
+pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let run = RunInfo::collect(opts);
+    eprintln!(
+        "vmfork bench: kernel {}, {} CPUs, shmem THP {:?}, huge pages {}",
+        run.kernel,
+        run.cpus,
+        run.shmem_thp,
+        if opts.huge_pages {
+            "requested"
+        } else {
+            "not requested"
+        }
+    );
+    let mut records = Vec::new();
+    clone::run(opts, &mut records)?;
+    let report = Report { run, records };
+    print_table(&report.records, &mut std::io::stdout().lock())?;
+    if let Some(path) = &opts.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json)
+            .map_err(|e| BenchError(format!("cannot write {}: {e}", path.display())))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(report)
+}
+
+/// A table per suite: one row per (scenario, metric, size), one column per strategy.
+pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<()> {
+    let mut strategies: Vec<&str> = Vec::new();
+    let mut rows: Vec<(&str, &str, &str, u64)> = Vec::new();
+    for r in records {
+        if !strategies.contains(&r.strategy.as_str()) {
+            strategies.push(&r.strategy);
+        }
+        let key = (
+            r.suite.as_str(),
+            r.scenario.as_str(),
+            r.metric.as_str(),
+            r.size_bytes,
+        );
+        if !rows.contains(&key) {
+            rows.push(key);
+        }
+    }
+    write!(out, "{:<8} {:<26} {:>9}", "suite", "metric", "size")?;
+    for s in &strategies {
+        write!(out, " {s:>12}")?;
+    }
+    writeln!(out)?;
+    for (suite, scenario, metric, size) in rows {
+        let label = if scenario == metric {
+            metric.to_string()
+        } else {
+            format!("{scenario}/{metric}")
+        };
+        write!(out, "{suite:<8} {label:<26} {:>9}", human_bytes(size))?;
+        for s in &strategies {
+            let cell = records
+                .iter()
+                .find(|r| {
+                    r.suite == suite
+                        && r.scenario == scenario
+                        && r.metric == metric
+                        && r.size_bytes == size
+                        && r.strategy == *s
+                })
+                .map_or(String::new(), |r| match r.value {
+                    Some(v) => human_value(v, &r.unit),
+                    None => "skipped".into(),
+                });
+            write!(out, " {cell:>12}")?;
+        }
+        writeln!(out)?;
+    }
+    // Each distinct reason once, with the sizes it applied to.
+    let mut skips: Vec<(&str, &str, Vec<u64>)> = Vec::new();
+    for r in records.iter().filter(|r| r.value.is_none()) {
+        let note = r.note.as_deref().unwrap_or("no reason recorded");
+        match skips.iter_mut().find(|(s, n, _)| *s == r.strategy && *n == note) {
+            Some((_, _, sizes)) if sizes.contains(&r.size_bytes) => {}
+            Some((_, _, sizes)) => sizes.push(r.size_bytes),
+            None => skips.push((&r.strategy, note, vec![r.size_bytes])),
+        }
+    }
+    for (strategy, note, sizes) in skips {
+        let sizes: Vec<String> = sizes.into_iter().map(human_bytes).collect();
+        writeln!(out, "skipped {strategy} at {}: {note}", sizes.join(", "))?;
+    }
+    Ok(())
+}
+
+/// `64M`, `1G`, ...
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (scale, unit) in UNITS {
+        if b >= scale {
+            let v = b as f64 / scale as f64;
+            return if v.fract() == 0.0 {
+                format!("{v:.0}{unit}")
+            } else {
+                format!("{v:.1}{unit}")
+            };
+        }
+    }
+    format!("{b}")
+}
+
+fn human_value(v: f64, unit: &str) -> String {
+    match unit {
+        "ns" if v >= 1e9 => format!("{:.2}s", v / 1e9),
+        "ns" if v >= 1e6 => format!("{:.2}ms", v / 1e6),
+        "ns" if v >= 1e4 => format!("{:.1}us", v / 1e3),
+        "ns" => format!("{v:.0}ns"),
+        "bytes" => human_bytes(v as u64),
+        _ => format!("{v:.3}{unit}"),
+    }
+}
+
+/// Why a benchmark run failed: a message for the user.
+#[derive(Debug)]
+pub struct BenchError(pub String);
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+impl From<crate::memory::Error> for BenchError {
+    fn from(e: crate::memory::Error) -> Self {
+        BenchError(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for BenchError {
+    fn from(e: std::io::Error) -> Self {
+        BenchError(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for BenchError {
+    fn from(e: serde_json::Error) -> Self {
+        BenchError(e.to_string())
+    }
+}

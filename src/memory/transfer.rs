@@ -1,0 +1,329 @@
+//! Handing guest memory to another process.
+//!
+//! KVM VMs cannot cross `fork()`, so a forked VM is a new process that must receive its
+//! memory: a [`Manifest`] (JSON) saying how each region is laid out over files, and the
+//! memfds themselves, passed with `SCM_RIGHTS`. The receiver maps the same files the
+//! same way, so a `cow` child shares every page with its parent, and a `copy` or
+//! `reflink` child simply owns its file.
+//!
+//! Wire format on a Unix stream socket: a 16-byte header (manifest length and fd count,
+//! little-endian u64 each), the manifest bytes, then the fds in batches of at most
+//! [`FDS_PER_MESSAGE`], each batch riding on one byte of payload.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Extent, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result};
+
+/// Fds sent per message; below the kernel's `SCM_MAX_FD` (253).
+pub const FDS_PER_MESSAGE: usize = 200;
+
+/// Largest manifest accepted (a region with the maximum number of extents fits easily).
+const MAX_MANIFEST: u64 = 64 << 20;
+
+/// How a memory is laid out over files; `fd` fields index the fds sent alongside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub huge_pages: bool,
+    pub regions: Vec<RegionManifest>,
+}
+
+/// One region of a [`Manifest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionManifest {
+    pub guest_addr: u64,
+    pub size: usize,
+    pub layout: LayoutManifest,
+}
+
+/// A region's [`Layout`], with files replaced by fd indices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LayoutManifest {
+    File { fd: usize },
+    Layers { extents: Vec<ExtentManifest> },
+}
+
+/// One [`Extent`] of a layered region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentManifest {
+    pub offset: usize,
+    pub len: usize,
+    pub fd: usize,
+    pub file_offset: usize,
+}
+
+impl GuestMemory {
+    /// Describes this memory for another process: the manifest and the files it names.
+    /// A lazily filled (uffd) memory is materialized first: its page server stays here.
+    pub fn manifest(&self) -> Result<(Manifest, Vec<Arc<MemFile>>)> {
+        let mut files: Vec<Arc<MemFile>> = Vec::new();
+        let mut index = |f: &Arc<MemFile>| match files.iter().position(|g| Arc::ptr_eq(f, g)) {
+            Some(i) => i,
+            None => {
+                files.push(f.clone());
+                files.len() - 1
+            }
+        };
+        let mut regions = Vec::with_capacity(self.regions().len());
+        for r in self.regions() {
+            r.materialize()?;
+            let layout = match &*r.layout() {
+                Layout::File(f) => LayoutManifest::File { fd: index(f) },
+                Layout::Layers(extents) => LayoutManifest::Layers {
+                    extents: extents
+                        .iter()
+                        .map(|e| ExtentManifest {
+                            offset: e.offset,
+                            len: e.len,
+                            fd: index(&e.file),
+                            file_offset: e.file_offset,
+                        })
+                        .collect(),
+                },
+            };
+            regions.push(RegionManifest {
+                guest_addr: r.guest_addr(),
+                size: r.size(),
+                layout,
+            });
+        }
+        Ok((
+            Manifest {
+                huge_pages: self.huge_pages(),
+                regions,
+            },
+            files,
+        ))
+    }
+
+    /// Builds memory from a manifest and the files it indexes, checking that the
+    /// manifest really describes those files before mapping anything.
+    pub fn from_manifest(manifest: &Manifest, files: Vec<MemFile>) -> Result<GuestMemory> {
+        let files: Vec<Arc<MemFile>> = files.into_iter().map(Arc::new).collect();
+        let file = |i: usize| {
+            files
+                .get(i)
+                .cloned()
+                .ok_or_else(|| bad(format!("fd index {i} but only {} fds", files.len())))
+        };
+        let mut regions = Vec::with_capacity(manifest.regions.len());
+        for rm in &manifest.regions {
+            super::check_size(rm.size)?;
+            let region = match &rm.layout {
+                LayoutManifest::File { fd } => {
+                    let f = file(*fd)?;
+                    if f.size() != rm.size {
+                        return Err(bad(format!(
+                            "region of {} bytes backed by a file of {}",
+                            rm.size,
+                            f.size()
+                        )));
+                    }
+                    Region::with_file(rm.guest_addr, f)?
+                }
+                LayoutManifest::Layers { extents } => {
+                    let mut next = 0;
+                    let mut out = Vec::with_capacity(extents.len());
+                    for e in extents {
+                        let f = file(e.fd)?;
+                        let aligned = [e.offset, e.len, e.file_offset]
+                            .iter()
+                            .all(|v| v % PAGE_SIZE == 0);
+                        if e.offset != next || e.len == 0 || !aligned || e.file_offset + e.len > f.size() {
+                            return Err(bad(format!(
+                                "extent {e:?} does not tile the region or fit its file"
+                            )));
+                        }
+                        next += e.len;
+                        out.push(Extent {
+                            offset: e.offset,
+                            len: e.len,
+                            file: f,
+                            file_offset: e.file_offset,
+                        });
+                    }
+                    if next != rm.size {
+                        return Err(bad(format!("extents cover {next} of {} bytes", rm.size)));
+                    }
+                    Region::with_layers(rm.guest_addr, rm.size, out)?
+                }
+            };
+            regions.push(region);
+        }
+        GuestMemory::from_regions(regions, manifest.huge_pages)
+    }
+
+    /// Sends this memory over `sock` (see the module documentation for the format).
+    pub fn send(&self, sock: &UnixStream) -> Result<()> {
+        let (manifest, files) = self.manifest()?;
+        let json = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_fd().as_raw_fd()).collect();
+        send_with_fds(sock, &json, &fds).map_err(Error::Transfer)
+    }
+
+    /// Receives memory sent with [`GuestMemory::send`].
+    pub fn receive(sock: &UnixStream) -> Result<GuestMemory> {
+        let (json, fds) = recv_with_fds(sock).map_err(Error::Transfer)?;
+        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(format!("manifest: {e}")))?;
+        let files = fds
+            .into_iter()
+            .map(MemFile::from_fd)
+            .collect::<Result<Vec<_>>>()?;
+        GuestMemory::from_manifest(&manifest, files)
+    }
+}
+
+fn bad(msg: String) -> Error {
+    Error::BadManifest(msg)
+}
+
+/// Writes `bytes` and passes `fds` along (framing in the module documentation).
+pub fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    let mut w = sock;
+    let mut header = [0u8; 16];
+    header[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    header[8..].copy_from_slice(&(fds.len() as u64).to_le_bytes());
+    w.write_all(&header)?;
+    w.write_all(bytes)?;
+    for batch in fds.chunks(FDS_PER_MESSAGE) {
+        let cmsg = [ControlMessage::ScmRights(batch)];
+        sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&[0])],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Reads what [`send_with_fds`] wrote.
+pub fn recv_with_fds(sock: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut r = sock;
+    let mut header = [0u8; 16];
+    r.read_exact(&mut header)?;
+    let len = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+    let nfds = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+    if len > MAX_MANIFEST || nfds > 1 << 20 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "implausible message header",
+        ));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    r.read_exact(&mut bytes)?;
+    let mut fds = Vec::with_capacity(nfds as usize);
+    let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
+    while fds.len() < nfds as usize {
+        let mut byte = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        if msg.bytes == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "sender closed before all fds arrived",
+            ));
+        }
+        let before = fds.len();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just installed these fds in our table for us alone.
+                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        if fds.len() == before {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a message expected to carry fds had none",
+            ));
+        }
+    }
+    Ok((bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{MemoryOptions, Strategy};
+
+    #[test]
+    fn cow_child_travels_and_stays_isolated() {
+        let parent = GuestMemory::with_size(64 * PAGE_SIZE, &MemoryOptions::default()).unwrap();
+        parent.write(5 * 4096, b"parent").unwrap();
+        let (child, _) = parent.clone_with(Strategy::Cow).unwrap();
+        child.write(7 * 4096, b"child-dirty").unwrap();
+        let (child2, _) = child.clone_with(Strategy::Cow).unwrap(); // two layers now
+        let (a, b) = UnixStream::pair().unwrap();
+        child2.send(&a).unwrap();
+        drop(child2);
+        let got = GuestMemory::receive(&b).unwrap();
+        let mut buf = [0u8; 11];
+        got.read(7 * 4096, &mut buf).unwrap();
+        assert_eq!(&buf, b"child-dirty");
+        got.read(5 * 4096, &mut buf[..6]).unwrap();
+        assert_eq!(&buf[..6], b"parent");
+        got.write(5 * 4096, b"XXXXXX").unwrap();
+        parent.read(5 * 4096, &mut buf[..6]).unwrap();
+        assert_eq!(&buf[..6], b"parent");
+    }
+
+    #[test]
+    fn many_files_cross_in_batches() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let files: Vec<MemFile> = (0..450)
+            .map(|_| MemFile::create("t", PAGE_SIZE).unwrap())
+            .collect();
+        let raw: Vec<RawFd> = files.iter().map(|f| f.as_fd().as_raw_fd()).collect();
+        let sender = std::thread::spawn(move || send_with_fds(&a, b"hello", &raw).map(|_| files));
+        let (bytes, fds) = recv_with_fds(&b).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(bytes, b"hello");
+        assert_eq!(fds.len(), 450);
+    }
+
+    #[test]
+    fn lying_manifests_are_refused() {
+        let f = || vec![MemFile::create("t", 4 * PAGE_SIZE).unwrap()];
+        let region = |layout| Manifest {
+            huge_pages: false,
+            regions: vec![RegionManifest {
+                guest_addr: 0,
+                size: 4 * PAGE_SIZE,
+                layout,
+            }],
+        };
+        let ext = |offset, len, fd, file_offset| ExtentManifest {
+            offset,
+            len,
+            fd,
+            file_offset,
+        };
+        for m in [
+            region(LayoutManifest::File { fd: 1 }),
+            region(LayoutManifest::Layers {
+                extents: vec![ext(0, 2 * PAGE_SIZE, 0, 0)],
+            }),
+            region(LayoutManifest::Layers {
+                extents: vec![ext(0, 4 * PAGE_SIZE, 0, PAGE_SIZE)],
+            }),
+            region(LayoutManifest::Layers {
+                extents: vec![ext(PAGE_SIZE, 3 * PAGE_SIZE, 0, 0)],
+            }),
+        ] {
+            let e = GuestMemory::from_manifest(&m, f()).unwrap_err();
+            assert!(matches!(e, Error::BadManifest(_)), "{m:?}: {e}");
+        }
+    }
+}
