@@ -1,19 +1,23 @@
-//! Integration tests of the VMM on this host's KVM. They start real VMs; each skips with a
-//! printed reason only where /dev/kvm is absent.
+//! Integration tests of the VMM on this host's KVM. They start real VMs running the
+//! built-in guest; each skips with a printed reason only where /dev/kvm is absent.
 
-use std::sync::Arc;
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vmfork::memory::{GuestMemory, MemoryOptions};
-use vmfork::vmm::{Report, Vm, VmConfig, Workload};
+use vmfork::memory::{GuestMemory, MemoryOptions, Strategy};
+use vmfork::vmm::guest::GENID_GPA;
+use vmfork::vmm::{ExitReason, Report, RunState, Vm, VmConfig, VmState, Workload};
 
-fn kvm_available(test: &str) -> bool {
+/// Whether KVM is here; while it is, the caller holds the lock that runs VM tests one at
+/// a time (each guest spins its vCPUs; the host has two cores).
+fn kvm_available(test: &str) -> Option<MutexGuard<'static, ()>> {
+    static ONE_VM_TEST: Mutex<()> = Mutex::new(());
     if std::path::Path::new("/dev/kvm").exists() {
-        true
+        Some(ONE_VM_TEST.lock().unwrap_or_else(|p| p.into_inner()))
     } else {
         eprintln!("SKIP {test}: /dev/kvm is absent on this host");
-        false
+        None
     }
 }
 
@@ -26,17 +30,66 @@ fn next(rx: &Receiver<Report>) -> Report {
         .expect("no guest report within 20 s")
 }
 
+fn next_of(rx: &Receiver<Report>, vcpu: u32) -> Report {
+    loop {
+        let r = next(rx);
+        if r.vcpu == vcpu {
+            return r;
+        }
+    }
+}
+
+/// An independent model of the guest's touch workload (guest.S) for one vCPU: the
+/// checksum it must report after `counter` iterations.
+struct TouchModel {
+    pages: Vec<u64>,
+    random: bool,
+    rng: u64,
+    counter: u64,
+    checksum: u64,
+}
+
+impl TouchModel {
+    fn new(pages: usize, random: bool, vcpu: u64) -> Self {
+        TouchModel {
+            pages: vec![0; pages],
+            random,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (vcpu + 1),
+            counter: 0,
+            checksum: 0,
+        }
+    }
+
+    fn checksum_at(&mut self, counter: u64) -> u64 {
+        assert!(counter >= self.counter, "model cannot go back");
+        while self.counter < counter {
+            let n = self.pages.len() as u64;
+            let page = if self.random {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.rng % n
+            } else {
+                self.counter % n
+            };
+            self.pages[page as usize] += 1;
+            self.checksum = (self.checksum ^ self.pages[page as usize]).wrapping_mul(0x100_0000_01b3);
+            self.counter += 1;
+        }
+        self.checksum
+    }
+}
+
 #[test]
 fn guest_reports_increasing_counter() {
-    if !kvm_available("guest_reports_increasing_counter") {
+    let Some(_vm_lock) = kvm_available("guest_reports_increasing_counter") else {
         return;
-    }
-    let mem = memory(16);
+    };
     let cfg = VmConfig {
         workload: Workload::Count { every: 1 << 20 },
         ..Default::default()
     };
-    let mut vm = Vm::create(mem, &cfg).unwrap();
+    let mut vm = Vm::create(memory(16), &cfg).unwrap();
     let rx = vm.subscribe();
     let mut last = next(&rx);
     for _ in 0..5 {
@@ -45,5 +98,280 @@ fn guest_reports_increasing_counter() {
         assert_eq!(r.seq, last.seq + 1);
         last = r;
     }
+    let (backlog, _) = vm.console().subscribe();
+    assert!(
+        backlog
+            .iter()
+            .any(|l| l.contains("vmfork guest: running in ring 3")),
+        "{backlog:?}"
+    );
+    assert_eq!(vm.stop(), ExitReason::Stopped);
+}
+
+#[test]
+fn touch_workloads_match_an_independent_model() {
+    let Some(_vm_lock) = kvm_available("touch_workloads_match_an_independent_model") else {
+        return;
+    };
+    for random in [false, true] {
+        let workload = Workload::Touch {
+            mib: 4,
+            random,
+            every: 50_000,
+        };
+        let mut vm = Vm::create(
+            memory(16),
+            &VmConfig {
+                workload,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let rx = vm.subscribe();
+        let mut model = TouchModel::new(1024, random, 0);
+        for _ in 0..20 {
+            let r = next(&rx);
+            assert_eq!(r.checksum, model.checksum_at(r.counter), "{workload}: {r}");
+        }
+        vm.stop();
+    }
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let Some(_vm_lock) = kvm_available("pause_stops_the_guest_and_resume_continues_it") else {
+        return;
+    };
+    for vcpus in [1, 2] {
+        let cfg = VmConfig {
+            vcpus,
+            workload: Workload::Count { every: 1 << 22 },
+            ..Default::default()
+        };
+        let mut vm = Vm::create(memory(16), &cfg).unwrap();
+        let rx = vm.subscribe();
+        for v in 0..vcpus {
+            next_of(&rx, v);
+        }
+        vm.pause().unwrap();
+        assert_eq!(vm.state(), RunState::Paused);
+        let before = vm.capture().unwrap();
+        while rx.try_recv().is_ok() {}
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            rx.try_recv().is_err(),
+            "{vcpus} vCPUs: a report arrived while paused"
+        );
+        let after = vm.capture().unwrap();
+        for v in 0..vcpus as usize {
+            assert_eq!(before.vcpus[v].regs.rip, after.vcpus[v].regs.rip);
+            assert_eq!(
+                before.vcpus[v].regs.r13, after.vcpus[v].regs.r13,
+                "counter register moved while paused"
+            );
+        }
+        let latest = vm.latest_reports();
+        vm.resume().unwrap();
+        assert_eq!(vm.state(), RunState::Running);
+        for v in 0..vcpus {
+            let r = next_of(&rx, v);
+            let last = latest[v as usize].unwrap();
+            assert_eq!(
+                r.counter,
+                last.counter + (1 << 22),
+                "vCPU {v} continues where it stopped"
+            );
+        }
+        // Many quick pause/resume cycles do not lose or wedge a vCPU.
+        for _ in 0..50 {
+            vm.pause().unwrap();
+            vm.resume().unwrap();
+        }
+        for v in 0..vcpus {
+            next_of(&rx, v);
+        }
+        assert_eq!(vm.stop(), ExitReason::Stopped);
+        assert!(matches!(vm.state(), RunState::Stopped(_)));
+        assert!(vm.pause().is_err(), "pause after stop must fail");
+        assert!(vm.resume().is_err(), "resume after stop must fail");
+    }
+}
+
+#[test]
+fn idle_guest_parks_and_reports_again_after_resume() {
+    let Some(_vm_lock) = kvm_available("idle_guest_parks_and_reports_again_after_resume") else {
+        return;
+    };
+    let mut vm = Vm::create(
+        memory(8),
+        &VmConfig {
+            workload: Workload::Idle,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rx = vm.subscribe();
+    // The first report at entry, then the idle loop's.
+    let mut seq = 0;
+    while seq < 2 {
+        seq = next(&rx).seq;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    while let Ok(r) = rx.try_recv() {
+        seq = r.seq;
+    }
+    assert_eq!(seq, 2, "an idle guest reports twice, then parks");
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    assert_eq!(
+        next(&rx).seq,
+        3,
+        "after resume it reports once more and parks again"
+    );
+    assert_eq!(vm.stop(), ExitReason::Stopped);
+}
+
+#[test]
+fn guest_reset_through_i8042_ends_the_vm() {
+    let Some(_vm_lock) = kvm_available("guest_reset_through_i8042_ends_the_vm") else {
+        return;
+    };
+    let vm = Vm::create(
+        memory(8),
+        &VmConfig {
+            workload: Workload::Exit,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(vm.wait_exit(Duration::from_secs(20)), Some(ExitReason::Reset));
+    assert_eq!(vm.state(), RunState::Stopped(ExitReason::Reset));
+}
+
+#[test]
+fn guest_reads_the_generation_id_at_every_report() {
+    let Some(_vm_lock) = kvm_available("guest_reads_the_generation_id_at_every_report") else {
+        return;
+    };
+    let cfg = VmConfig {
+        workload: Workload::Count { every: 1 << 22 },
+        ..Default::default()
+    };
+    let mut vm = Vm::create(memory(8), &cfg).unwrap();
+    let rx = vm.subscribe();
+    assert_eq!(next(&rx).genid, [0, 0]);
+    vm.pause().unwrap();
+    let id = [0x1122_3344_5566_7788u64, 0x99aa_bbcc_ddee_ff00];
+    let bytes: Vec<u8> = id.iter().flat_map(|w| w.to_le_bytes()).collect();
+    vm.memory().write(GENID_GPA, &bytes).unwrap();
+    while rx.try_recv().is_ok() {}
+    vm.resume().unwrap();
+    assert_eq!(next(&rx).genid, id);
     vm.stop();
+}
+
+/// Pause, capture, serialize to JSON and back, restore into a fresh VM over `memory_for`'s
+/// memory, and check the restored guest continues exactly where it stopped.
+fn round_trip(vcpus: u32, random: bool, clone: Option<Strategy>) {
+    let every = 40_000;
+    let workload = Workload::Touch {
+        mib: 4,
+        random,
+        every,
+    };
+    let pages_per_vcpu = 1024 / vcpus as usize;
+    let mut models: Vec<TouchModel> = (0..vcpus)
+        .map(|v| TouchModel::new(pages_per_vcpu, random, v as u64))
+        .collect();
+    let mut vm = Vm::create(
+        memory(16),
+        &VmConfig {
+            vcpus,
+            workload,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rx = vm.subscribe();
+    // Few reports: the guest runs far ahead of the (debug-built) model meanwhile, and the
+    // model must later catch up with wherever the pause lands.
+    for _ in 0..3 * vcpus {
+        let r = next(&rx);
+        assert_eq!(
+            r.checksum,
+            models[r.vcpu as usize].checksum_at(r.counter),
+            "before capture: {r}"
+        );
+    }
+    vm.pause().unwrap();
+    let latest = vm.latest_reports();
+    let state = vm.capture().unwrap();
+    let json = state.to_json().unwrap();
+    let state = VmState::from_json(&json).unwrap();
+    let (memory, parent) = match clone {
+        // The parent keeps running on its memory while the child runs on a clone.
+        Some(s) => (Arc::new(vm.memory().clone_with(s).unwrap().0), Some(vm)),
+        None => {
+            let m = vm.memory().clone();
+            vm.stop();
+            (m, None)
+        }
+    };
+    let mut child = Vm::restore(memory, &state).unwrap();
+    assert_eq!(child.state(), RunState::Paused);
+    let crx = child.subscribe();
+    child.resume().unwrap();
+    let mut child_models: Vec<TouchModel> = (0..vcpus)
+        .map(|v| TouchModel::new(pages_per_vcpu, random, v as u64))
+        .collect();
+    let mut seen = vec![0; vcpus as usize];
+    while seen.iter().any(|&n| n < 5) {
+        let r = next(&crx);
+        let last = latest[r.vcpu as usize].unwrap();
+        if seen[r.vcpu as usize] == 0 {
+            assert_eq!(
+                r.counter,
+                last.counter + every,
+                "vCPU {} continues exactly: {r} after {last}",
+                r.vcpu
+            );
+            assert_eq!(r.seq, last.seq + 1);
+        }
+        seen[r.vcpu as usize] += 1;
+        let want = child_models[r.vcpu as usize].checksum_at(r.counter);
+        assert_eq!(r.checksum, want, "after restore: {r}");
+    }
+    if let Some(mut parent) = parent {
+        while rx.try_recv().is_ok() {}
+        parent.resume().unwrap();
+        for _ in 0..5 * vcpus {
+            let r = next(&rx);
+            assert_eq!(
+                r.checksum,
+                models[r.vcpu as usize].checksum_at(r.counter),
+                "parent after clone: {r}"
+            );
+        }
+        parent.stop();
+    }
+    child.stop();
+}
+
+#[test]
+fn capture_restore_round_trip_continues_exactly() {
+    let Some(_vm_lock) = kvm_available("capture_restore_round_trip_continues_exactly") else {
+        return;
+    };
+    round_trip(1, false, None);
+    round_trip(2, true, None);
+}
+
+#[test]
+fn restore_onto_cloned_memory_runs_parent_and_child_independently() {
+    let Some(_vm_lock) = kvm_available("restore_onto_cloned_memory_runs_parent_and_child_independently")
+    else {
+        return;
+    };
+    round_trip(1, false, Some(Strategy::Copy));
+    round_trip(2, true, Some(Strategy::Cow));
 }

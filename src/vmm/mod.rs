@@ -264,6 +264,12 @@ impl Vm {
                 .map_err(kvm_err("KVM_SET_SREGS"))?;
             v.set_regs(&guest::regs(i, user))
                 .map_err(kvm_err("KVM_SET_REGS"))?;
+            // With the in-kernel LAPIC, vCPUs other than the first wait for INIT/SIPI;
+            // the built-in guest starts them all at once, already in long mode.
+            let runnable = kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            };
+            v.set_mp_state(runnable).map_err(kvm_err("KVM_SET_MP_STATE"))?;
         }
         vm.start(Want::Run)?;
         Ok(vm)
@@ -466,14 +472,21 @@ impl Vm {
 
     /// Stops every vCPU at its next instruction boundary and waits until all are parked.
     pub fn pause(&self) -> Result<()> {
-        {
+        let was = {
             let mut ctl = self.shared.ctl();
-            match ctl.want {
-                Want::Run => ctl.want = Want::Pause,
-                Want::Pause => return Ok(()),
-                Want::Stop => return Err(self.wrong_state("pause", "running")),
+            let was = ctl.want;
+            if was == Want::Run {
+                ctl.want = Want::Pause;
             }
+            was
+        };
+        match was {
+            Want::Run => {}
+            Want::Pause => return Ok(()),
+            Want::Stop => return Err(self.wrong_state("pause", "running")),
         }
+        // Idle vCPUs wait on the condition variable, running ones in KVM_RUN.
+        self.shared.notify();
         self.shared.kick_all();
         self.wait_parked();
         match self.state() {

@@ -24,8 +24,8 @@
  * paused, resumed or stopped, and the guest then reports and idles again.
  *
  * Checksum: every touched page holds a u64 counting its touches; after each touch
- * checksum = rol(checksum, 5) ^ new value. In count mode checksum = rol(checksum, 5) ^
- * counter at each report. Both are pure functions of the counter (for a given seed), so a
+ * checksum = (checksum ^ new value) * 0x100000001b3 (mod 2^64). In count mode the same
+ * with the counter, at each report. Both are pure functions of the counter (for a given seed), so a
  * paused, captured and restored VM must continue the exact same sequence.
  */
         .intel_syntax noprefix
@@ -52,6 +52,7 @@ user_entry:                     /* offset 0x10: ring-3 entry */
         mov     r12, [rsi + 32]         /* random state */
         xor     r13, r13                /* counter */
         xor     r14, r14                /* checksum */
+        movabs  r15, 0x100000001b3      /* checksum multiplier (FNV-1a's prime) */
         test    edi, edi
         jnz     1f
         call    banner
@@ -73,8 +74,8 @@ count:
 2:      dec     rcx
         jnz     2b
         add     r13, r11
-        rol     r14, 5
         xor     r14, r13
+        imul    r14, r15
         call    report
         jmp     count
 
@@ -87,8 +88,8 @@ touch_seq:
         mov     rdx, [rax]
         inc     rdx
         mov     [rax], rdx
-        rol     r14, 5
         xor     r14, rdx
+        imul    r14, r15
         inc     r13
         inc     rbx
         cmp     rbx, r10
@@ -119,8 +120,8 @@ touch_rand:
         mov     rax, [rdx]
         inc     rax
         mov     [rdx], rax
-        rol     r14, 5
         xor     r14, rax
+        imul    r14, r15
         inc     r13
         dec     rcx
         jnz     5b
