@@ -173,9 +173,13 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         let latest = vm.latest_reports();
         vm.resume().unwrap();
         assert_eq!(vm.state(), RunState::Running);
-        for v in 0..vcpus {
-            let r = next_of(&rx, v);
-            let last = latest[v as usize].unwrap();
+        let mut first: Vec<Option<Report>> = vec![None; vcpus as usize];
+        while first.iter().any(Option::is_none) {
+            let r = next(&rx);
+            first[r.vcpu as usize].get_or_insert(r);
+        }
+        for v in 0..vcpus as usize {
+            let (r, last) = (first[v].unwrap(), latest[v].unwrap());
             assert_eq!(
                 r.counter,
                 last.counter + (1 << 22),

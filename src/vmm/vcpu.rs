@@ -97,8 +97,19 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
                     let mut vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
                     ie.set(true);
                     // Completes pending I/O and returns EINTR without running the guest.
-                    let _ = vcpu.run();
+                    // Should KVM still report an exit first, serve it and enter again until
+                    // the EINTR comes, so no report is lost.
+                    let end = loop {
+                        match run_once(idx, &mut vcpu, &shared) {
+                            Step::Continue => continue,
+                            Step::Interrupted => break None,
+                            Step::End(r) => break Some(r),
+                        }
+                    };
                     ie.set(false);
+                    if let Some(r) = end {
+                        break Some(r);
+                    }
                 }
                 let mut ctl = shared.ctl();
                 ctl.idle[idx] = false;
@@ -112,8 +123,12 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
             }
             Want::Run => {
                 let mut vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(r) = run_once(idx, &mut vcpu, &ie, &shared) {
-                    break Some(r);
+                match run_once(idx, &mut vcpu, &shared) {
+                    Step::Continue => {}
+                    // A kick: clear it and look at what the VM wants (set before every
+                    // kick).
+                    Step::Interrupted => ie.set(false),
+                    Step::End(r) => break Some(r),
                 }
             }
         }
@@ -123,6 +138,16 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
 
 fn is_port(addr: u64) -> bool {
     (PIO_MMIO_BASE..PIO_MMIO_BASE + PIO_MMIO_SIZE).contains(&addr)
+}
+
+/// What one `KVM_RUN` came to.
+enum Step {
+    /// An exit was handled; run again.
+    Continue,
+    /// `KVM_RUN` returned `EINTR` (a kick).
+    Interrupted,
+    /// The VM ends.
+    End(ExitReason),
 }
 
 /// A guest port write (real or through the MMIO window). `Some` ends the VM.
@@ -148,9 +173,9 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
     }
 }
 
-/// Runs the guest until its next exit and handles it. `Some` ends the VM.
-fn run_once(idx: usize, vcpu: &mut VcpuFd, ie: &ImmediateExit, shared: &Shared) -> Option<ExitReason> {
-    match vcpu.run() {
+/// Runs the guest until its next exit and handles it.
+fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
+    let end = match vcpu.run() {
         Ok(VcpuExit::MmioWrite(addr, data)) if is_port(addr) => {
             port_out(idx, (addr - PIO_MMIO_BASE) as u16, data, shared)
         }
@@ -186,11 +211,11 @@ fn run_once(idx: usize, vcpu: &mut VcpuFd, ie: &ImmediateExit, shared: &Shared) 
                 "vCPU {idx}: unexpected exit {what} at rip={rip:#x}"
             )))
         }
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-            // A kick. Clear it and look at what the VM wants (set before every kick).
-            ie.set(false);
-            None
-        }
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Step::Interrupted,
         Err(e) => Some(ExitReason::Crash(format!("vCPU {idx}: KVM_RUN failed: {e}"))),
+    };
+    match end {
+        Some(r) => Step::End(r),
+        None => Step::Continue,
     }
 }
