@@ -4,7 +4,9 @@
 //! auto); [`vmm`] runs the built-in guest in KVM VMs over that memory; [`bench`] compares
 //! them side by side.
 
+pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod memory;
 pub mod units;
 pub mod vmm;

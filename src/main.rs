@@ -33,11 +33,14 @@ enum Command {
         #[arg(long)]
         huge_pages: bool,
     },
+    #[command(flatten)]
+    Vm(vmfork::cli::VmCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Vm(cmd) => return vmfork::cli::run(cmd),
         Command::Bench {
             quick,
             json,

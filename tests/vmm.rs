@@ -89,7 +89,7 @@ fn guest_reports_increasing_counter() {
         workload: Workload::Count { every: 1 << 20 },
         ..Default::default()
     };
-    let mut vm = Vm::create(memory(16), &cfg).unwrap();
+    let vm = Vm::create(memory(16), &cfg).unwrap();
     let rx = vm.subscribe();
     let mut last = next(&rx);
     for _ in 0..5 {
@@ -119,7 +119,7 @@ fn touch_workloads_match_an_independent_model() {
             random,
             every: 50_000,
         };
-        let mut vm = Vm::create(
+        let vm = Vm::create(
             memory(16),
             &VmConfig {
                 workload,
@@ -148,7 +148,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
             workload: Workload::Count { every: 1 << 22 },
             ..Default::default()
         };
-        let mut vm = Vm::create(memory(16), &cfg).unwrap();
+        let vm = Vm::create(memory(16), &cfg).unwrap();
         let rx = vm.subscribe();
         for v in 0..vcpus {
             next_of(&rx, v);
@@ -206,7 +206,7 @@ fn idle_guest_parks_and_reports_again_after_resume() {
     let Some(_vm_lock) = kvm_available("idle_guest_parks_and_reports_again_after_resume") else {
         return;
     };
-    let mut vm = Vm::create(
+    let vm = Vm::create(
         memory(8),
         &VmConfig {
             workload: Workload::Idle,
@@ -261,7 +261,7 @@ fn guest_reads_the_generation_id_at_every_report() {
         workload: Workload::Count { every: 1 << 22 },
         ..Default::default()
     };
-    let mut vm = Vm::create(memory(8), &cfg).unwrap();
+    let vm = Vm::create(memory(8), &cfg).unwrap();
     let rx = vm.subscribe();
     assert_eq!(next(&rx).genid, [0, 0]);
     vm.pause().unwrap();
@@ -287,7 +287,7 @@ fn round_trip(vcpus: u32, random: bool, clone: Option<Strategy>) {
     let mut models: Vec<TouchModel> = (0..vcpus)
         .map(|v| TouchModel::new(pages_per_vcpu, random, v as u64))
         .collect();
-    let mut vm = Vm::create(
+    let vm = Vm::create(
         memory(16),
         &VmConfig {
             vcpus,
@@ -321,7 +321,7 @@ fn round_trip(vcpus: u32, random: bool, clone: Option<Strategy>) {
             (m, None)
         }
     };
-    let mut child = Vm::restore(memory, &state).unwrap();
+    let child = Vm::restore(memory, &state).unwrap();
     assert_eq!(child.state(), RunState::Paused);
     let crx = child.subscribe();
     child.resume().unwrap();
@@ -345,7 +345,7 @@ fn round_trip(vcpus: u32, random: bool, clone: Option<Strategy>) {
         let want = child_models[r.vcpu as usize].checksum_at(r.counter);
         assert_eq!(r.checksum, want, "after restore: {r}");
     }
-    if let Some(mut parent) = parent {
+    if let Some(parent) = parent {
         while rx.try_recv().is_ok() {}
         parent.resume().unwrap();
         for _ in 0..5 * vcpus {
@@ -378,4 +378,293 @@ fn restore_onto_cloned_memory_runs_parent_and_child_independently() {
     };
     round_trip(1, false, Some(Strategy::Copy));
     round_trip(2, true, Some(Strategy::Cow));
+}
+
+// ---- the vmfork command: one process per VM, control socket, CLI ----
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// A private runtime directory, so tests never see each other's (or a user's) VMs.
+struct Runtime {
+    dir: PathBuf,
+}
+
+impl Runtime {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmfork-test-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Runtime { dir }
+    }
+
+    fn vmfork(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmfork"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &self.dir)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmfork(args);
+        assert!(
+            out.status.success(),
+            "vmfork {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join("vmfork").join(format!("{name}.sock"))
+    }
+
+    /// Sends raw bytes on VM `name`'s socket and returns the answer line as JSON.
+    fn raw(&self, name: &str, bytes: &[u8]) -> serde_json::Value {
+        let mut s = UnixStream::connect(self.socket(name)).unwrap();
+        s.write_all(bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    fn ls(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Stop whatever a failed test left running, then remove the directory.
+        let names: Vec<String> = std::fs::read_dir(self.dir.join("vmfork"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
+            .collect();
+        for n in names {
+            let _ = self.vmfork(&["stop", &n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn cli_runs_lists_pauses_resumes_streams_and_stops_a_vm() {
+    let Some(_vm_lock) = kvm_available("cli_runs_lists_pauses_resumes_streams_and_stops_a_vm") else {
+        return;
+    };
+    let rt = Runtime::new("lifecycle");
+    let out = rt.ok(&["run", "--detach", "--name", "t1", "--mem", "64M", "--vcpus", "2"]);
+    assert!(out.contains("t1"), "{out}");
+    let sock = std::fs::metadata(rt.socket("t1")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(sock.permissions().mode() & 0o777, 0o600, "socket must be private");
+
+    let ls = rt.ls();
+    assert_eq!(ls.len(), 1);
+    assert_eq!(ls[0]["name"], "t1");
+    assert_eq!(ls[0]["state"], "running");
+    assert_eq!(ls[0]["memory_bytes"], 64 << 20);
+    assert_eq!(ls[0]["vcpus"], 2);
+    assert!(
+        ls[0]["private_bytes"].as_u64().unwrap() > 0,
+        "the guest wrote memory: {}",
+        ls[0]
+    );
+    let table = rt.ok(&["ls"]);
+    assert!(
+        table.contains("NAME") && table.contains("t1") && table.contains("running"),
+        "{table}"
+    );
+
+    rt.ok(&["pause", "t1"]);
+    let paused = rt.ls();
+    assert_eq!(paused[0]["state"], "paused");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        rt.ls()[0]["reports"],
+        paused[0]["reports"],
+        "reports changed while paused"
+    );
+    rt.ok(&["resume", "t1"]);
+    assert_eq!(rt.ls()[0]["state"], "running");
+
+    // The console streams the backlog (the banner, unless 256 lines came since), then
+    // live reports.
+    let mut console = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args(["console", "t1"])
+        .env("XDG_RUNTIME_DIR", &rt.dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(console.stdout.take().unwrap()).lines();
+    let report = lines
+        .find(|l| l.as_ref().unwrap().starts_with("report "))
+        .unwrap()
+        .unwrap();
+    assert!(report.contains("counter="), "{report}");
+
+    assert!(rt.ok(&["stop", "t1"]).contains("stopped"));
+    assert!(!rt.socket("t1").exists(), "socket removed on stop");
+    assert!(rt.ls().is_empty());
+    // The console ends when the VM stops.
+    assert!(console.wait().unwrap().success());
+}
+
+#[test]
+fn cli_foreground_run_prints_reports_and_ends_on_guest_reset() {
+    let Some(_vm_lock) = kvm_available("cli_foreground_run_prints_reports_and_ends_on_guest_reset") else {
+        return;
+    };
+    let rt = Runtime::new("foreground");
+    let out = rt.vmfork(&["run", "--name", "fg", "--mem", "16M", "--workload", "exit"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("vmfork guest: running in ring 3"), "{stdout}");
+    assert!(stdout.contains("report vcpu=0 seq=1 counter=0"), "{stdout}");
+    assert!(stderr.contains("guest reset"), "{stderr}");
+    assert!(!rt.socket("fg").exists());
+}
+
+#[test]
+fn cli_malformed_requests_get_errors_and_the_vm_keeps_running() {
+    let Some(_vm_lock) = kvm_available("cli_malformed_requests_get_errors_and_the_vm_keeps_running") else {
+        return;
+    };
+    let rt = Runtime::new("malformed");
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--name",
+        "m",
+        "--mem",
+        "16M",
+        "--workload",
+        "idle",
+    ]);
+    let long = vec![b'x'; 100_000];
+    for bad in [
+        &b"garbage\n"[..],
+        b"{\"cmd\":\"reboot\"}\n",
+        b"{\"cmd\":\"stop\",\"force\":true}\n",
+        b"\n",
+        b"{\"cmd\":",
+        &long,
+    ] {
+        let v = rt.raw("m", bad);
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("bad request"), "{v}");
+    }
+    let v = rt.raw("m", b"{\"cmd\":\"status\"}\n");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["status"]["state"], "running");
+    // A client that connects and says nothing does not hurt either.
+    drop(UnixStream::connect(rt.socket("m")).unwrap());
+    let v = rt.raw("m", b"{\"cmd\":\"pause\"}\n");
+    assert!(v["pause_ns"].as_u64().unwrap() > 0, "{v}");
+    rt.ok(&["stop", "m"]);
+}
+
+#[test]
+fn cli_errors_are_clear_and_stale_sockets_are_cleaned_up() {
+    let Some(_vm_lock) = kvm_available("cli_errors_are_clear_and_stale_sockets_are_cleaned_up") else {
+        return;
+    };
+    let rt = Runtime::new("errors");
+    let out = rt.vmfork(&["pause", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM named \"nosuch\""));
+
+    // A VM process that died leaves its socket behind.
+    std::fs::create_dir_all(rt.dir.join("vmfork")).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(rt.socket("ghost")).unwrap());
+    assert!(rt.socket("ghost").exists());
+    let out = rt.vmfork(&["resume", "ghost"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stale") && err.contains("removed"), "{err}");
+    assert!(!rt.socket("ghost").exists());
+    // ls cleans up too, and says so.
+    drop(std::os::unix::net::UnixListener::bind(rt.socket("ghost2")).unwrap());
+    let out = rt.vmfork(&["ls", "--json"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stale"));
+    assert!(!rt.socket("ghost2").exists());
+    // A new VM may take a stale name.
+    drop(std::os::unix::net::UnixListener::bind(rt.socket("reuse")).unwrap());
+    rt.ok(&[
+        "run",
+        "--detach",
+        "--name",
+        "reuse",
+        "--mem",
+        "16M",
+        "--workload",
+        "idle",
+    ]);
+    // But not a live one.
+    let out = rt.vmfork(&["run", "--detach", "--name", "reuse", "--mem", "16M"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    rt.ok(&["stop", "reuse"]);
+
+    let out = rt.vmfork(&["run", "--name", "bad/name"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad VM name"));
+    let out = rt.vmfork(&["run", "--workload", "dance"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
+}
+
+#[test]
+fn cli_without_kvm_access_says_what_to_do() {
+    let Some(_vm_lock) = kvm_available("cli_without_kvm_access_says_what_to_do") else {
+        return;
+    };
+    // Needs a user without access to /dev/kvm: run as `nobody` when we are root.
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let runuser =
+        std::path::Path::new("/usr/sbin/runuser").exists() || std::path::Path::new("/sbin/runuser").exists();
+    if !as_root || !runuser {
+        eprintln!(
+            "SKIP cli_without_kvm_access_says_what_to_do: needs root and runuser to act as a user without /dev/kvm access"
+        );
+        return;
+    }
+    let rt = Runtime::new("nokvm");
+    std::fs::set_permissions(&rt.dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = Command::new("runuser")
+        .args([
+            "-u",
+            "nobody",
+            "--",
+            env!("CARGO_BIN_EXE_vmfork"),
+            "run",
+            "--detach",
+            "--mem",
+            "16M",
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Permission denied") && err.contains("target") {
+        eprintln!(
+            "SKIP cli_without_kvm_access_says_what_to_do: nobody cannot execute the test binary: {err}"
+        );
+        return;
+    }
+    assert!(!out.status.success());
+    assert!(err.contains("/dev/kvm") && err.contains("kvm` group"), "{err}");
 }

@@ -241,7 +241,7 @@ pub struct Vm {
     _kvm: Kvm,
     vm: VmFd,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     shared: Arc<Shared>,
     config: VmConfig,
     msrs: Vec<u32>,
@@ -371,7 +371,7 @@ impl Vm {
             _kvm: kvm,
             vm,
             vcpus,
-            threads: Vec::new(),
+            threads: Mutex::new(Vec::new()),
             shared,
             config: config.clone(),
             msrs,
@@ -399,7 +399,7 @@ impl Vm {
                 immediate_exit: ie,
                 thread: t.as_pthread_t(),
             });
-            self.threads.push(t);
+            self.threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
         }
         let _ = self.shared.kicks.set(kicks);
         self.started = Instant::now();
@@ -512,16 +512,20 @@ impl Vm {
     }
 
     /// Stops the VM (if it still runs) and waits for its vCPU threads to end.
-    pub fn stop(&mut self) -> ExitReason {
-        {
-            let mut ctl = self.shared.ctl();
-            if ctl.want != Want::Stop {
-                ctl.want = Want::Stop;
+    pub fn stop(&self) -> ExitReason {
+        // Holding the thread list for the whole stop: no kick can reach a joined thread.
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if !threads.is_empty() {
+            self.shared.ctl().want = Want::Stop;
+            self.shared.notify();
+            self.shared.kick_all();
+            for t in threads.drain(..) {
+                let _ = t.join();
             }
         }
-        self.shared.notify();
-        self.shared.kick_all();
-        self.join()
+        drop(threads);
+        let mut ctl = self.shared.ctl();
+        ctl.exit.get_or_insert(ExitReason::Stopped).clone()
     }
 
     /// Waits until the VM ends by itself (guest reset, crash) or from another thread's
@@ -539,14 +543,6 @@ impl Vm {
                 .0;
         }
         Some(ctl.exit.clone().unwrap_or(ExitReason::Stopped))
-    }
-
-    fn join(&mut self) -> ExitReason {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let mut ctl = self.shared.ctl();
-        ctl.exit.get_or_insert(ExitReason::Stopped).clone()
     }
 
     fn wrong_state(&self, action: &'static str, need: &'static str) -> Error {
@@ -576,8 +572,6 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.stop();
-        }
+        self.stop();
     }
 }
