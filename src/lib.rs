@@ -1,8 +1,12 @@
 //! vmfork: fork running KVM virtual machines by cloning their guest memory as a file.
 //!
 //! [`memory`] holds guest memory and the clone strategies (copy, cow, reflink, uffd,
-//! auto); [`bench`] compares them side by side.
+//! auto); [`vmm`] runs the built-in guest in KVM VMs over that memory; [`bench`] compares
+//! them side by side.
 
+pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod memory;
 pub mod units;
+pub mod vmm;

@@ -41,6 +41,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
     },
+    #[command(flatten)]
+    Vm(vmfork::cli::VmCommand),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             vmfork::bench::run(&vmfork::bench::BenchOptions { quick, sizes, huge_pages, json }).map(|_| ())
         }
         Command::Report { file, markdown } => vmfork::bench::render(&file, markdown.as_deref()),
+        Command::Vm(cmd) => return vmfork::cli::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

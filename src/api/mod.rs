@@ -1,0 +1,322 @@
+//! The control socket of a running VM.
+//!
+//! Each `vmfork run` process serves one VM on a Unix socket `NAME.sock` in the per-user
+//! runtime directory ([`runtime_dir`]: `$XDG_RUNTIME_DIR/vmfork`, else `/run/vmfork` for
+//! root, else `/tmp/vmfork-UID`; the directory is mode 0700 and the socket 0600).
+//!
+//! Protocol: the client sends one line of JSON, the server answers with one line of JSON.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `{"cmd":"status"}` | `{"ok":true,"status":{name,pid,state,vcpus,workload,memory_bytes,private_bytes,shared_bytes,uptime_secs,reports}}` |
+//! | `{"cmd":"pause"}` | `{"ok":true,"pause_ns":N}` |
+//! | `{"cmd":"resume"}` | `{"ok":true,"resume_ns":N}` |
+//! | `{"cmd":"stop"}` | `{"ok":true}`, then the VM stops, the socket is removed and the process exits |
+//! | `{"cmd":"console"}` | `{"ok":true}`, then console lines (plain text, backlog first) until the VM stops or the client hangs up |
+//!
+//! Anything else gets `{"ok":false,"error":"..."}` and the VM keeps running.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vmm::{Report, RunState, Vm};
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no VM named {0:?} (see `vmfork ls`)")]
+    NoSuchVm(String),
+    #[error("VM {name:?} is not running: its control socket {path} was stale and has been removed")]
+    Stale { name: String, path: PathBuf },
+    #[error("a VM named {0:?} is already running")]
+    NameTaken(String),
+    #[error("bad VM name {0:?}: use letters, digits, '.', '_' and '-' (at most 64)")]
+    BadName(String),
+    #[error("cannot use runtime directory {path}: {source}")]
+    RuntimeDir { path: PathBuf, source: io::Error },
+    #[error("control socket {path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("the VM answered: {0}")]
+    Refused(String),
+    #[error("bad answer from the VM: {0}")]
+    BadAnswer(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A request to a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Stop,
+    Console,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub pid: u32,
+    pub state: String,
+    /// The state with its detail (the exit reason of a stopped VM).
+    pub state_detail: String,
+    pub vcpus: u32,
+    pub workload: String,
+    pub memory_bytes: u64,
+    /// Guest memory only this VM holds, from the clone engine's accounting.
+    pub private_bytes: u64,
+    /// Guest memory this VM shares with clones.
+    pub shared_bytes: u64,
+    pub uptime_secs: f64,
+    pub reports: Vec<Option<Report>>,
+}
+
+/// The per-user directory holding the control sockets, created (mode 0700) if needed.
+pub fn runtime_dir() -> Result<PathBuf> {
+    let dir = if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+        PathBuf::from(x).join("vmfork")
+    } else if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/run/vmfork")
+    } else {
+        PathBuf::from(format!("/tmp/vmfork-{}", nix::unistd::geteuid()))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
+    Ok(dir)
+}
+
+/// Checks a VM name (it becomes a file name).
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok { Ok(()) } else { Err(Error::BadName(name.to_string())) }
+}
+
+/// Path of VM `name`'s socket.
+pub fn socket_path(name: &str) -> Result<PathBuf> {
+    check_name(name)?;
+    Ok(runtime_dir()?.join(format!("{name}.sock")))
+}
+
+/// Names of every VM with a socket in the runtime directory (live or stale), sorted.
+pub fn names() -> Result<Vec<String>> {
+    let dir = runtime_dir()?;
+    let rd = std::fs::read_dir(&dir).map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Connects to VM `name`. A socket nobody listens on is removed ([`Error::Stale`]).
+pub fn connect(name: &str) -> Result<UnixStream> {
+    let path = socket_path(name)?;
+    match UnixStream::connect(&path) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NoSuchVm(name.to_string())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            let _ = std::fs::remove_file(&path);
+            Err(Error::Stale { name: name.to_string(), path })
+        }
+        Err(source) => Err(Error::Socket { path, source }),
+    }
+}
+
+/// Sends `req` to VM `name` and returns the answer (an `ok: true` object) and the stream,
+/// which carries the console for [`Request::Console`].
+pub fn call(name: &str, req: &Request) -> Result<(serde_json::Value, BufReader<UnixStream>)> {
+    let mut s = connect(name)?;
+    let path = || socket_path(name).unwrap_or_default();
+    let line = serde_json::to_string(req).expect("requests serialize");
+    s.write_all(format!("{line}\n").as_bytes()).map_err(|source| Error::Socket { path: path(), source })?;
+    let mut r = BufReader::new(s);
+    let mut answer = String::new();
+    r.read_line(&mut answer).map_err(|source| Error::Socket { path: path(), source })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&answer).map_err(|e| Error::BadAnswer(format!("{e}: {answer:?}")))?;
+    if v["ok"] == serde_json::Value::Bool(true) {
+        Ok((v, r))
+    } else {
+        Err(Error::Refused(v["error"].as_str().unwrap_or("unknown error").to_string()))
+    }
+}
+
+/// Serves VM `vm` under `name` until the VM stops. Removes the socket on the way out.
+pub struct Server {
+    path: PathBuf,
+}
+
+impl Server {
+    /// Binds the socket of `name`, cleaning up a stale one (and saying so on stderr).
+    pub fn bind(name: &str) -> Result<(Server, UnixListener)> {
+        let path = socket_path(name)?;
+        match connect(name) {
+            Ok(_) => return Err(Error::NameTaken(name.to_string())),
+            Err(Error::Stale { path, .. }) => {
+                eprintln!("vmfork: removed stale control socket {}", path.display())
+            }
+            Err(_) => {}
+        }
+        let l = UnixListener::bind(&path).map_err(|source| Error::Socket { path: path.clone(), source })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| Error::Socket { path: path.clone(), source })?;
+        Ok((Server { path }, l))
+    }
+
+    /// Accepts connections on `listener` in a background thread, one thread each.
+    pub fn spawn(&self, listener: UnixListener, name: String, vm: Arc<Vm>) {
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (vm, name) = (vm.clone(), name.clone());
+                std::thread::spawn(move || {
+                    let _ = handle(conn, &name, &vm);
+                });
+            }
+        });
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn answer(w: &mut impl Write, v: serde_json::Value) -> io::Result<()> {
+    w.write_all(format!("{v}\n").as_bytes())
+}
+
+fn error(w: &mut impl Write, msg: impl std::fmt::Display) -> io::Result<()> {
+    answer(w, serde_json::json!({"ok": false, "error": msg.to_string()}))
+}
+
+/// The status of `vm`.
+pub fn status(name: &str, vm: &Vm) -> Status {
+    let usage = crate::memory::accounting::usage(vm.memory()).unwrap_or_default();
+    let state = vm.state();
+    Status {
+        name: name.to_string(),
+        pid: std::process::id(),
+        state: state.name().to_string(),
+        state_detail: state.to_string(),
+        vcpus: vm.config().vcpus,
+        workload: vm.config().workload.to_string(),
+        memory_bytes: vm.memory().size() as u64,
+        private_bytes: usage.private_bytes,
+        shared_bytes: usage.shared_bytes,
+        uptime_secs: vm.uptime().as_secs_f64(),
+        reports: vm.latest_reports(),
+    }
+}
+
+fn handle(conn: UnixStream, name: &str, vm: &Vm) -> io::Result<()> {
+    let mut w = conn.try_clone()?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
+    let req: Request = match parse_request(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                &mut w,
+                format!("bad request ({e}); send one JSON line like {{\"cmd\":\"status\"}}"),
+            );
+        }
+    };
+    let timed = |f: &dyn Fn() -> crate::vmm::Result<()>| {
+        let t = Instant::now();
+        f().map(|()| t.elapsed().as_nanos() as u64)
+    };
+    match req {
+        Request::Status => answer(&mut w, serde_json::json!({"ok": true, "status": status(name, vm)})),
+        Request::Pause => match timed(&|| vm.pause()) {
+            Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "pause_ns": ns})),
+            Err(e) => error(&mut w, e),
+        },
+        Request::Resume => match timed(&|| vm.resume()) {
+            Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "resume_ns": ns})),
+            Err(e) => error(&mut w, e),
+        },
+        Request::Stop => {
+            // Answer first: once the VM stops, the process exits. The client waits for
+            // the socket to go away.
+            let sent = answer(&mut w, serde_json::json!({"ok": true}));
+            vm.stop();
+            sent
+        }
+        Request::Console => {
+            let (backlog, rx) = vm.console().subscribe();
+            answer(&mut w, serde_json::json!({"ok": true}))?;
+            for l in backlog {
+                writeln!(w, "{l}")?;
+            }
+            loop {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(l) => writeln!(w, "{l}")?,
+                    Err(_) if matches!(vm.state(), RunState::Stopped(_)) => return Ok(()),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Parses one request line. Only `{"cmd": NAME}` is accepted: serde ignores unknown
+/// fields of internally tagged enums, so they are checked here.
+pub fn parse_request(line: &str) -> std::result::Result<Request, String> {
+    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
+    match v.as_object() {
+        Some(o) if o.len() == 1 && o.contains_key("cmd") => {}
+        _ => return Err("a request is an object with the single key \"cmd\"".into()),
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+/// Whether `path` is a socket file (for tests and listings).
+pub fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_junk_does_not() {
+        assert_eq!(parse_request(" {\"cmd\":\"pause\"}\n").unwrap(), Request::Pause);
+        let junk = ["", "status", r#"{"cmd":"reboot"}"#, r#"{"cmd":"stop","now":1}"#, "[1]", "{}"];
+        for bad in junk {
+            assert!(parse_request(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "vm-1", "web_2.test"] {
+            check_name(good).unwrap();
+        }
+        for bad in ["", ".hidden", "a/b", "x y", &"n".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The VM subcommands of `vmfork`: `run`, `ls`, `pause`, `resume`, `stop`, `console`.
+//!
+//! Human output by default, `--json` for scripts; errors go to stderr as one sentence
+//! saying what to do, with exit code 1 (2 for usage errors, from clap).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::{self, Request, Server, Status};
+use crate::memory::{GuestMemory, MemoryOptions};
+use crate::vmm::{ExitReason, Vm, VmConfig, Workload};
+
+/// VM subcommands (flattened into the `vmfork` command line).
+#[derive(clap::Subcommand, Debug)]
+pub enum VmCommand {
+    /// Run a VM with the built-in guest (in the foreground unless --detach).
+    Run(RunArgs),
+    /// List the VMs of this user.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a VM's vCPUs.
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Stop a VM (its process exits).
+    Stop { name: String },
+    /// Stream a VM's console (serial output and guest reports) until it stops.
+    Console { name: String },
+}
+
+/// Options of `vmfork run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Name of the VM (default: the first free vmN).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Guest memory size, e.g. 512M or 1G.
+    #[arg(long, default_value = "512M", value_parser = crate::units::parse_size)]
+    pub mem: usize,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// What the guest does: count[:EVERY], idle, exit, touch:MIB[:seq|rand][:EVERY].
+    #[arg(long, default_value = "count")]
+    pub workload: Workload,
+    /// Start the VM in a background process and return once it runs.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// Runs a VM subcommand.
+pub fn run(cmd: VmCommand) -> ExitCode {
+    let result = match cmd {
+        VmCommand::Run(args) if args.detach => run_detached(args),
+        VmCommand::Run(args) => run_foreground(args),
+        VmCommand::Ls { json } => ls(json),
+        VmCommand::Pause { name } => simple(&name, Request::Pause, "paused"),
+        VmCommand::Resume { name } => simple(&name, Request::Resume, "resumed"),
+        VmCommand::Stop { name } => stop(&name),
+        VmCommand::Console { name } => console(&name),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmfork: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+fn free_name() -> Result<String, api::Error> {
+    let taken = api::names()?;
+    Ok((1..).map(|i| format!("vm{i}")).find(|n| !taken.contains(n)).expect("some name is free"))
+}
+
+fn run_foreground(args: RunArgs) -> CliResult {
+    let name = match args.name {
+        Some(n) => n,
+        None => free_name()?,
+    };
+    // SIGINT/SIGTERM stop the VM cleanly (socket removed): block them in every thread
+    // and wait for them in one.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::SIGINT);
+    signals.add(nix::sys::signal::SIGTERM);
+    signals.thread_block()?;
+    let (server, listener) = Server::bind(&name)?;
+    let memory = Arc::new(GuestMemory::with_size(args.mem, &MemoryOptions::default())?);
+    let config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
+    let vm = Arc::new(Vm::create(memory, &config)?);
+    vm.console().set_echo(true);
+    server.spawn(listener, name.clone(), vm.clone());
+    eprintln!(
+        "vmfork: VM {name} running (pid {}), {} vCPU(s), {} MiB, workload {}",
+        std::process::id(),
+        args.vcpus,
+        args.mem >> 20,
+        args.workload
+    );
+    let stopper = vm.clone();
+    std::thread::spawn(move || {
+        if signals.wait().is_ok() {
+            stopper.stop();
+        }
+    });
+    let reason = loop {
+        if let Some(r) = vm.wait_exit(Duration::from_secs(1)) {
+            break r;
+        }
+    };
+    vm.stop();
+    drop(server);
+    eprintln!("vmfork: VM {name} {reason}");
+    Ok(match reason {
+        ExitReason::Stopped | ExitReason::Reset => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn run_detached(args: RunArgs) -> CliResult {
+    // Fail here, with the real reason, rather than in a background process.
+    kvm_ioctls::Kvm::new().map_err(crate::vmm::Error::KvmOpen)?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => free_name()?,
+    };
+    match api::connect(&name) {
+        Ok(_) => return Err(api::Error::NameTaken(name).into()),
+        Err(e @ api::Error::Stale { .. }) => eprintln!("vmfork: {e}"),
+        Err(e @ api::Error::BadName(_)) => return Err(e.into()),
+        Err(_) => {}
+    }
+    let log_path: PathBuf = api::runtime_dir()?.join(format!("{name}.log"));
+    let log =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&log_path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["run", "--name", &name, "--mem", &args.mem.to_string()])
+        .args(["--vcpus", &args.vcpus.to_string(), "--workload", &args.workload.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(format!("VM {name} did not start ({status}): {}", log.trim()).into());
+        }
+        if api::call(&name, &Request::Status).is_ok() {
+            println!("{name} (pid {}, log {})", child.id(), log_path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("VM {name} did not answer within 20 s; see {}", log_path.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Status of every live VM; stale sockets are removed with a message.
+pub fn statuses() -> Result<Vec<Status>, api::Error> {
+    let mut out = Vec::new();
+    for name in api::names()? {
+        match api::call(&name, &Request::Status) {
+            Ok((v, _)) => match serde_json::from_value(v["status"].clone()) {
+                Ok(s) => out.push(s),
+                Err(e) => eprintln!("vmfork: {name}: bad status: {e}"),
+            },
+            Err(e) => eprintln!("vmfork: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1 << 20) as f64)
+}
+
+fn ls(json: bool) -> CliResult {
+    let all = statuses()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16} {:>8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9}",
+        "NAME", "PID", "STATE", "VCPUS", "MEMORY", "PRIVATE", "SHARED", "UPTIME"
+    );
+    for s in all {
+        println!(
+            "{:<16} {:>8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>8.0}s",
+            s.name,
+            s.pid,
+            s.state,
+            s.vcpus,
+            mib(s.memory_bytes),
+            mib(s.private_bytes),
+            mib(s.shared_bytes),
+            s.uptime_secs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn simple(name: &str, req: Request, done: &str) -> CliResult {
+    api::call(name, &req)?;
+    println!("{name} {done}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stop(name: &str) -> CliResult {
+    api::call(name, &Request::Stop)?;
+    let path = api::socket_path(name)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("VM {name} accepted stop but its socket is still there after 10 s").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("{name} stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn console(name: &str) -> CliResult {
+    let (_, mut r) = api::call(name, &Request::Console)?;
+    let mut out = std::io::stdout().lock();
+    let mut line = String::new();
+    while r.read_line(&mut line)? > 0 {
+        if out.write_all(line.as_bytes()).is_err() {
+            break; // stdout closed (e.g. piped into head)
+        }
+        line.clear();
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,202 @@
+//! Devices of the built-in guest's machine: an 8250 serial port (vm-superio) whose output
+//! goes to the VM's [`Console`], and the i8042 controller's reset line, which ends the VM.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vm_superio::{Serial, Trigger};
+
+/// First port of COM1.
+pub const SERIAL_BASE: u16 = 0x3f8;
+/// i8042 data and command/status ports.
+pub const I8042_DATA: u16 = 0x60;
+pub const I8042_CMD: u16 = 0x64;
+/// i8042 command that pulses the CPU reset line.
+pub const I8042_RESET: u8 = 0xfe;
+
+/// Lines the console keeps for late subscribers.
+const BACKLOG_LINES: usize = 256;
+
+/// The VM's console: serial output and the VMM's report lines, one line at a time, kept
+/// in a short backlog and sent to every subscriber.
+#[derive(Default)]
+pub struct Console {
+    inner: Mutex<ConsoleInner>,
+}
+
+#[derive(Default)]
+struct ConsoleInner {
+    partial: Vec<u8>,
+    backlog: VecDeque<String>,
+    subscribers: Vec<Sender<String>>,
+    echo: bool,
+}
+
+impl Console {
+    fn lock(&self) -> MutexGuard<'_, ConsoleInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Also print every line on the VMM's standard output.
+    pub fn set_echo(&self, echo: bool) {
+        self.lock().echo = echo;
+    }
+
+    /// Adds a complete line.
+    pub fn line(&self, line: String) {
+        let mut c = self.lock();
+        if c.echo {
+            println!("{line}");
+        }
+        c.subscribers.retain(|s| s.send(line.clone()).is_ok());
+        if c.backlog.len() == BACKLOG_LINES {
+            c.backlog.pop_front();
+        }
+        c.backlog.push_back(line);
+    }
+
+    /// Adds raw bytes (serial output); complete lines are passed on.
+    pub fn bytes(&self, data: &[u8]) {
+        let mut lines = Vec::new();
+        {
+            let mut c = self.lock();
+            for &b in data {
+                if b == b'\n' {
+                    let l = std::mem::take(&mut c.partial);
+                    lines.push(String::from_utf8_lossy(&l).into_owned());
+                } else if c.partial.len() < 4096 {
+                    c.partial.push(b);
+                }
+            }
+        }
+        for l in lines {
+            self.line(l);
+        }
+    }
+
+    /// The backlog, then every new line.
+    pub fn subscribe(&self) -> (Vec<String>, Receiver<String>) {
+        let (tx, rx) = channel();
+        let mut c = self.lock();
+        c.subscribers.push(tx);
+        (c.backlog.iter().cloned().collect(), rx)
+    }
+}
+
+/// The serial port raises no interrupt: the built-in guest polls nothing and runs with
+/// interrupts disabled.
+pub struct NoIrq;
+
+impl Trigger for NoIrq {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serial output sink writing into the console.
+pub struct ConsoleWriter(pub Arc<Console>);
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.bytes(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a port access did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PortAction {
+    Handled,
+    /// The guest asked for a reset (i8042 command 0xfe).
+    Reset,
+    Unhandled,
+}
+
+/// The legacy devices on the I/O port bus.
+pub struct Devices {
+    serial: Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleWriter>>,
+}
+
+impl Devices {
+    pub fn new(console: Arc<Console>) -> Self {
+        Devices { serial: Mutex::new(Serial::new(NoIrq, ConsoleWriter(console))) }
+    }
+
+    fn serial(&self) -> MutexGuard<'_, Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleWriter>> {
+        self.serial.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A guest `out` to `port`.
+    pub fn port_write(&self, port: u16, data: &[u8]) -> PortAction {
+        match port {
+            SERIAL_BASE..=0x3ff => {
+                if let Some(&b) = data.first() {
+                    // A write error only means the (infallible) console sink failed.
+                    let _ = self.serial().write((port - SERIAL_BASE) as u8, b);
+                }
+                PortAction::Handled
+            }
+            I8042_CMD if data.first() == Some(&I8042_RESET) => PortAction::Reset,
+            I8042_DATA | I8042_CMD => PortAction::Handled,
+            _ => PortAction::Unhandled,
+        }
+    }
+
+    /// A guest `in` from `port`; unbacked ports read as all ones.
+    pub fn port_read(&self, port: u16, data: &mut [u8]) -> PortAction {
+        match port {
+            SERIAL_BASE..=0x3ff => {
+                let v = self.serial().read((port - SERIAL_BASE) as u8);
+                data.iter_mut().for_each(|d| *d = v);
+                PortAction::Handled
+            }
+            // i8042: output buffer empty, input buffer empty.
+            I8042_DATA | I8042_CMD => {
+                data.fill(0);
+                PortAction::Handled
+            }
+            _ => {
+                data.fill(0xff);
+                PortAction::Unhandled
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_output_reaches_console_subscribers_as_lines() {
+        let console = Arc::new(Console::default());
+        let dev = Devices::new(console.clone());
+        let (backlog, rx) = console.subscribe();
+        assert!(backlog.is_empty());
+        for b in b"hello\nwor" {
+            assert_eq!(dev.port_write(SERIAL_BASE, &[*b]), PortAction::Handled);
+        }
+        assert_eq!(rx.try_recv().unwrap(), "hello");
+        assert!(rx.try_recv().is_err(), "partial line held back");
+        let (backlog, _) = console.subscribe();
+        assert_eq!(backlog, vec!["hello".to_string()]);
+    }
+
+    #[test]
+    fn i8042_reset_is_reported() {
+        let dev = Devices::new(Arc::new(Console::default()));
+        assert_eq!(dev.port_write(I8042_CMD, &[I8042_RESET]), PortAction::Reset);
+        assert_eq!(dev.port_write(I8042_CMD, &[0x20]), PortAction::Handled);
+        let mut b = [1u8];
+        dev.port_read(I8042_CMD, &mut b);
+        assert_eq!(b, [0]);
+        assert_eq!(dev.port_read(0x80, &mut b), PortAction::Unhandled);
+        assert_eq!(b, [0xff]);
+    }
+}

@@ -1,0 +1,544 @@
+//! Integration tests of the VMM on this host's KVM. They start real VMs running the
+//! built-in guest; each skips with a printed reason only where /dev/kvm is absent.
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vmfork::memory::{GuestMemory, MemoryOptions, Strategy};
+use vmfork::vmm::guest::GENID_GPA;
+use vmfork::vmm::{ExitReason, Report, RunState, Vm, VmConfig, VmState, Workload};
+
+/// Whether KVM is here; while it is, the caller holds the lock that runs VM tests one at
+/// a time (each guest spins its vCPUs; the host has two cores).
+fn kvm_available(test: &str) -> Option<MutexGuard<'static, ()>> {
+    static ONE_VM_TEST: Mutex<()> = Mutex::new(());
+    if std::path::Path::new("/dev/kvm").exists() {
+        Some(ONE_VM_TEST.lock().unwrap_or_else(|p| p.into_inner()))
+    } else {
+        eprintln!("SKIP {test}: /dev/kvm is absent on this host");
+        None
+    }
+}
+
+fn memory(mib: usize) -> Arc<GuestMemory> {
+    Arc::new(GuestMemory::with_size(mib << 20, &MemoryOptions::default()).unwrap())
+}
+
+fn next(rx: &Receiver<Report>) -> Report {
+    rx.recv_timeout(Duration::from_secs(20)).expect("no guest report within 20 s")
+}
+
+fn next_of(rx: &Receiver<Report>, vcpu: u32) -> Report {
+    loop {
+        let r = next(rx);
+        if r.vcpu == vcpu {
+            return r;
+        }
+    }
+}
+
+/// An independent model of the guest's touch workload (guest.S) for one vCPU: the
+/// checksum it must report after `counter` iterations.
+struct TouchModel {
+    pages: Vec<u64>,
+    random: bool,
+    rng: u64,
+    counter: u64,
+    checksum: u64,
+}
+
+impl TouchModel {
+    fn new(pages: usize, random: bool, vcpu: u64) -> Self {
+        TouchModel {
+            pages: vec![0; pages],
+            random,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (vcpu + 1),
+            counter: 0,
+            checksum: 0,
+        }
+    }
+
+    fn checksum_at(&mut self, counter: u64) -> u64 {
+        assert!(counter >= self.counter, "model cannot go back");
+        while self.counter < counter {
+            let n = self.pages.len() as u64;
+            let page = if self.random {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.rng % n
+            } else {
+                self.counter % n
+            };
+            self.pages[page as usize] += 1;
+            self.checksum = (self.checksum ^ self.pages[page as usize]).wrapping_mul(0x100_0000_01b3);
+            self.counter += 1;
+        }
+        self.checksum
+    }
+}
+
+#[test]
+fn guest_reports_increasing_counter() {
+    let Some(_vm_lock) = kvm_available("guest_reports_increasing_counter") else {
+        return;
+    };
+    let cfg = VmConfig { workload: Workload::Count { every: 1 << 20 }, ..Default::default() };
+    let vm = Vm::create(memory(16), &cfg).unwrap();
+    let rx = vm.subscribe();
+    let mut last = next(&rx);
+    for _ in 0..5 {
+        let r = next(&rx);
+        assert_eq!(r.counter, last.counter + (1 << 20), "{r} after {last}");
+        assert_eq!(r.seq, last.seq + 1);
+        last = r;
+    }
+    let (backlog, _) = vm.console().subscribe();
+    assert!(backlog.iter().any(|l| l.contains("vmfork guest: running in ring 3")), "{backlog:?}");
+    assert_eq!(vm.stop(), ExitReason::Stopped);
+}
+
+#[test]
+fn touch_workloads_match_an_independent_model() {
+    let Some(_vm_lock) = kvm_available("touch_workloads_match_an_independent_model") else {
+        return;
+    };
+    for random in [false, true] {
+        let workload = Workload::Touch { mib: 4, random, every: 50_000 };
+        let vm = Vm::create(memory(16), &VmConfig { workload, ..Default::default() }).unwrap();
+        let rx = vm.subscribe();
+        let mut model = TouchModel::new(1024, random, 0);
+        for _ in 0..20 {
+            let r = next(&rx);
+            assert_eq!(r.checksum, model.checksum_at(r.counter), "{workload}: {r}");
+        }
+        vm.stop();
+    }
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let Some(_vm_lock) = kvm_available("pause_stops_the_guest_and_resume_continues_it") else {
+        return;
+    };
+    for vcpus in [1, 2] {
+        let cfg = VmConfig { vcpus, workload: Workload::Count { every: 1 << 22 }, ..Default::default() };
+        let vm = Vm::create(memory(16), &cfg).unwrap();
+        let rx = vm.subscribe();
+        for v in 0..vcpus {
+            next_of(&rx, v);
+        }
+        vm.pause().unwrap();
+        assert_eq!(vm.state(), RunState::Paused);
+        let before = vm.capture().unwrap();
+        while rx.try_recv().is_ok() {}
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(rx.try_recv().is_err(), "{vcpus} vCPUs: a report arrived while paused");
+        let after = vm.capture().unwrap();
+        for v in 0..vcpus as usize {
+            assert_eq!(before.vcpus[v].regs.rip, after.vcpus[v].regs.rip);
+            assert_eq!(
+                before.vcpus[v].regs.r13, after.vcpus[v].regs.r13,
+                "counter register moved while paused"
+            );
+        }
+        let latest = vm.latest_reports();
+        vm.resume().unwrap();
+        assert_eq!(vm.state(), RunState::Running);
+        let mut first: Vec<Option<Report>> = vec![None; vcpus as usize];
+        while first.iter().any(Option::is_none) {
+            let r = next(&rx);
+            first[r.vcpu as usize].get_or_insert(r);
+        }
+        for v in 0..vcpus as usize {
+            let (r, last) = (first[v].unwrap(), latest[v].unwrap());
+            assert_eq!(r.counter, last.counter + (1 << 22), "vCPU {v} continues where it stopped");
+        }
+        // Many quick pause/resume cycles do not lose or wedge a vCPU.
+        for _ in 0..50 {
+            vm.pause().unwrap();
+            vm.resume().unwrap();
+        }
+        for v in 0..vcpus {
+            next_of(&rx, v);
+        }
+        assert_eq!(vm.stop(), ExitReason::Stopped);
+        assert!(matches!(vm.state(), RunState::Stopped(_)));
+        assert!(vm.pause().is_err(), "pause after stop must fail");
+        assert!(vm.resume().is_err(), "resume after stop must fail");
+    }
+}
+
+#[test]
+fn idle_guest_parks_and_reports_again_after_resume() {
+    let Some(_vm_lock) = kvm_available("idle_guest_parks_and_reports_again_after_resume") else {
+        return;
+    };
+    let vm = Vm::create(memory(8), &VmConfig { workload: Workload::Idle, ..Default::default() }).unwrap();
+    let rx = vm.subscribe();
+    // The first report at entry, then the idle loop's.
+    let mut seq = 0;
+    while seq < 2 {
+        seq = next(&rx).seq;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    while let Ok(r) = rx.try_recv() {
+        seq = r.seq;
+    }
+    assert_eq!(seq, 2, "an idle guest reports twice, then parks");
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    assert_eq!(next(&rx).seq, 3, "after resume it reports once more and parks again");
+    assert_eq!(vm.stop(), ExitReason::Stopped);
+}
+
+#[test]
+fn guest_reset_through_i8042_ends_the_vm() {
+    let Some(_vm_lock) = kvm_available("guest_reset_through_i8042_ends_the_vm") else {
+        return;
+    };
+    let vm = Vm::create(memory(8), &VmConfig { workload: Workload::Exit, ..Default::default() }).unwrap();
+    assert_eq!(vm.wait_exit(Duration::from_secs(20)), Some(ExitReason::Reset));
+    assert_eq!(vm.state(), RunState::Stopped(ExitReason::Reset));
+}
+
+#[test]
+fn guest_reads_the_generation_id_at_every_report() {
+    let Some(_vm_lock) = kvm_available("guest_reads_the_generation_id_at_every_report") else {
+        return;
+    };
+    let cfg = VmConfig { workload: Workload::Count { every: 1 << 22 }, ..Default::default() };
+    let vm = Vm::create(memory(8), &cfg).unwrap();
+    let rx = vm.subscribe();
+    assert_eq!(next(&rx).genid, [0, 0]);
+    vm.pause().unwrap();
+    let id = [0x1122_3344_5566_7788u64, 0x99aa_bbcc_ddee_ff00];
+    let bytes: Vec<u8> = id.iter().flat_map(|w| w.to_le_bytes()).collect();
+    vm.memory().write(GENID_GPA, &bytes).unwrap();
+    while rx.try_recv().is_ok() {}
+    vm.resume().unwrap();
+    assert_eq!(next(&rx).genid, id);
+    vm.stop();
+}
+
+/// Pause, capture, serialize to JSON and back, restore into a fresh VM over `memory_for`'s
+/// memory, and check the restored guest continues exactly where it stopped.
+fn round_trip(vcpus: u32, random: bool, clone: Option<Strategy>) {
+    let every = 40_000;
+    let workload = Workload::Touch { mib: 4, random, every };
+    let pages_per_vcpu = 1024 / vcpus as usize;
+    let mut models: Vec<TouchModel> =
+        (0..vcpus).map(|v| TouchModel::new(pages_per_vcpu, random, v as u64)).collect();
+    let vm = Vm::create(memory(16), &VmConfig { vcpus, workload, ..Default::default() }).unwrap();
+    let rx = vm.subscribe();
+    // Few reports: the guest runs far ahead of the (debug-built) model meanwhile, and the
+    // model must later catch up with wherever the pause lands.
+    for _ in 0..3 * vcpus {
+        let r = next(&rx);
+        assert_eq!(r.checksum, models[r.vcpu as usize].checksum_at(r.counter), "before capture: {r}");
+    }
+    vm.pause().unwrap();
+    let latest = vm.latest_reports();
+    let state = vm.capture().unwrap();
+    let json = state.to_json().unwrap();
+    let state = VmState::from_json(&json).unwrap();
+    let (memory, parent) = match clone {
+        // The parent keeps running on its memory while the child runs on a clone.
+        Some(s) => (Arc::new(vm.memory().clone_with(s).unwrap().0), Some(vm)),
+        None => {
+            let m = vm.memory().clone();
+            vm.stop();
+            (m, None)
+        }
+    };
+    let child = Vm::restore(memory, &state).unwrap();
+    assert_eq!(child.state(), RunState::Paused);
+    let crx = child.subscribe();
+    child.resume().unwrap();
+    let mut child_models: Vec<TouchModel> =
+        (0..vcpus).map(|v| TouchModel::new(pages_per_vcpu, random, v as u64)).collect();
+    let mut seen = vec![0; vcpus as usize];
+    while seen.iter().any(|&n| n < 5) {
+        let r = next(&crx);
+        let last = latest[r.vcpu as usize].unwrap();
+        if seen[r.vcpu as usize] == 0 {
+            assert_eq!(
+                r.counter,
+                last.counter + every,
+                "vCPU {} continues exactly: {r} after {last}",
+                r.vcpu
+            );
+            assert_eq!(r.seq, last.seq + 1);
+        }
+        seen[r.vcpu as usize] += 1;
+        let want = child_models[r.vcpu as usize].checksum_at(r.counter);
+        assert_eq!(r.checksum, want, "after restore: {r}");
+    }
+    if let Some(parent) = parent {
+        while rx.try_recv().is_ok() {}
+        parent.resume().unwrap();
+        for _ in 0..5 * vcpus {
+            let r = next(&rx);
+            assert_eq!(r.checksum, models[r.vcpu as usize].checksum_at(r.counter), "parent after clone: {r}");
+        }
+        parent.stop();
+    }
+    child.stop();
+}
+
+#[test]
+fn capture_restore_round_trip_continues_exactly() {
+    let Some(_vm_lock) = kvm_available("capture_restore_round_trip_continues_exactly") else {
+        return;
+    };
+    round_trip(1, false, None);
+    round_trip(2, true, None);
+}
+
+#[test]
+fn restore_onto_cloned_memory_runs_parent_and_child_independently() {
+    let Some(_vm_lock) = kvm_available("restore_onto_cloned_memory_runs_parent_and_child_independently")
+    else {
+        return;
+    };
+    round_trip(1, false, Some(Strategy::Copy));
+    round_trip(2, true, Some(Strategy::Cow));
+}
+
+// ---- the vmfork command: one process per VM, control socket, CLI ----
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// A private runtime directory, so tests never see each other's (or a user's) VMs.
+struct Runtime {
+    dir: PathBuf,
+}
+
+impl Runtime {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmfork-test-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Runtime { dir }
+    }
+
+    fn vmfork(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmfork"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &self.dir)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmfork(args);
+        assert!(out.status.success(), "vmfork {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join("vmfork").join(format!("{name}.sock"))
+    }
+
+    /// Sends raw bytes on VM `name`'s socket and returns the answer line as JSON.
+    fn raw(&self, name: &str, bytes: &[u8]) -> serde_json::Value {
+        let mut s = UnixStream::connect(self.socket(name)).unwrap();
+        s.write_all(bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    fn ls(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Stop whatever a failed test left running, then remove the directory.
+        let names: Vec<String> = std::fs::read_dir(self.dir.join("vmfork"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
+            .collect();
+        for n in names {
+            let _ = self.vmfork(&["stop", &n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn cli_runs_lists_pauses_resumes_streams_and_stops_a_vm() {
+    let Some(_vm_lock) = kvm_available("cli_runs_lists_pauses_resumes_streams_and_stops_a_vm") else {
+        return;
+    };
+    let rt = Runtime::new("lifecycle");
+    let out = rt.ok(&["run", "--detach", "--name", "t1", "--mem", "64M", "--vcpus", "2"]);
+    assert!(out.contains("t1"), "{out}");
+    let sock = std::fs::metadata(rt.socket("t1")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(sock.permissions().mode() & 0o777, 0o600, "socket must be private");
+
+    let ls = rt.ls();
+    assert_eq!(ls.len(), 1);
+    assert_eq!(ls[0]["name"], "t1");
+    assert_eq!(ls[0]["state"], "running");
+    assert_eq!(ls[0]["memory_bytes"], 64 << 20);
+    assert_eq!(ls[0]["vcpus"], 2);
+    assert!(ls[0]["private_bytes"].as_u64().unwrap() > 0, "the guest wrote memory: {}", ls[0]);
+    let table = rt.ok(&["ls"]);
+    assert!(table.contains("NAME") && table.contains("t1") && table.contains("running"), "{table}");
+
+    rt.ok(&["pause", "t1"]);
+    let paused = rt.ls();
+    assert_eq!(paused[0]["state"], "paused");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(rt.ls()[0]["reports"], paused[0]["reports"], "reports changed while paused");
+    rt.ok(&["resume", "t1"]);
+    assert_eq!(rt.ls()[0]["state"], "running");
+
+    // The console streams the backlog (the banner, unless 256 lines came since), then
+    // live reports.
+    let mut console = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args(["console", "t1"])
+        .env("XDG_RUNTIME_DIR", &rt.dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(console.stdout.take().unwrap()).lines();
+    let report = lines.find(|l| l.as_ref().unwrap().starts_with("report ")).unwrap().unwrap();
+    assert!(report.contains("counter="), "{report}");
+
+    assert!(rt.ok(&["stop", "t1"]).contains("stopped"));
+    assert!(!rt.socket("t1").exists(), "socket removed on stop");
+    assert!(rt.ls().is_empty());
+    // The console ends when the VM stops.
+    assert!(console.wait().unwrap().success());
+}
+
+#[test]
+fn cli_foreground_run_prints_reports_and_ends_on_guest_reset() {
+    let Some(_vm_lock) = kvm_available("cli_foreground_run_prints_reports_and_ends_on_guest_reset") else {
+        return;
+    };
+    let rt = Runtime::new("foreground");
+    let out = rt.vmfork(&["run", "--name", "fg", "--mem", "16M", "--workload", "exit"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("vmfork guest: running in ring 3"), "{stdout}");
+    assert!(stdout.contains("report vcpu=0 seq=1 counter=0"), "{stdout}");
+    assert!(stderr.contains("guest reset"), "{stderr}");
+    assert!(!rt.socket("fg").exists());
+}
+
+#[test]
+fn cli_malformed_requests_get_errors_and_the_vm_keeps_running() {
+    let Some(_vm_lock) = kvm_available("cli_malformed_requests_get_errors_and_the_vm_keeps_running") else {
+        return;
+    };
+    let rt = Runtime::new("malformed");
+    rt.ok(&["run", "--detach", "--name", "m", "--mem", "16M", "--workload", "idle"]);
+    let long = vec![b'x'; 100_000];
+    for bad in [
+        &b"garbage\n"[..],
+        b"{\"cmd\":\"reboot\"}\n",
+        b"{\"cmd\":\"stop\",\"force\":true}\n",
+        b"\n",
+        b"{\"cmd\":",
+        &long,
+    ] {
+        let v = rt.raw("m", bad);
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("bad request"), "{v}");
+    }
+    let v = rt.raw("m", b"{\"cmd\":\"status\"}\n");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["status"]["state"], "running");
+    // A client that connects and says nothing does not hurt either.
+    drop(UnixStream::connect(rt.socket("m")).unwrap());
+    let v = rt.raw("m", b"{\"cmd\":\"pause\"}\n");
+    assert!(v["pause_ns"].as_u64().unwrap() > 0, "{v}");
+    rt.ok(&["stop", "m"]);
+}
+
+#[test]
+fn cli_errors_are_clear_and_stale_sockets_are_cleaned_up() {
+    let Some(_vm_lock) = kvm_available("cli_errors_are_clear_and_stale_sockets_are_cleaned_up") else {
+        return;
+    };
+    let rt = Runtime::new("errors");
+    let out = rt.vmfork(&["pause", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM named \"nosuch\""));
+
+    // A VM process that died leaves its socket behind.
+    std::fs::create_dir_all(rt.dir.join("vmfork")).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(rt.socket("ghost")).unwrap());
+    assert!(rt.socket("ghost").exists());
+    let out = rt.vmfork(&["resume", "ghost"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stale") && err.contains("removed"), "{err}");
+    assert!(!rt.socket("ghost").exists());
+    // ls cleans up too, and says so.
+    drop(std::os::unix::net::UnixListener::bind(rt.socket("ghost2")).unwrap());
+    let out = rt.vmfork(&["ls", "--json"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stale"));
+    assert!(!rt.socket("ghost2").exists());
+    // A new VM may take a stale name.
+    drop(std::os::unix::net::UnixListener::bind(rt.socket("reuse")).unwrap());
+    rt.ok(&["run", "--detach", "--name", "reuse", "--mem", "16M", "--workload", "idle"]);
+    // But not a live one.
+    let out = rt.vmfork(&["run", "--detach", "--name", "reuse", "--mem", "16M"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    rt.ok(&["stop", "reuse"]);
+
+    let out = rt.vmfork(&["run", "--name", "bad/name"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad VM name"));
+    let out = rt.vmfork(&["run", "--workload", "dance"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
+}
+
+#[test]
+fn cli_without_kvm_access_says_what_to_do() {
+    let Some(_vm_lock) = kvm_available("cli_without_kvm_access_says_what_to_do") else {
+        return;
+    };
+    // Needs a user without access to /dev/kvm: run as `nobody` when we are root.
+    let as_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let runuser =
+        std::path::Path::new("/usr/sbin/runuser").exists() || std::path::Path::new("/sbin/runuser").exists();
+    if !as_root || !runuser {
+        eprintln!(
+            "SKIP cli_without_kvm_access_says_what_to_do: needs root and runuser to act as a user without /dev/kvm access"
+        );
+        return;
+    }
+    let rt = Runtime::new("nokvm");
+    std::fs::set_permissions(&rt.dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_vmfork"), "run", "--detach", "--mem", "16M"])
+        .env("XDG_RUNTIME_DIR", &rt.dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Permission denied") && err.contains("target") {
+        eprintln!(
+            "SKIP cli_without_kvm_access_says_what_to_do: nobody cannot execute the test binary: {err}"
+        );
+        return;
+    }
+    assert!(!out.status.success());
+    assert!(err.contains("/dev/kvm") && err.contains("kvm` group"), "{err}");
+}
