@@ -193,17 +193,26 @@ fn scan_ioctl(addr: usize, len: usize) -> std::io::Result<Vec<(usize, usize)>> {
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // Seen on Linux 6.18: a call that reported every region up to `end` can still
+        // set `walk_end` short of them, so the next call reports some again. Keep only
+        // what lies beyond what was already covered.
+        let mut covered = runs.last().map_or(0, |r| r.1);
         for r in &buf[..n as usize] {
-            let (s, e) = (r.start as usize - addr, r.end as usize - addr);
+            let (s, e) = ((r.start as usize - addr).max(covered), r.end as usize - addr);
+            if s >= e {
+                continue;
+            }
             match runs.last_mut() {
                 Some(last) if last.1 == s => last.1 = e,
                 _ => runs.push((s, e)),
             }
+            covered = e;
         }
-        if arg.walk_end <= start {
+        let next = arg.walk_end.max(addr as u64 + covered as u64);
+        if next <= start {
             break;
         }
-        start = arg.walk_end;
+        start = next;
     }
     Ok(runs)
 }
