@@ -32,6 +32,30 @@ pub enum VmCommand {
     Stop { name: String },
     /// Stream a VM's console (serial output and guest reports) until it stops.
     Console { name: String },
+    /// Fork a running VM into new, independent VMs (each its own process).
+    Fork(ForkArgs),
+    /// The child's end of a fork (started by the parent VM with its socket on fd 3).
+    #[command(name = "__child", hide = true)]
+    Child,
+}
+
+/// Options of `vmfork fork`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ForkArgs {
+    /// The running VM to fork.
+    pub parent: String,
+    /// Name of the child (with --count N, children are NAME, NAME-1, ...); default PARENT-N.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How to clone guest memory: auto, cow, reflink, uffd, uffd-minor or copy.
+    #[arg(long, default_value = "auto")]
+    pub strategy: crate::memory::Strategy,
+    /// How many children.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `vmfork run`.
@@ -52,6 +76,9 @@ pub struct RunArgs {
     /// Start the VM in a background process and return once it runs.
     #[arg(long)]
     pub detach: bool,
+    /// Never fork this VM (it may hold secrets): fork requests are refused.
+    #[arg(long)]
+    pub private: bool,
 }
 
 /// Runs a VM subcommand.
@@ -64,6 +91,8 @@ pub fn run(cmd: VmCommand) -> ExitCode {
         VmCommand::Resume { name } => simple(&name, Request::Resume, "resumed"),
         VmCommand::Stop { name } => stop(&name),
         VmCommand::Console { name } => console(&name),
+        VmCommand::Fork(args) => fork(args),
+        VmCommand::Child => run_child(),
     };
     match result {
         Ok(code) => code,
@@ -97,14 +126,30 @@ fn run_foreground(args: RunArgs) -> CliResult {
     let config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
     let vm = Arc::new(Vm::create(memory, &config)?);
     vm.console().set_echo(true);
-    server.spawn(listener, name.clone(), vm.clone());
     eprintln!(
-        "vmfork: VM {name} running (pid {}), {} vCPU(s), {} MiB, workload {}",
+        "vmfork: VM {name} running (pid {}), {} vCPU(s), {} MiB, workload {}{}",
         std::process::id(),
         args.vcpus,
         args.mem >> 20,
-        args.workload
+        args.workload,
+        if args.private { ", private (never forked)" } else { "" }
     );
+    let who = api::Identity { name, private: args.private, ..Default::default() };
+    serve(who, vm, server, listener, signals)
+}
+
+/// Serves a running VM on its control socket until it stops; SIGINT/SIGTERM (blocked by
+/// the caller, in every thread) stop it cleanly.
+fn serve(
+    who: api::Identity,
+    vm: Arc<Vm>,
+    server: Server,
+    listener: std::os::unix::net::UnixListener,
+    signals: nix::sys::signal::SigSet,
+) -> CliResult {
+    let (name, parent) = (who.name.clone(), who.parent.clone());
+    vm.console().set_echo(true);
+    server.spawn(listener, who, vm.clone());
     let stopper = vm.clone();
     std::thread::spawn(move || {
         if signals.wait().is_ok() {
@@ -112,8 +157,20 @@ fn run_foreground(args: RunArgs) -> CliResult {
         }
     });
     let reason = loop {
-        if let Some(r) = vm.wait_exit(Duration::from_secs(1)) {
+        if let Some(r) = vm.wait_exit(Duration::from_millis(100)) {
             break r;
+        }
+        // A lazily forked child whose parent (its page server) died cannot go on: the
+        // pages it was never sent are gone. Stop now, loudly, rather than at the first
+        // touch of one of them.
+        if vm.memory().regions().iter().any(|r| r.check_served().is_err()) {
+            eprintln!(
+                "vmfork: VM {name}: its page server (the parent VM {}) died before all guest memory was served; stopping",
+                parent.as_deref().unwrap_or("?")
+            );
+            vm.stop();
+            drop(server);
+            return Ok(ExitCode::FAILURE);
         }
     };
     vm.stop();
@@ -146,6 +203,7 @@ fn run_detached(args: RunArgs) -> CliResult {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["run", "--name", &name, "--mem", &args.mem.to_string()])
         .args(["--vcpus", &args.vcpus.to_string(), "--workload", &args.workload.to_string()])
+        .args(args.private.then_some("--private"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -166,6 +224,61 @@ fn run_detached(args: RunArgs) -> CliResult {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `vmfork __child`: becomes the VM a parent forked, on the socket it left on fd 3.
+fn run_child() -> CliResult {
+    use std::os::fd::FromRawFd;
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::SIGINT);
+    signals.add(nix::sys::signal::SIGTERM);
+    signals.thread_block()?;
+    // SAFETY: the parent's fork made fd 3 our end of its socket pair (see fork.rs), and
+    // nothing else in this process owns it.
+    let sock = unsafe { std::os::unix::net::UnixStream::from_raw_fd(3) };
+    let (vm, who, server, listener) =
+        crate::fork::become_child(&sock).map_err(|e| format!("fork child: {e}"))?;
+    eprintln!(
+        "vmfork: VM {} forked from {} ({}), pid {}",
+        who.name,
+        who.parent.as_deref().unwrap_or("?"),
+        who.strategy.map_or("?".into(), |s| s.to_string()),
+        std::process::id()
+    );
+    serve(who, vm, server, listener, signals)
+}
+
+/// `vmfork fork`: asks a running VM to fork and prints what happened.
+fn fork(args: ForkArgs) -> CliResult {
+    let req = Request::Fork { strategy: args.strategy, name: args.name, count: args.count };
+    let (answer, _) = api::call(&args.parent, &req)?;
+    let children: Vec<crate::fork::Child> = serde_json::from_value(answer["children"].clone())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&children)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ms = |ns: u64| format!("{:.3}", ns as f64 / 1e6);
+    println!(
+        "{:<16} {:>8} {:<10} {:>10} {:>10} {:>10} {:>12}",
+        "CHILD", "PID", "STRATEGY", "PAUSE_MS", "CLONE_MS", "RESTORE_MS", "RUNNING_MS"
+    );
+    for c in &children {
+        let t = &c.timings;
+        println!(
+            "{:<16} {:>8} {:<10} {:>10} {:>10} {:>10} {:>12}",
+            c.name,
+            c.pid,
+            c.strategy.to_string(),
+            ms(t.parent_resumed_ns),
+            ms(t.cloned_ns.saturating_sub(t.captured_ns)),
+            ms(t.child_restored_ns),
+            ms(t.child_first_report_ns)
+        );
+    }
+    if let Some(c) = children.first() {
+        println!("strategy {}: {}", c.strategy, c.why);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Status of every live VM; stale sockets are removed with a message.

@@ -1,12 +1,13 @@
 //! vmfork: fork running KVM virtual machines by cloning their guest memory as a file.
 //!
 //! [`memory`] holds guest memory and the clone strategies (copy, cow, reflink, uffd,
-//! auto); [`vmm`] runs the built-in guest in KVM VMs over that memory; [`bench`] compares
-//! them side by side.
+//! auto); [`vmm`] runs the built-in guest in KVM VMs over that memory; [`fork`] turns one
+//! running VM into two processes; [`bench`] compares the strategies side by side.
 
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod fork;
 pub mod memory;
 pub mod units;
 pub mod vmm;

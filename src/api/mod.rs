@@ -13,6 +13,7 @@
 //! | `{"cmd":"resume"}` | `{"ok":true,"resume_ns":N}` |
 //! | `{"cmd":"stop"}` | `{"ok":true}`, then the VM stops, the socket is removed and the process exits |
 //! | `{"cmd":"console"}` | `{"ok":true}`, then console lines (plain text, backlog first) until the VM stops or the client hangs up |
+//! | `{"cmd":"fork","strategy":"cow","name":"child","count":1}` (all but `cmd` optional) | `{"ok":true,"children":[{name,pid,strategy,why,timings}]}` once every child's guest runs |
 //!
 //! Anything else gets `{"ok":false,"error":"..."}` and the VM keeps running.
 
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::memory::Strategy;
 use crate::vmm::{Report, RunState, Vm};
 
 /// Longest request line accepted.
@@ -62,12 +64,49 @@ pub enum Request {
     Resume,
     Stop,
     Console,
+    /// Fork the VM into `count` new processes (see [`crate::fork`]).
+    Fork {
+        #[serde(default = "auto")]
+        strategy: Strategy,
+        /// Name of the (first) child; default `PARENT-N`.
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default = "one")]
+        count: u32,
+    },
+}
+
+fn auto() -> Strategy {
+    Strategy::Auto
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Who a VM process is: its name, whether it may be forked, and whom it was forked from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Identity {
+    pub name: String,
+    /// Started with `--private`: never forked.
+    pub private: bool,
+    /// The VM this one was forked from, and how.
+    pub parent: Option<String>,
+    pub strategy: Option<Strategy>,
 }
 
 /// What `status` reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
+    /// Forked from this VM (None for a VM started with `vmfork run`).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// How its memory was cloned from the parent.
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    #[serde(default)]
+    pub private: bool,
     pub pid: u32,
     pub state: String,
     /// The state with its detail (the exit reason of a stopped VM).
@@ -183,13 +222,13 @@ impl Server {
     }
 
     /// Accepts connections on `listener` in a background thread, one thread each.
-    pub fn spawn(&self, listener: UnixListener, name: String, vm: Arc<Vm>) {
+    pub fn spawn(&self, listener: UnixListener, who: Identity, vm: Arc<Vm>) {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (vm, name) = (vm.clone(), name.clone());
+                let (vm, who) = (vm.clone(), who.clone());
                 std::thread::spawn(move || {
-                    let _ = handle(conn, &name, &vm);
+                    let _ = handle(conn, &who, &vm);
                 });
             }
         });
@@ -211,11 +250,16 @@ fn error(w: &mut impl Write, msg: impl std::fmt::Display) -> io::Result<()> {
 }
 
 /// The status of `vm`.
-pub fn status(name: &str, vm: &Vm) -> Status {
-    let usage = crate::memory::accounting::usage(vm.memory()).unwrap_or_default();
+pub fn status(who: &Identity, vm: &Vm) -> Status {
+    // Resident pages as the kernel counts them: a forked parent and child are two
+    // processes mapping the same layers.
+    let usage = crate::memory::accounting::resident_usage(vm.memory()).unwrap_or_default();
     let state = vm.state();
     Status {
-        name: name.to_string(),
+        name: who.name.clone(),
+        parent: who.parent.clone(),
+        strategy: who.strategy,
+        private: who.private,
         pid: std::process::id(),
         state: state.name().to_string(),
         state_detail: state.to_string(),
@@ -229,7 +273,7 @@ pub fn status(name: &str, vm: &Vm) -> Status {
     }
 }
 
-fn handle(conn: UnixStream, name: &str, vm: &Vm) -> io::Result<()> {
+fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
     let mut w = conn.try_clone()?;
     let mut line = String::new();
     BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
@@ -247,7 +291,11 @@ fn handle(conn: UnixStream, name: &str, vm: &Vm) -> io::Result<()> {
         f().map(|()| t.elapsed().as_nanos() as u64)
     };
     match req {
-        Request::Status => answer(&mut w, serde_json::json!({"ok": true, "status": status(name, vm)})),
+        Request::Status => answer(&mut w, serde_json::json!({"ok": true, "status": status(who, vm)})),
+        Request::Fork { strategy, name, count } => match fork_many(vm, who, strategy, name, count) {
+            Ok(children) => answer(&mut w, serde_json::json!({"ok": true, "children": children})),
+            Err(e) => error(&mut w, e),
+        },
         Request::Pause => match timed(&|| vm.pause()) {
             Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "pause_ns": ns})),
             Err(e) => error(&mut w, e),
@@ -280,13 +328,56 @@ fn handle(conn: UnixStream, name: &str, vm: &Vm) -> io::Result<()> {
     }
 }
 
-/// Parses one request line. Only `{"cmd": NAME}` is accepted: serde ignores unknown
-/// fields of internally tagged enums, so they are checked here.
+/// Forks `count` children one after the other (each fork pauses the parent briefly).
+fn fork_many(
+    vm: &Vm,
+    who: &Identity,
+    strategy: Strategy,
+    name: Option<String>,
+    count: u32,
+) -> std::result::Result<Vec<crate::fork::Child>, String> {
+    if count == 0 || count > 64 {
+        return Err(format!("count {count}: fork 1 to 64 children at a time"));
+    }
+    let mut children = Vec::new();
+    for i in 0..count {
+        let child = match (&name, i) {
+            (Some(n), 0) => n.clone(),
+            (Some(n), i) => format!("{n}-{i}"),
+            (None, _) => free_child_name(&who.name).map_err(|e| e.to_string())?,
+        };
+        check_name(&child).map_err(|e| e.to_string())?;
+        if connect(&child).is_ok() {
+            return Err(Error::NameTaken(child).to_string());
+        }
+        children.push(
+            crate::fork::fork(vm, &who.name, who.private, &child, strategy).map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(children)
+}
+
+/// The first free `PARENT-N`.
+fn free_child_name(parent: &str) -> Result<String> {
+    let taken = names()?;
+    Ok((1..).map(|i| format!("{parent}-{i}")).find(|n| !taken.contains(n)).expect("some name is free"))
+}
+
+/// Parses one request line: `{"cmd": NAME}`, plus `strategy`, `name` and `count` for
+/// `fork`. Serde ignores unknown fields of internally tagged enums, so they are checked
+/// here.
 pub fn parse_request(line: &str) -> std::result::Result<Request, String> {
     let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
-    match v.as_object() {
-        Some(o) if o.len() == 1 && o.contains_key("cmd") => {}
-        _ => return Err("a request is an object with the single key \"cmd\"".into()),
+    let Some(o) = v.as_object() else {
+        return Err("a request is a JSON object like {\"cmd\":\"status\"}".into());
+    };
+    let allowed: &[&str] = match o.get("cmd").and_then(|c| c.as_str()) {
+        Some("fork") => &["cmd", "strategy", "name", "count"],
+        Some(_) => &["cmd"],
+        None => return Err("a request needs a \"cmd\"".into()),
+    };
+    if let Some(k) = o.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!("unknown field {k:?}"));
     }
     serde_json::from_value(v).map_err(|e| e.to_string())
 }

@@ -256,8 +256,11 @@ impl LazyTarget {
                 // stops the watchdog before the region unmaps.
                 match kind {
                     Kind::Missing(file) => {
-                        dead.store(true, Ordering::Release);
                         let unserved = file.upgrade().map_or_else(Vec::new, |f| holes(&f));
+                        if unserved.is_empty() {
+                            return; // Everything was served: nothing is lost.
+                        }
+                        dead.store(true, Ordering::Release);
                         fence::fence(&uffd, &unserved, addr, len);
                     }
                     // Every page of a minor view is in layers this process maps itself:

@@ -1,0 +1,307 @@
+//! Forking a running VM into a new process: the fork protocol, top to bottom.
+//!
+//! The parent (a `vmfork run` process serving its control socket) gets a `fork` request:
+//!
+//! 1. pause every vCPU;
+//! 2. capture vCPU, VM and device state;
+//! 3. clone guest memory with the chosen strategy;
+//! 4. resume the parent: it never waits for the child to boot;
+//! 5. start the child as a new `vmfork` process and hand it, over a Unix socket pair,
+//!    the state, its name and the memory (manifest + memfds, `SCM_RIGHTS`); for `uffd`
+//!    strategies the child registers its memory and hands the userfaultfds back, and the
+//!    parent's page servers fill it from then on;
+//! 6. the child restores the VM, writes a **new generation id and fresh entropy** into
+//!    guest memory before any vCPU runs, resumes, binds its own control socket, and
+//!    reports back when the guest's first report arrives.
+//!
+//! Failure anywhere before step 4 resumes the parent and reports what failed; after it,
+//! the parent is already running and only the child is lost. A VM started with
+//! `--private` refuses every fork.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Identity, Server};
+use crate::memory::transfer::{recv_with_fds, send_with_fds};
+use crate::memory::uffd::{RemoteSource, sys::Uffd};
+use crate::memory::{GuestMemory, Strategy};
+use crate::vmm::{Vm, VmState, guest};
+
+/// Where the child's fresh entropy goes: 32 random bytes beside the generation id, for a
+/// guest to reseed from. (The built-in guest does not read it yet; a Linux guest gets its
+/// reseed through VMGenID, issue 7.)
+pub const ENTROPY_GPA: u64 = guest::GENID_GPA + 0x100;
+/// Bytes of fresh entropy written at [`ENTROPY_GPA`].
+pub const ENTROPY_LEN: usize = 32;
+
+/// Errors of a fork.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("VM {0:?} is private (started with --private) and is never forked")]
+    Private(String),
+    #[error("cannot pause the parent: {0}")]
+    Pause(#[source] crate::vmm::Error),
+    #[error("cannot capture the parent's state: {0}")]
+    Capture(#[source] crate::vmm::Error),
+    #[error("cannot clone guest memory with {strategy}: {source}")]
+    Clone { strategy: Strategy, source: crate::memory::Error },
+    #[error("cannot start the child process: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the child failed: {0}")]
+    Child(String),
+    #[error("lost contact with the child: {0}")]
+    Handoff(#[source] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where each step's time went, in nanoseconds from the fork request.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Timings {
+    /// All vCPUs of the parent stopped.
+    pub paused_ns: u64,
+    /// State captured.
+    pub captured_ns: u64,
+    /// Memory cloned.
+    pub cloned_ns: u64,
+    /// Parent running again: the parent was paused from (about) 0 to here.
+    pub parent_resumed_ns: u64,
+    /// The child restored its VM (after receiving state and memory).
+    pub child_restored_ns: u64,
+    /// The child's guest sent its first report.
+    pub child_first_report_ns: u64,
+}
+
+/// What the parent sends the child first.
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    name: String,
+    parent: String,
+    strategy: Strategy,
+    state: VmState,
+    /// Nanoseconds since the fork request when this was sent, to continue the timeline.
+    sent_ns: u64,
+}
+
+/// What the child answers once its guest runs (or fails).
+#[derive(Serialize, Deserialize)]
+struct Ready {
+    ok: bool,
+    error: Option<String>,
+    pid: u32,
+    restored_after_ns: u64,
+    first_report_after_ns: u64,
+}
+
+/// One forked child, as the parent reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Child {
+    pub name: String,
+    pub pid: u32,
+    pub strategy: Strategy,
+    /// Why this strategy (what `auto` chose).
+    pub why: String,
+    pub timings: Timings,
+}
+
+/// Page servers a parent runs for its lazily filled children, each with its end of the
+/// socket to the child: the child takes that socket closing as the parent's death. They
+/// live as long as the parent process.
+static PAGE_SERVERS: Mutex<Vec<(RemoteSource, UnixStream)>> = Mutex::new(Vec::new());
+
+/// Forks `vm` (named `parent`) into a new process named `child`.
+pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strategy) -> Result<Child> {
+    if private {
+        return Err(Error::Private(parent.to_string()));
+    }
+    let (strategy, why) = strategy.resolve();
+    let t0 = Instant::now();
+    let ns = |t0: Instant| t0.elapsed().as_nanos() as u64;
+    let mut timings = Timings::default();
+
+    // 1–3: pause, capture, clone; the parent resumes whatever happens.
+    vm.pause().map_err(Error::Pause)?;
+    timings.paused_ns = ns(t0);
+    let frozen = capture_and_clone(vm, strategy, &mut timings, t0);
+    // 4: the parent runs again before the child exists.
+    let resumed = vm.resume();
+    timings.parent_resumed_ns = ns(t0);
+    let (state, memory) = frozen?;
+    resumed.map_err(Error::Pause)?;
+
+    // 5: the child process, and everything it needs.
+    let (ours, theirs) = UnixStream::pair().map_err(Error::Spawn)?;
+    let process = spawn_child(child, theirs)?;
+    let hello =
+        Hello { name: child.to_string(), parent: parent.to_string(), strategy, state, sent_ns: ns(t0) };
+    let handoff = || -> std::io::Result<Ready> {
+        let json = serde_json::to_vec(&hello).map_err(std::io::Error::other)?;
+        send_with_fds(&ours, &json, &[])?;
+        match memory {
+            Frozen::Ready(child_memory) => child_memory.send(&ours).map_err(std::io::Error::other)?,
+            Frozen::Lazy(mut source, child_memory) => {
+                child_memory.send(&ours).map_err(std::io::Error::other)?;
+                let (addrs, fds) = recv_with_fds(&ours)?;
+                let ranges: Vec<(usize, usize)> =
+                    serde_json::from_slice(&addrs).map_err(std::io::Error::other)?;
+                for (i, (fd, (addr, len))) in fds.into_iter().zip(ranges).enumerate() {
+                    source.serve(i, Uffd::from_fd(fd), addr, len).map_err(std::io::Error::other)?;
+                }
+                let keep = ours.try_clone()?;
+                PAGE_SERVERS.lock().unwrap_or_else(|p| p.into_inner()).push((source, keep));
+            }
+        }
+        let mut line = String::new();
+        BufReader::new(&ours).read_line(&mut line)?;
+        serde_json::from_str(&line).map_err(|e| std::io::Error::other(format!("{e}: {line:?}")))
+    };
+    let ready = handoff().map_err(Error::Handoff)?;
+    drop(process);
+    if !ready.ok {
+        return Err(Error::Child(ready.error.unwrap_or_default()));
+    }
+    timings.child_restored_ns = hello.sent_ns + ready.restored_after_ns;
+    timings.child_first_report_ns = hello.sent_ns + ready.first_report_after_ns;
+    Ok(Child { name: child.to_string(), pid: ready.pid, strategy, why, timings })
+}
+
+/// The child's memory, as the clone left it.
+enum Frozen {
+    /// Complete: send it and forget it.
+    Ready(GuestMemory),
+    /// Filled lazily from `RemoteSource`, which the parent keeps serving.
+    Lazy(RemoteSource, GuestMemory),
+}
+
+fn capture_and_clone(
+    vm: &Vm,
+    strategy: Strategy,
+    timings: &mut Timings,
+    t0: Instant,
+) -> Result<(VmState, Frozen)> {
+    let state = vm.capture().map_err(Error::Capture)?;
+    timings.captured_ns = t0.elapsed().as_nanos() as u64;
+    let clone_err = |source| Error::Clone { strategy, source };
+    let memory = match strategy {
+        Strategy::Uffd | Strategy::UffdMinor => {
+            let (source, child) = vm.memory().lazy_clone_for_remote(strategy).map_err(clone_err)?;
+            Frozen::Lazy(source, child)
+        }
+        _ => Frozen::Ready(vm.memory().clone_with(strategy).map_err(clone_err)?.0),
+    };
+    timings.cloned_ns = t0.elapsed().as_nanos() as u64;
+    Ok((state, memory))
+}
+
+/// Starts `vmfork __child` with `sock` as its fd 3.
+fn spawn_child(name: &str, sock: UnixStream) -> Result<std::process::Child> {
+    let log = crate::api::runtime_dir()
+        .map_err(|e| Error::Spawn(std::io::Error::other(e.to_string())))?
+        .join(format!("{name}.log"));
+    let log = std::fs::File::create(&log).map_err(Error::Spawn)?;
+    let fd: OwnedFd = sock.into();
+    let raw = fd.as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe().map_err(Error::Spawn)?);
+    cmd.arg("__child").stdin(Stdio::null()).stdout(log.try_clone().map_err(Error::Spawn)?).stderr(log);
+    // SAFETY: between fork and exec only dup2 runs, which is async-signal-safe; it makes
+    // the socket the child's fd 3 (and clears close-on-exec there).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.process_group(0);
+    let child = cmd.spawn().map_err(Error::Spawn)?;
+    drop(fd);
+    Ok(child)
+}
+
+/// What a forked child runs on: its VM, who it is, and its bound control socket.
+pub type ChildVm = (Arc<Vm>, Identity, Server, UnixListener);
+
+/// The child's side, run as `vmfork __child` with the socket to the parent on fd 3.
+/// Returns once the guest runs and the control socket is bound; the caller then serves
+/// the VM like any other.
+pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
+    let t0 = Instant::now();
+    let (json, _) = recv_with_fds(sock).map_err(|e| format!("receiving the fork: {e}"))?;
+    let hello: Hello = serde_json::from_slice(&json).map_err(|e| format!("bad fork hello: {e}"))?;
+    let fail = |sock: &UnixStream, msg: String| -> String {
+        let ready = Ready {
+            ok: false,
+            error: Some(msg.clone()),
+            pid: std::process::id(),
+            restored_after_ns: 0,
+            first_report_after_ns: 0,
+        };
+        let _ = writeln!(&*sock, "{}", serde_json::to_string(&ready).unwrap_or_default());
+        msg
+    };
+    let memory = GuestMemory::receive(sock).map_err(|e| fail(sock, format!("receiving memory: {e}")))?;
+    if matches!(hello.strategy, Strategy::Uffd | Strategy::UffdMinor) {
+        let targets =
+            memory.expect_remote_fill(sock).map_err(|e| fail(sock, format!("registering memory: {e}")))?;
+        let ranges: Vec<(usize, usize)> =
+            memory.regions().iter().map(|r| (r.host_addr() as usize, r.size())).collect();
+        let fds: Vec<_> = targets.iter().map(|(u, _)| u.as_raw_fd()).collect();
+        send_with_fds(sock, &serde_json::to_vec(&ranges).unwrap_or_default(), &fds)
+            .map_err(|e| fail(sock, format!("handing back userfaultfds: {e}")))?;
+    }
+    let memory = Arc::new(memory);
+    // A new identity before any vCPU runs.
+    refresh_identity(&memory).map_err(|e| fail(sock, e))?;
+    let (server, listener) = Server::bind(&hello.name).map_err(|e| fail(sock, e.to_string()))?;
+    let vm = Vm::restore(memory, &hello.state).map_err(|e| fail(sock, format!("restoring the VM: {e}")))?;
+    let restored = t0.elapsed();
+    let reports = vm.subscribe();
+    vm.resume().map_err(|e| fail(sock, format!("resuming: {e}")))?;
+    reports
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| fail(sock, "the guest sent no report within 10 s".into()))?;
+    let ready = Ready {
+        ok: true,
+        error: None,
+        pid: std::process::id(),
+        restored_after_ns: restored.as_nanos() as u64,
+        first_report_after_ns: t0.elapsed().as_nanos() as u64,
+    };
+    writeln!(&*sock, "{}", serde_json::to_string(&ready).unwrap_or_default()).map_err(|e| e.to_string())?;
+    let who = Identity {
+        name: hello.name,
+        private: false,
+        parent: Some(hello.parent),
+        strategy: Some(hello.strategy),
+    };
+    Ok((Arc::new(vm), who, server, listener))
+}
+
+/// Writes a fresh random VM generation id, and fresh entropy, into guest memory.
+fn refresh_identity(memory: &GuestMemory) -> std::result::Result<(), String> {
+    let mut bytes = [0u8; 16 + ENTROPY_LEN];
+    getrandom(&mut bytes)?;
+    memory.write(guest::GENID_GPA, &bytes[..16]).map_err(|e| e.to_string())?;
+    memory.write(ENTROPY_GPA, &bytes[16..]).map_err(|e| e.to_string())
+}
+
+fn getrandom(buf: &mut [u8]) -> std::result::Result<(), String> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            return Err(format!("getrandom: {}", std::io::Error::last_os_error()));
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}

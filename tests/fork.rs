@@ -1,0 +1,292 @@
+//! `vmfork fork` end to end on this host's KVM: real VM processes with the built-in
+//! guest, forked with every strategy. Each test skips with a printed reason only where
+//! /dev/kvm is absent.
+//!
+//! The guest runs the `touch` workload, whose reported checksum depends on every page it
+//! wrote since boot and is deterministic: a child that really continued from the
+//! parent's exact memory and registers reports, at every counter value, the checksum the
+//! parent reports at that value. Both consoles (their logs) are compared.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const WORKLOAD: &str = "touch:4:seq:20000";
+
+fn kvm_available(test: &str) -> Option<MutexGuard<'static, ()>> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    if std::path::Path::new("/dev/kvm").exists() {
+        Some(ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner()))
+    } else {
+        eprintln!("SKIP {test}: /dev/kvm is absent on this host");
+        None
+    }
+}
+
+/// A private runtime directory, so tests never see each other's VMs.
+struct Runtime {
+    dir: PathBuf,
+}
+
+impl Runtime {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmfork-fork-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Runtime { dir }
+    }
+
+    fn vmfork(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmfork"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &self.dir)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmfork(args);
+        assert!(out.status.success(), "vmfork {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn run(&self, name: &str, extra: &[&str]) {
+        let mut args = vec!["run", "--name", name, "--mem", "64M", "--workload", WORKLOAD, "--detach"];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+        self.wait_report(name);
+    }
+
+    fn fork(&self, parent: &str, strategy: &str, extra: &[&str]) -> Vec<Value> {
+        let mut args = vec!["fork", parent, "--strategy", strategy, "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+
+    fn status(&self, name: &str) -> Value {
+        let all: Vec<Value> = serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap();
+        all.into_iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("{name} not in ls"))
+    }
+
+    /// The latest report of vCPU 0, waiting for one.
+    fn report(&self, name: &str) -> Value {
+        self.wait_report(name);
+        self.status(name)["reports"][0].clone()
+    }
+
+    fn wait_report(&self, name: &str) {
+        let t = Instant::now();
+        while self.status(name)["reports"][0].is_null() {
+            assert!(t.elapsed() < Duration::from_secs(20), "{name} sent no report");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join("vmfork").join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Counter → checksum of every report of vCPU 0 in a VM's console log.
+    fn reports(&self, name: &str) -> std::collections::BTreeMap<u64, String> {
+        let field = |line: &str, key: &str| {
+            line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string)
+        };
+        self.log(name)
+            .lines()
+            .filter(|l| l.starts_with("report vcpu=0 ") && l.contains(" genid="))
+            .filter_map(|l| Some((field(l, "counter=")?.parse().ok()?, field(l, "checksum=")?)))
+            .collect()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let names: Vec<String> = std::fs::read_dir(self.dir.join("vmfork"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
+            .collect();
+        for n in names {
+            let _ = self.vmfork(&["stop", &n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn genid(report: &Value) -> (u64, u64) {
+    (report["genid"][0].as_u64().unwrap(), report["genid"][1].as_u64().unwrap())
+}
+
+fn counter(report: &Value) -> u64 {
+    report["counter"].as_u64().unwrap()
+}
+
+/// The VM's counter moves on; returns its latest report.
+fn assert_progress(rt: &Runtime, name: &str) -> Value {
+    let first = counter(&rt.report(name));
+    let t = Instant::now();
+    loop {
+        let r = rt.report(name);
+        if counter(&r) > first {
+            return r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{name} stopped making progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `child` runs the very guest `parent` ran: at every counter both reported after the
+/// fork, their checksums (over every page the guest wrote since boot) agree.
+fn assert_same_guest(rt: &Runtime, parent: &str, child: &str) {
+    let t = Instant::now();
+    loop {
+        let (p, c) = (rt.reports(parent), rt.reports(child));
+        let common: Vec<u64> = c.keys().filter(|k| p.contains_key(k)).copied().collect();
+        for k in &common {
+            assert_eq!(
+                p[k], c[k],
+                "{child} diverged from {parent} at counter {k}: memory or state was not cloned exactly"
+            );
+        }
+        if common.len() >= 3 {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{parent} and {child} reported no common counters");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn strategies() -> Vec<&'static str> {
+    let mut s = vec!["copy", "cow", "uffd", "uffd-minor", "auto"];
+    match vmfork::memory::reflink::probe() {
+        Ok(()) => s.push("reflink"),
+        Err(e) => eprintln!("reflink forks are checked only to fail clearly here: {e}"),
+    }
+    s
+}
+
+#[test]
+fn every_strategy_forks_a_running_vm_into_an_independent_one() {
+    let Some(_lock) = kvm_available("every_strategy_forks_a_running_vm_into_an_independent_one") else {
+        return;
+    };
+    let rt = Runtime::new("strategies");
+    rt.run("p", &[]);
+    let parent_genid = genid(&rt.report("p"));
+    for strategy in strategies() {
+        let before = counter(&rt.report("p"));
+        let children = rt.fork("p", strategy, &[]);
+        assert_eq!(children.len(), 1);
+        let name = children[0]["name"].as_str().unwrap().to_string();
+        let used = children[0]["strategy"].as_str().unwrap();
+        if strategy != "auto" {
+            assert_eq!(used, strategy);
+        }
+        let status = rt.status(&name);
+        assert_eq!(status["parent"], "p", "{strategy}");
+        // The child continues the guest from the fork instant, with memory intact...
+        assert_same_guest(&rt, "p", &name);
+        let r = assert_progress(&rt, &name);
+        assert!(counter(&r) >= before, "{strategy}: child restarted instead of continuing: {r}");
+        // ...under a new identity, while the parent keeps its own and runs on.
+        let child_genid = genid(&r);
+        assert_ne!(child_genid, parent_genid, "{strategy}: child kept the parent's generation id");
+        assert_ne!(child_genid, (0, 0), "{strategy}: child got no generation id");
+        assert_eq!(genid(&rt.report("p")), parent_genid, "{strategy}: parent's generation id changed");
+        assert_progress(&rt, "p");
+        // Killing the child leaves the parent unharmed.
+        let pid = status["pid"].as_i64().unwrap() as i32;
+        // SAFETY: kill(2) on a pid we just read from the child's status.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert_progress(&rt, "p");
+    }
+    if vmfork::memory::reflink::probe().is_err() {
+        let out = rt.vmfork(&["fork", "p", "--strategy", "reflink"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("cannot reflink"), "{err}");
+        assert_progress(&rt, "p");
+    }
+}
+
+#[test]
+fn fan_out_of_eight_and_a_chain_of_four() {
+    let Some(_lock) = kvm_available("fan_out_of_eight_and_a_chain_of_four") else {
+        return;
+    };
+    let rt = Runtime::new("fanout");
+    rt.run("p", &[]);
+    let children = rt.fork("p", "cow", &["--count", "8"]);
+    assert_eq!(children.len(), 8);
+    let mut ids = vec![genid(&rt.report("p"))];
+    for c in &children {
+        let name = c["name"].as_str().unwrap();
+        assert_same_guest(&rt, "p", name);
+        ids.push(genid(&assert_progress(&rt, name)));
+    }
+    for c in &children {
+        rt.ok(&["stop", c["name"].as_str().unwrap()]);
+    }
+    // A chain: each generation forks the next.
+    let mut parent = "p".to_string();
+    for generation in 1..=4 {
+        let child = format!("gen{generation}");
+        let made = rt.fork(&parent, "cow", &["--name", &child]);
+        assert_eq!(made[0]["name"], child.as_str());
+        assert_eq!(rt.status(&child)["parent"], parent.as_str());
+        assert_same_guest(&rt, &parent, &child);
+        ids.push(genid(&assert_progress(&rt, &child)));
+        parent = child;
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "every VM has its own generation id: {ids:?}");
+}
+
+#[test]
+fn a_private_vm_is_never_forked() {
+    let Some(_lock) = kvm_available("a_private_vm_is_never_forked") else {
+        return;
+    };
+    let rt = Runtime::new("private");
+    rt.run("secret", &["--private"]);
+    let out = rt.vmfork(&["fork", "secret"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "fork of a private VM succeeded");
+    assert!(err.contains("private") && err.contains("never forked"), "{err}");
+    assert_eq!(rt.status("secret")["private"], true);
+    assert_progress(&rt, "secret");
+}
+
+#[test]
+fn a_uffd_child_whose_parent_dies_stops_with_a_clear_error() {
+    let Some(_lock) = kvm_available("a_uffd_child_whose_parent_dies_stops_with_a_clear_error") else {
+        return;
+    };
+    let rt = Runtime::new("uffd-dies");
+    rt.run("p", &[]);
+    rt.fork("p", "uffd", &["--name", "lazy"]);
+    assert_progress(&rt, "lazy");
+    let parent_pid = rt.status("p")["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) on the parent VM's pid, read from its status.
+    assert_eq!(unsafe { libc::kill(parent_pid, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    // The child says why in its log and takes its control socket down on the way out.
+    let socket = rt.dir.join("vmfork").join("lazy.sock");
+    while !rt.log("lazy").contains("page server") || socket.exists() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "child still running 3 s after its page server died"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = killed.elapsed();
+    let log = rt.log("lazy");
+    assert!(log.contains("died before all guest memory was served"), "{log}");
+    eprintln!("uffd child stopped {took:?} after its parent died");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
