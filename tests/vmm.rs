@@ -668,3 +668,22 @@ fn cli_without_kvm_access_says_what_to_do() {
     assert!(!out.status.success());
     assert!(err.contains("/dev/kvm") && err.contains("kvm` group"), "{err}");
 }
+
+#[test]
+fn bench_hooks_measure_start_pause_and_resume() {
+    let Some(_vm_lock) = kvm_available("bench_hooks_measure_start_pause_and_resume") else {
+        return;
+    };
+    for vcpus in [1, 2] {
+        let (p, r) = vmfork::bench::vm::pause_resume(vcpus, 5).unwrap();
+        assert_eq!((p.len(), r.len()), (5, 5));
+        assert!(p.iter().all(|d| !d.is_zero()));
+        eprintln!("{vcpus} vCPU(s): pause {p:?}, resume {r:?}");
+    }
+    let rt = Runtime::new("bench");
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_vmfork"));
+    let starts = vmfork::bench::vm::vm_start(exe, 2, Some(&rt.dir)).unwrap();
+    assert_eq!(starts.len(), 2);
+    eprintln!("vm_start: {starts:?}");
+    assert!(rt.ls().is_empty(), "bench VMs are stopped");
+}

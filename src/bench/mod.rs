@@ -6,6 +6,7 @@
 //! `native` strategy measures plain page faults without any clone as the denominator.
 
 mod clone;
+pub mod vm;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -142,6 +143,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     );
     let mut records = Vec::new();
     clone::run(opts, &mut records)?;
+    vm::run(&mut records)?;
     let report = Report { run, records };
     print_table(&report.records, &mut std::io::stdout().lock())?;
     if let Some(path) = &opts.json {

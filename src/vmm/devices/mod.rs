@@ -48,7 +48,8 @@ impl Console {
     pub fn line(&self, line: String) {
         let mut c = self.lock();
         if c.echo {
-            println!("{line}");
+            // A closed stdout must not take the VM down (println! would panic).
+            let _ = writeln!(io::stdout().lock(), "{line}");
         }
         c.subscribers.retain(|s| s.send(line.clone()).is_ok());
         if c.backlog.len() == BACKLOG_LINES {
