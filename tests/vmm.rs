@@ -687,3 +687,75 @@ fn bench_hooks_measure_start_pause_and_resume() {
     eprintln!("vm_start: {starts:?}");
     assert!(rt.ls().is_empty(), "bench VMs are stopped");
 }
+
+#[test]
+fn ring0_entry_drops_to_ring3_and_runs_the_same_workload() {
+    let Some(_vm_lock) = kvm_available("ring0_entry_drops_to_ring3_and_runs_the_same_workload") else {
+        return;
+    };
+    let workload = Workload::Touch {
+        mib: 4,
+        random: false,
+        every: 50_000,
+    };
+    let cfg = VmConfig {
+        workload,
+        ring0_entry: true,
+        ..Default::default()
+    };
+    let vm = Vm::create(memory(16), &cfg).unwrap();
+    let rx = vm.subscribe();
+    let mut model = TouchModel::new(1024, false, 0);
+    for _ in 0..5 {
+        let r = next(&rx);
+        assert_eq!(r.checksum, model.checksum_at(r.counter), "{r}");
+    }
+    vm.pause().unwrap();
+    let state = vm.capture().unwrap();
+    assert_eq!(state.vcpus[0].sregs.cs.dpl, 3, "the workload runs in ring 3");
+    vm.stop();
+}
+
+#[test]
+fn cli_vm_whose_stdout_closes_still_stops_on_sigterm() {
+    let Some(_vm_lock) = kvm_available("cli_vm_whose_stdout_closes_still_stops_on_sigterm") else {
+        return;
+    };
+    let rt = Runtime::new("epipe");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmfork"))
+        .args([
+            "run",
+            "--name",
+            "ep",
+            "--mem",
+            "16M",
+            "--workload",
+            "count:1000000",
+        ])
+        .env("XDG_RUNTIME_DIR", &rt.dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().starts_with("report ")));
+    drop(lines); // the VM keeps printing into a closed pipe
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        rt.ls()[0]["state"],
+        "running",
+        "a closed stdout must not stop the VM"
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "vmfork run ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!rt.socket("ep").exists(), "socket removed");
+}
