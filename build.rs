@@ -18,8 +18,5 @@ fn main() {
     let obj = out.join("guest.o");
     let bin = out.join("guest.bin");
     run(Command::new("as").args(["--64", "-o"]).arg(&obj).arg(src));
-    run(Command::new("objcopy")
-        .args(["-O", "binary", "-j", ".text"])
-        .arg(&obj)
-        .arg(&bin));
+    run(Command::new("objcopy").args(["-O", "binary", "-j", ".text"]).arg(&obj).arg(&bin));
 }

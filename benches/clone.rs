@@ -22,9 +22,7 @@ fn sizes() -> Vec<usize> {
 }
 
 fn options() -> MemoryOptions {
-    MemoryOptions {
-        huge_pages: std::env::var_os("VMFORK_BENCH_HUGE").is_some(),
-    }
+    MemoryOptions { huge_pages: std::env::var_os("VMFORK_BENCH_HUGE").is_some() }
 }
 
 fn strategies() -> Vec<Strategy> {
@@ -118,13 +116,8 @@ fn uffd_fault_service(c: &mut Criterion) {
                 let (child, _) = src.clone_with(Strategy::Uffd).expect("clone");
                 touch(&child, false);
                 let (faults, ns) = child.regions()[0]
-                    .with_page_server(|s| {
-                        let st = s.stats();
-                        (
-                            st.faults.load(std::sync::atomic::Ordering::Relaxed),
-                            st.service_ns.load(std::sync::atomic::Ordering::Relaxed),
-                        )
-                    })
+                    .with_page_server(|s| s.service_time())
+                    .flatten()
                     .expect("a fresh uffd child has a page server");
                 total += Duration::from_nanos(ns / faults.max(1));
             }

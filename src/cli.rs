@@ -78,10 +78,7 @@ type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
 fn free_name() -> Result<String, api::Error> {
     let taken = api::names()?;
-    Ok((1..)
-        .map(|i| format!("vm{i}"))
-        .find(|n| !taken.contains(n))
-        .expect("some name is free"))
+    Ok((1..).map(|i| format!("vm{i}")).find(|n| !taken.contains(n)).expect("some name is free"))
 }
 
 fn run_foreground(args: RunArgs) -> CliResult {
@@ -97,11 +94,7 @@ fn run_foreground(args: RunArgs) -> CliResult {
     signals.thread_block()?;
     let (server, listener) = Server::bind(&name)?;
     let memory = Arc::new(GuestMemory::with_size(args.mem, &MemoryOptions::default())?);
-    let config = VmConfig {
-        vcpus: args.vcpus,
-        workload: args.workload,
-        ..Default::default()
-    };
+    let config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
     let vm = Arc::new(Vm::create(memory, &config)?);
     vm.console().set_echo(true);
     server.spawn(listener, name.clone(), vm.clone());
@@ -146,22 +139,13 @@ fn run_detached(args: RunArgs) -> CliResult {
         Err(_) => {}
     }
     let log_path: PathBuf = api::runtime_dir()?.join(format!("{name}.log"));
-    let log = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&log_path)?;
+    let log =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&log_path)?;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["run", "--name", &name, "--mem", &args.mem.to_string()])
-        .args([
-            "--vcpus",
-            &args.vcpus.to_string(),
-            "--workload",
-            &args.workload.to_string(),
-        ])
+        .args(["--vcpus", &args.vcpus.to_string(), "--workload", &args.workload.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -33,6 +33,14 @@ enum Command {
         #[arg(long)]
         huge_pages: bool,
     },
+    /// Print a saved `vmfork bench --json` report (table and ratios).
+    Report {
+        /// The JSON file written by `vmfork bench --json`.
+        file: PathBuf,
+        /// Also write the report as Markdown to FILE.
+        #[arg(long, value_name = "FILE")]
+        markdown: Option<PathBuf>,
+    },
     #[command(flatten)]
     Vm(vmfork::cli::VmCommand),
 }
@@ -40,19 +48,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench { quick, json, sizes, huge_pages } => {
+            vmfork::bench::run(&vmfork::bench::BenchOptions { quick, sizes, huge_pages, json }).map(|_| ())
+        }
+        Command::Report { file, markdown } => vmfork::bench::render(&file, markdown.as_deref()),
         Command::Vm(cmd) => return vmfork::cli::run(cmd),
-        Command::Bench {
-            quick,
-            json,
-            sizes,
-            huge_pages,
-        } => vmfork::bench::run(&vmfork::bench::BenchOptions {
-            quick,
-            sizes,
-            huge_pages,
-            json,
-        })
-        .map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,12 +17,8 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         }
         _ => (t, 0),
     };
-    let n: usize = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 512M or 4G"))?;
-    n.checked_mul(1usize << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    let n: usize = digits.trim().parse().map_err(|_| format!("{text:?} is not a size like 512M or 4G"))?;
+    n.checked_mul(1usize << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[cfg(test)]

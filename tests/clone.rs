@@ -29,8 +29,7 @@ fn stamp(mem: &GuestMemory, tag: u64, stride: usize) {
     for page in (0..mem.size() / PAGE_SIZE).step_by(stride) {
         let at = (page * PAGE_SIZE) as u64;
         mem.write(at, &(tag ^ page as u64).to_le_bytes()).unwrap();
-        mem.write(at + PAGE_SIZE as u64 - 8, &(page as u64).to_le_bytes())
-            .unwrap();
+        mem.write(at + PAGE_SIZE as u64 - 8, &(page as u64).to_le_bytes()).unwrap();
     }
 }
 
@@ -40,9 +39,7 @@ fn checksums(mem: &GuestMemory) -> Vec<u64> {
     (0..mem.size() / PAGE_SIZE)
         .map(|p| {
             mem.read((p * PAGE_SIZE) as u64, &mut page).unwrap();
-            page.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            })
+            page.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
         })
         .collect()
 }
@@ -61,11 +58,7 @@ fn child_equals_parent_at_the_clone_instant() {
         let before = checksums(&parent);
         let (child, used) = parent.clone_with(s).unwrap();
         assert_eq!(used, s);
-        assert_eq!(
-            checksums(&child),
-            before,
-            "{s}: child differs from the clone instant"
-        );
+        assert_eq!(checksums(&child), before, "{s}: child differs from the clone instant");
         assert_eq!(checksums(&parent), before, "{s}: the clone changed the parent");
     }
 }
@@ -100,18 +93,13 @@ fn fan_out_of_eight_children_stay_independent() {
         let image = checksums(&parent);
         let children: Vec<_> = (0..8).map(|_| parent.clone_with(s).unwrap().0).collect();
         for (i, c) in children.iter().enumerate() {
-            c.write((i * 3 * PAGE_SIZE) as u64, &(1000 + i as u64).to_le_bytes())
-                .unwrap();
+            c.write((i * 3 * PAGE_SIZE) as u64, &(1000 + i as u64).to_le_bytes()).unwrap();
         }
         stamp(&parent, 0xB, 5);
         for (i, c) in children.iter().enumerate() {
             let sums = checksums(c);
             for page in 0..PAGES {
-                assert_eq!(
-                    sums[page] != image[page],
-                    page == i * 3,
-                    "{s}: child {i} page {page}"
-                );
+                assert_eq!(sums[page] != image[page], page == i * 3, "{s}: child {i} page {page}");
             }
             assert_eq!(read_u64(c, (i * 3 * PAGE_SIZE) as u64), 1000 + i as u64);
         }
@@ -158,11 +146,7 @@ fn parent_cloned_again_after_dirtying() {
             let p = page as u64;
             assert_eq!(read_u64(&first, at), 1 ^ p, "{s}: first child page {page}");
             let second_want = if page % 3 == 0 { 2 ^ p } else { 1 ^ p };
-            assert_eq!(
-                read_u64(&second, at),
-                second_want,
-                "{s}: second child page {page}"
-            );
+            assert_eq!(read_u64(&second, at), second_want, "{s}: second child page {page}");
             let parent_want = if page % 4 == 0 { 3 ^ p } else { second_want };
             assert_eq!(read_u64(&parent, at), parent_want, "{s}: parent page {page}");
         }
@@ -182,15 +166,8 @@ fn cow_reclone_copies_only_dirtied_pages() {
     let (_second, _) = parent.clone_with(Strategy::Cow).unwrap();
     let mem_total = accounting::footprint(&[&parent, &_first, &_second]).unwrap();
     // One full base plus the new 10-page layer; nothing else was copied.
-    assert_eq!(
-        mem_total,
-        (PAGES * PAGE_SIZE + 10 * PAGE_SIZE) as u64,
-        "footprint after re-clone"
-    );
-    assert_eq!(
-        after_first.private_bytes, 0,
-        "a fresh cow parent owns nothing privately"
-    );
+    assert_eq!(mem_total, (PAGES * PAGE_SIZE + 10 * PAGE_SIZE) as u64, "footprint after re-clone");
+    assert_eq!(after_first.private_bytes, 0, "a fresh cow parent owns nothing privately");
     let layout = parent.regions()[0].layout();
     match &*layout {
         vmfork::memory::Layout::Layers(extents) => assert_eq!(
@@ -206,25 +183,14 @@ fn cow_reclone_copies_only_dirtied_pages() {
 fn idle_cow_clones_share_everything() {
     let parent = new_memory(PAGES);
     stamp(&parent, 1, 1);
-    let children: Vec<_> = (0..16)
-        .map(|_| parent.clone_with(Strategy::Cow).unwrap().0)
-        .collect();
+    let children: Vec<_> = (0..16).map(|_| parent.clone_with(Strategy::Cow).unwrap().0).collect();
     let mut all: Vec<&GuestMemory> = children.iter().collect();
     all.push(&parent);
     assert_eq!(accounting::footprint(&all).unwrap(), (PAGES * PAGE_SIZE) as u64);
     let u = accounting::usage(&children[0]).unwrap();
-    assert_eq!(
-        u,
-        accounting::Usage {
-            private_bytes: 0,
-            shared_bytes: (PAGES * PAGE_SIZE) as u64
-        }
-    );
+    assert_eq!(u, accounting::Usage { private_bytes: 0, shared_bytes: (PAGES * PAGE_SIZE) as u64 });
     children[0].write(0, &[1]).unwrap();
-    assert_eq!(
-        accounting::usage(&children[0]).unwrap().private_bytes,
-        PAGE_SIZE as u64
-    );
+    assert_eq!(accounting::usage(&children[0]).unwrap().private_bytes, PAGE_SIZE as u64);
 }
 
 #[test]
@@ -255,10 +221,7 @@ fn multi_region_memory_clones_every_region() {
         child.read(4096, &mut b[..3]).unwrap();
         assert_eq!(&b[..3], b"low", "{s}");
     }
-    assert!(matches!(
-        mem.read(2 << 20, &mut [0u8; 4]),
-        Err(Error::BadGuestAddress { .. })
-    ));
+    assert!(matches!(mem.read(2 << 20, &mut [0u8; 4]), Err(Error::BadGuestAddress { .. })));
 }
 
 #[test]
@@ -267,11 +230,7 @@ fn reflink_reports_unsupported_and_auto_falls_back() {
     match vmfork::memory::reflink::probe() {
         Ok(()) => {
             let (_, used) = mem.clone_with(Strategy::Auto).unwrap();
-            assert_eq!(
-                used,
-                Strategy::Reflink,
-                "auto must pick reflink where the kernel has it"
-            );
+            assert_eq!(used, Strategy::Reflink, "auto must pick reflink where the kernel has it");
         }
         Err(_) => {
             let err = mem.clone_with(Strategy::Reflink).unwrap_err();
@@ -293,25 +252,13 @@ fn reflink_reports_unsupported_and_auto_falls_back() {
 fn bad_input_is_a_clear_error() {
     let o = MemoryOptions::default();
     assert!(matches!(GuestMemory::with_size(0, &o), Err(Error::BadSize(0))));
-    assert!(matches!(
-        GuestMemory::with_size(4097, &o),
-        Err(Error::BadSize(4097))
-    ));
-    assert!(matches!(
-        GuestMemory::new(&[(0, 8192), (4096, 8192)], &o),
-        Err(Error::BadLayout(_))
-    ));
-    assert!(matches!(
-        GuestMemory::new(&[(100, 8192)], &o),
-        Err(Error::BadLayout(_))
-    ));
+    assert!(matches!(GuestMemory::with_size(4097, &o), Err(Error::BadSize(4097))));
+    assert!(matches!(GuestMemory::new(&[(0, 8192), (4096, 8192)], &o), Err(Error::BadLayout(_))));
+    assert!(matches!(GuestMemory::new(&[(100, 8192)], &o), Err(Error::BadLayout(_))));
     let e = "fork".parse::<Strategy>().unwrap_err();
-    assert!(e.to_string().contains("copy, cow, reflink, uffd, auto"), "{e}");
+    assert!(e.to_string().contains("copy, cow, reflink, uffd, uffd-minor, auto"), "{e}");
     let mem = new_memory(4);
-    assert!(matches!(
-        mem.write(3 * 4096 + 4000, &[0; 200]),
-        Err(Error::BadGuestAddress { .. })
-    ));
+    assert!(matches!(mem.write(3 * 4096 + 4000, &[0; 200]), Err(Error::BadGuestAddress { .. })));
 }
 
 #[test]
@@ -320,11 +267,7 @@ fn uffd_child_is_filled_lazily_and_materializes() {
     stamp(&parent, 3, 1);
     let (child, _) = parent.clone_with(Strategy::Uffd).unwrap();
     assert!(child.regions()[0].is_lazy());
-    assert_eq!(
-        accounting::usage(&child).unwrap().private_bytes,
-        0,
-        "nothing served before the first touch"
-    );
+    assert_eq!(accounting::usage(&child).unwrap().private_bytes, 0, "nothing served before the first touch");
     assert_eq!(read_u64(&child, 5 * PAGE_SIZE as u64), 3 ^ 5);
     let served = accounting::usage(&child).unwrap().private_bytes;
     assert_eq!(
@@ -344,10 +287,7 @@ fn uffd_serves_discarded_pages_as_zero() {
     let (child, _) = parent.clone_with(Strategy::Uffd).unwrap();
     assert_eq!(read_u64(&child, 0), 3);
     // Discard pages 32..48 before they were ever served: they must read as zeros.
-    child.regions()[0]
-        .mapping()
-        .madvise(32 * PAGE_SIZE, 16 * PAGE_SIZE, libc::MADV_REMOVE)
-        .unwrap();
+    child.regions()[0].mapping().madvise(32 * PAGE_SIZE, 16 * PAGE_SIZE, libc::MADV_REMOVE).unwrap();
     assert_eq!(read_u64(&child, 40 * PAGE_SIZE as u64), 0);
     assert_eq!(read_u64(&child, 50 * PAGE_SIZE as u64), 3 ^ 50);
 }
@@ -360,11 +300,20 @@ fn dead_page_server_subprocess() {
         eprintln!("skipped: only meaningful as the subprocess of uffd_dead_page_server_is_a_clear_error");
         return;
     }
+    let strategy: Strategy = std::env::var("VMFORK_DEAD_SERVER_CHILD").unwrap().parse().unwrap();
     let parent = new_memory(PAGES);
     stamp(&parent, 3, 1);
-    let (child, _) = parent.clone_with(Strategy::Uffd).unwrap();
+    let (child, _) = parent.clone_with(strategy).unwrap();
     assert_eq!(read_u64(&child, 0), 3);
     child.regions()[0].with_page_server(|s| s.kill_server()).unwrap();
+    if strategy == Strategy::UffdMinor {
+        // A minor view holds every page itself: it carries on as a cow view.
+        for page in [100, 200, PAGES - 1] {
+            assert_eq!(read_u64(&child, (page * PAGE_SIZE) as u64), 3 ^ page as u64);
+        }
+        eprintln!("minor child carried on without its server");
+        return;
+    }
     // The library refuses up front...
     let err = child.read(100 * PAGE_SIZE as u64, &mut [0u8; 8]).unwrap_err();
     eprintln!("library error: {err}");
@@ -378,34 +327,52 @@ fn dead_page_server_subprocess() {
 
 #[test]
 fn uffd_dead_page_server_is_a_clear_error() {
-    let start = std::time::Instant::now();
+    dead_page_server("uffd");
+}
+
+#[test]
+fn uffd_minor_child_outlives_its_page_server() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "dead_page_server_subprocess",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("VMFORK_DEAD_SERVER_CHILD", "1")
+        .args(["--exact", "dead_page_server_subprocess", "--ignored", "--nocapture"])
+        .env("VMFORK_DEAD_SERVER_CHILD", "uffd-minor")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(vmfork::memory::uffd::EXIT_PAGE_SERVER_DIED),
-        "stderr: {stderr}"
-    );
-    assert!(
-        stderr.contains("library error: the page server of this lazily cloned memory died"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("was never served: its page server died"),
-        "{stderr}"
-    );
-    assert!(
-        start.elapsed() < std::time::Duration::from_secs(5),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("minor child carried on without its server"), "{stderr}");
+}
+
+fn dead_page_server(strategy: &str) {
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "dead_page_server_subprocess", "--ignored", "--nocapture"])
+        .env("VMFORK_DEAD_SERVER_CHILD", strategy)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(vmfork::memory::uffd::EXIT_PAGE_SERVER_DIED), "{strategy}: {stderr}");
+    assert!(stderr.contains("library error: the page server of this lazily cloned memory died"), "{stderr}");
+    assert!(stderr.contains("was never served: its page server died"), "{stderr}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "took {:?}", start.elapsed());
+}
+
+#[test]
+fn uffd_minor_children_share_clean_pages_after_reading_them() {
+    let parent = new_memory(PAGES);
+    stamp(&parent, 4, 1);
+    let children: Vec<_> = (0..4).map(|_| parent.clone_with(Strategy::UffdMinor).unwrap().0).collect();
+    for c in &children {
+        assert_eq!(checksums(c), checksums(&parent));
+    }
+    let mut all: Vec<&GuestMemory> = children.iter().collect();
+    all.push(&parent);
+    // Every child read every page, yet nothing was copied: the pages were only mapped.
+    assert_eq!(accounting::footprint(&all).unwrap(), (PAGES * PAGE_SIZE) as u64);
+    let served: u64 = children
+        .iter()
+        .map(|c| c.regions()[0].with_page_server(|s| s.service_time()).flatten().unwrap().0)
+        .sum();
+    assert!(served > 0, "first touches must have gone through the page server");
+    children[0].materialize().unwrap();
+    assert!(!children[0].regions()[0].is_lazy());
 }

@@ -30,16 +30,9 @@ struct Live {
 }
 
 fn run(ops: usize) {
-    let seed = std::env::var("VMFORK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = std::env::var("VMFORK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
     eprintln!("random isolation: seed {seed} ({ops} ops); rerun with VMFORK_SEED={seed}");
     let mut rng = Rng(seed);
     let strategies: Vec<Strategy> = Strategy::CONCRETE
@@ -100,11 +93,7 @@ fn run(ops: usize) {
     for l in &live {
         let mut all = vec![0u8; size];
         l.mem.read(0, &mut all).unwrap();
-        assert!(
-            all == l.model,
-            "seed {seed}: {} differs from the model at the end",
-            l.name
-        );
+        assert!(all == l.model, "seed {seed}: {} differs from the model at the end", l.name);
     }
 }
 

@@ -96,10 +96,7 @@ pub fn runtime_dir() -> Result<PathBuf> {
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(|source| Error::RuntimeDir {
-            path: dir.clone(),
-            source,
-        })?;
+        .map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
     Ok(dir)
 }
 
@@ -108,14 +105,8 @@ pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::BadName(name.to_string()))
-    }
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok { Ok(()) } else { Err(Error::BadName(name.to_string())) }
 }
 
 /// Path of VM `name`'s socket.
@@ -127,10 +118,7 @@ pub fn socket_path(name: &str) -> Result<PathBuf> {
 /// Names of every VM with a socket in the runtime directory (live or stale), sorted.
 pub fn names() -> Result<Vec<String>> {
     let dir = runtime_dir()?;
-    let rd = std::fs::read_dir(&dir).map_err(|source| Error::RuntimeDir {
-        path: dir.clone(),
-        source,
-    })?;
+    let rd = std::fs::read_dir(&dir).map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
     let mut v: Vec<String> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
@@ -147,10 +135,7 @@ pub fn connect(name: &str) -> Result<UnixStream> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NoSuchVm(name.to_string())),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             let _ = std::fs::remove_file(&path);
-            Err(Error::Stale {
-                name: name.to_string(),
-                path,
-            })
+            Err(Error::Stale { name: name.to_string(), path })
         }
         Err(source) => Err(Error::Socket { path, source }),
     }
@@ -162,20 +147,16 @@ pub fn call(name: &str, req: &Request) -> Result<(serde_json::Value, BufReader<U
     let mut s = connect(name)?;
     let path = || socket_path(name).unwrap_or_default();
     let line = serde_json::to_string(req).expect("requests serialize");
-    s.write_all(format!("{line}\n").as_bytes())
-        .map_err(|source| Error::Socket { path: path(), source })?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(|source| Error::Socket { path: path(), source })?;
     let mut r = BufReader::new(s);
     let mut answer = String::new();
-    r.read_line(&mut answer)
-        .map_err(|source| Error::Socket { path: path(), source })?;
+    r.read_line(&mut answer).map_err(|source| Error::Socket { path: path(), source })?;
     let v: serde_json::Value =
         serde_json::from_str(&answer).map_err(|e| Error::BadAnswer(format!("{e}: {answer:?}")))?;
     if v["ok"] == serde_json::Value::Bool(true) {
         Ok((v, r))
     } else {
-        Err(Error::Refused(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ))
+        Err(Error::Refused(v["error"].as_str().unwrap_or("unknown error").to_string()))
     }
 }
 
@@ -195,16 +176,9 @@ impl Server {
             }
             Err(_) => {}
         }
-        let l = UnixListener::bind(&path).map_err(|source| Error::Socket {
-            path: path.clone(),
-            source,
-        })?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-            Error::Socket {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let l = UnixListener::bind(&path).map_err(|source| Error::Socket { path: path.clone(), source })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| Error::Socket { path: path.clone(), source })?;
         Ok((Server { path }, l))
     }
 
@@ -273,10 +247,7 @@ fn handle(conn: UnixStream, name: &str, vm: &Vm) -> io::Result<()> {
         f().map(|()| t.elapsed().as_nanos() as u64)
     };
     match req {
-        Request::Status => answer(
-            &mut w,
-            serde_json::json!({"ok": true, "status": status(name, vm)}),
-        ),
+        Request::Status => answer(&mut w, serde_json::json!({"ok": true, "status": status(name, vm)})),
         Request::Pause => match timed(&|| vm.pause()) {
             Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "pause_ns": ns})),
             Err(e) => error(&mut w, e),
@@ -323,9 +294,7 @@ pub fn parse_request(line: &str) -> std::result::Result<Request, String> {
 /// Whether `path` is a socket file (for tests and listings).
 pub fn is_socket(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
+    std::fs::metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -335,14 +304,7 @@ mod tests {
     #[test]
     fn requests_parse_and_junk_does_not() {
         assert_eq!(parse_request(" {\"cmd\":\"pause\"}\n").unwrap(), Request::Pause);
-        let junk = [
-            "",
-            "status",
-            r#"{"cmd":"reboot"}"#,
-            r#"{"cmd":"stop","now":1}"#,
-            "[1]",
-            "{}",
-        ];
+        let junk = ["", "status", r#"{"cmd":"reboot"}"#, r#"{"cmd":"stop","now":1}"#, "[1]", "{}"];
         for bad in junk {
             assert!(parse_request(bad).is_err(), "{bad:?} parsed");
         }

@@ -11,10 +11,10 @@ pub mod vm;
 use std::io::Write;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One measurement.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     pub suite: String,
     pub scenario: String,
@@ -80,7 +80,7 @@ pub struct BenchOptions {
 }
 
 /// Facts about the run that every ratio depends on.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RunInfo {
     pub date_utc: String,
     pub kernel: String,
@@ -96,8 +96,7 @@ impl RunInfo {
         let cpu = read("/proc/cpuinfo")
             .lines()
             .find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
             })
             .unwrap_or_default();
         let shmem_thp = read("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
@@ -113,18 +112,28 @@ impl RunInfo {
 }
 
 fn utc_now() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
 /// The report written by `--json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub run: RunInfo,
     pub records: Vec<Record>,
+    /// The issue's targets, as ratios taken from `records`.
+    pub ratios: Vec<Ratio>,
+}
+
+/// One ratio between two records of the same run, against a target.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ratio {
+    pub name: String,
+    pub size_bytes: u64,
+    pub value: f64,
+    /// The target, e.g. `>= 1000`.
+    pub target: String,
+    pub met: bool,
 }
 
 /// Runs the suites and prints a table; writes JSON when asked.
@@ -135,17 +144,14 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         run.kernel,
         run.cpus,
         run.shmem_thp,
-        if opts.huge_pages {
-            "requested"
-        } else {
-            "not requested"
-        }
+        if opts.huge_pages { "requested" } else { "not requested" }
     );
     let mut records = Vec::new();
     clone::run(opts, &mut records)?;
     vm::run(&mut records)?;
-    let report = Report { run, records };
-    print_table(&report.records, &mut std::io::stdout().lock())?;
+    let ratios = clone::ratios(&records);
+    let report = Report { run, records, ratios };
+    print_report(&report, &mut std::io::stdout().lock())?;
     if let Some(path) = &opts.json {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json)
@@ -153,6 +159,45 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         eprintln!("wrote {}", path.display());
     }
     Ok(report)
+}
+
+/// The table and the ratios.
+pub fn print_report(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    print_table(&report.records, out)?;
+    for r in &report.ratios {
+        let verdict = if r.met { "met" } else { "NOT met" };
+        writeln!(
+            out,
+            "ratio {} at {}: {:.2} (target {}: {verdict})",
+            r.name,
+            human_bytes(r.size_bytes),
+            r.value,
+            r.target
+        )?;
+    }
+    Ok(())
+}
+
+/// `vmfork report`: prints a saved report and, if asked, writes it as Markdown.
+pub fn render(path: &std::path::Path, markdown: Option<&std::path::Path>) -> Result<(), BenchError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BenchError(format!("cannot read {}: {e}", path.display())))?;
+    let report: Report = serde_json::from_str(&text)
+        .map_err(|e| BenchError(format!("{} is not a vmfork bench report: {e}", path.display())))?;
+    print_report(&report, &mut std::io::stdout().lock())?;
+    if let Some(md) = markdown {
+        let mut buf = Vec::new();
+        writeln!(
+            buf,
+            "# vmfork bench report\n\nMeasured {} on kernel {} ({}, {} CPUs), shmem THP `{}`.\n\n```text",
+            report.run.date_utc, report.run.kernel, report.run.cpu, report.run.cpus, report.run.shmem_thp
+        )?;
+        print_report(&report, &mut buf)?;
+        writeln!(buf, "```")?;
+        std::fs::write(md, buf).map_err(|e| BenchError(format!("cannot write {}: {e}", md.display())))?;
+        eprintln!("wrote {}", md.display());
+    }
+    Ok(())
 }
 
 /// A table per suite: one row per (scenario, metric, size), one column per strategy.
@@ -163,12 +208,7 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
         if !strategies.contains(&r.strategy.as_str()) {
             strategies.push(&r.strategy);
         }
-        let key = (
-            r.suite.as_str(),
-            r.scenario.as_str(),
-            r.metric.as_str(),
-            r.size_bytes,
-        );
+        let key = (r.suite.as_str(), r.scenario.as_str(), r.metric.as_str(), r.size_bytes);
         if !rows.contains(&key) {
             rows.push(key);
         }
@@ -179,11 +219,7 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
     }
     writeln!(out)?;
     for (suite, scenario, metric, size) in rows {
-        let label = if scenario == metric {
-            metric.to_string()
-        } else {
-            format!("{scenario}/{metric}")
-        };
+        let label = if scenario == metric { metric.to_string() } else { format!("{scenario}/{metric}") };
         write!(out, "{suite:<8} {label:<26} {:>9}", human_bytes(size))?;
         for s in &strategies {
             let cell = records
@@ -226,11 +262,7 @@ pub fn human_bytes(b: u64) -> String {
     for (scale, unit) in UNITS {
         if b >= scale {
             let v = b as f64 / scale as f64;
-            return if v.fract() == 0.0 {
-                format!("{v:.0}{unit}")
-            } else {
-                format!("{v:.1}{unit}")
-            };
+            return if v.fract() == 0.0 { format!("{v:.0}{unit}") } else { format!("{v:.1}{unit}") };
         }
     }
     format!("{b}")

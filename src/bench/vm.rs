@@ -35,19 +35,13 @@ fn err(e: impl std::fmt::Display) -> BenchError {
 /// Times `cycles` pause/resume cycles of a `vcpus`-vCPU VM: (pause times, resume times).
 pub fn pause_resume(vcpus: u32, cycles: usize) -> Result<(Vec<Duration>, Vec<Duration>), BenchError> {
     let memory = Arc::new(GuestMemory::with_size(MEM, &MemoryOptions::default()).map_err(err)?);
-    let config = VmConfig {
-        vcpus,
-        workload: Workload::default(),
-        ..Default::default()
-    };
+    let config = VmConfig { vcpus, workload: Workload::default(), ..Default::default() };
     let vm = Vm::create(memory, &config).map_err(err)?;
     let rx = vm.subscribe();
     // Every vCPU is up before the clock starts.
     let mut up = vec![false; vcpus as usize];
     while up.iter().any(|u| !u) {
-        let r = rx
-            .recv_timeout(Duration::from_secs(20))
-            .map_err(|_| err("the guest did not report"))?;
+        let r = rx.recv_timeout(Duration::from_secs(20)).map_err(|_| err("the guest did not report"))?;
         up[r.vcpu as usize] = true;
     }
     let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
@@ -73,27 +67,16 @@ pub fn vm_start(exe: &Path, runs: usize, runtime_dir: Option<&Path>) -> Result<V
         let name = format!("bench-{}-{i}", std::process::id());
         let t = Instant::now();
         let mut cmd = Command::new(exe);
-        cmd.args([
-            "run",
-            "--name",
-            &name,
-            "--mem",
-            &MEM.to_string(),
-            "--workload",
-            "idle",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        cmd.args(["run", "--name", &name, "--mem", &MEM.to_string(), "--workload", "idle"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         if let Some(dir) = runtime_dir {
             cmd.env("XDG_RUNTIME_DIR", dir);
         }
         let mut child = cmd.spawn().map_err(err)?;
         let stdout = child.stdout.take().expect("piped");
         let mut lines = BufReader::new(stdout).lines();
-        let first = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find(|l| l.starts_with("report "));
+        let first = lines.by_ref().map_while(Result::ok).find(|l| l.starts_with("report "));
         let elapsed = t.elapsed();
         // Keep reading, so the VM never writes into a closed pipe.
         let drain = std::thread::spawn(move || lines.for_each(drop));
@@ -107,10 +90,7 @@ pub fn vm_start(exe: &Path, runs: usize, runtime_dir: Option<&Path>) -> Result<V
             return Err(err(format!("{} run printed no guest report", exe.display())));
         }
         if !status.success() {
-            return Err(err(format!(
-                "{} run did not stop cleanly: {status}",
-                exe.display()
-            )));
+            return Err(err(format!("{} run did not stop cleanly: {status}", exe.display())));
         }
         times.push(elapsed);
     }
@@ -131,15 +111,7 @@ pub fn run(records: &mut Vec<Record>) -> Result<(), BenchError> {
     let is_vmfork = exe.file_name().is_some_and(|n| n == "vmfork");
     if is_vmfork {
         let t = vm_start(&exe, STARTS, None)?;
-        records.push(Record::value(
-            "vm",
-            "start",
-            "kvm",
-            size,
-            "vm_start_ns",
-            median(t),
-            "ns",
-        ));
+        records.push(Record::value("vm", "start", "kvm", size, "vm_start_ns", median(t), "ns"));
     } else {
         let why = "needs the vmfork binary (run `vmfork bench`)";
         records.push(Record::skipped("vm", "start", "kvm", size, "vm_start_ns", why));
@@ -147,24 +119,8 @@ pub fn run(records: &mut Vec<Record>) -> Result<(), BenchError> {
     for vcpus in [1, 2] {
         let (p, r) = pause_resume(vcpus, CYCLES)?;
         let scenario = format!("{vcpus}vcpu");
-        records.push(Record::value(
-            "vm",
-            &scenario,
-            "kvm",
-            size,
-            "pause_ns",
-            median(p),
-            "ns",
-        ));
-        records.push(Record::value(
-            "vm",
-            &scenario,
-            "kvm",
-            size,
-            "resume_ns",
-            median(r),
-            "ns",
-        ));
+        records.push(Record::value("vm", &scenario, "kvm", size, "pause_ns", median(p), "ns"));
+        records.push(Record::value("vm", &scenario, "kvm", size, "resume_ns", median(r), "ns"));
     }
     Ok(())
 }

@@ -43,6 +43,44 @@ pub fn usage(memory: &GuestMemory) -> Result<Usage> {
     Ok(u)
 }
 
+/// What `memory` has resident in this process's page tables, split as the kernel sees
+/// it across processes (`/proc/self/smaps`): pages mapped by this process alone
+/// (copied-on-write pages, a file of its own) are private; pages mapped by other
+/// processes too (layers a forked parent and child both map) are shared. Pages of a
+/// file that nobody maps at the moment are not counted.
+pub fn resident_usage(memory: &GuestMemory) -> Result<Usage> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(Error::PageMap)?;
+    let ranges: Vec<(usize, usize)> = memory
+        .regions()
+        .iter()
+        .map(|r| (r.host_addr() as usize, r.host_addr() as usize + r.size()))
+        .collect();
+    let mut u = Usage::default();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((span, _)) = line.split_once(' ') {
+            if let Some((a, b)) = span.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                    inside = ranges.iter().any(|&(s, e)| a >= s && b <= e);
+                    continue;
+                }
+            }
+        }
+        if !inside {
+            continue;
+        }
+        let kb = |field: &str| -> Option<u64> {
+            line.strip_prefix(field)?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        };
+        if let Some(v) = kb("Private_Clean:").or_else(|| kb("Private_Dirty:")) {
+            u.private_bytes += v * 1024;
+        } else if let Some(v) = kb("Shared_Clean:").or_else(|| kb("Shared_Dirty:")) {
+            u.shared_bytes += v * 1024;
+        }
+    }
+    Ok(u)
+}
+
 /// Total memory used by a set of memories, counting each file once: what N clones cost
 /// the host together.
 pub fn footprint(memories: &[&GuestMemory]) -> Result<u64> {
@@ -81,10 +119,7 @@ fn files_of(region: &Region) -> Vec<(Arc<MemFile>, usize)> {
 
 /// Bytes of anonymous memory in the region's mapping.
 pub fn anon_bytes(region: &Region) -> Result<u64> {
-    Ok(anon_runs(region.host_addr() as usize, region.size())?
-        .iter()
-        .map(|(s, e)| (e - s) as u64)
-        .sum())
+    Ok(anon_runs(region.host_addr() as usize, region.size())?.iter().map(|(s, e)| (e - s) as u64).sum())
 }
 
 /// Runs `[start, end)` (offsets from `addr`) of pages in `[addr, addr + len)` that are
@@ -185,9 +220,7 @@ fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
     while page < pages {
         let batch = (pages - page).min(raw.len() / 8);
         let at = ((addr / PAGE_SIZE + page) * 8) as u64;
-        pagemap
-            .read_exact_at(&mut raw[..batch * 8], at)
-            .map_err(Error::PageMap)?;
+        pagemap.read_exact_at(&mut raw[..batch * 8], at).map_err(Error::PageMap)?;
         for i in 0..batch {
             let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
             if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {
@@ -207,6 +240,16 @@ fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
 mod tests {
     use super::*;
     use crate::memory::MemoryOptions;
+
+    #[test]
+    fn resident_usage_sees_own_pages_as_private() {
+        let mem = GuestMemory::with_size(64 * PAGE_SIZE, &MemoryOptions::default()).unwrap();
+        for p in 0..10 {
+            mem.write((p * PAGE_SIZE) as u64, &[1]).unwrap();
+        }
+        let u = resident_usage(&mem).unwrap();
+        assert_eq!(u, Usage { private_bytes: 10 * PAGE_SIZE as u64, shared_bytes: 0 });
+    }
 
     #[test]
     fn ioctl_and_file_scans_agree() {

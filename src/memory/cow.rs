@@ -73,12 +73,7 @@ pub fn freeze(region: &Region) -> Result<Vec<Extent>> {
                 map.map_file(0, size, fd, 0, Share::Shared)?;
                 return Err(e);
             }
-            *layout = Layout::Layers(vec![Extent {
-                offset: 0,
-                len: size,
-                file,
-                file_offset: 0,
-            }]);
+            *layout = Layout::Layers(vec![Extent { offset: 0, len: size, file, file_offset: 0 }]);
         }
         Layout::Layers(extents) => {
             let runs = merge_close(anon_runs(map.as_ptr() as usize, size)?, GAP_FILL);
@@ -92,13 +87,7 @@ pub fn freeze(region: &Region) -> Result<Vec<Extent>> {
                     write_layer(region, &fit_budget(runs, room))?
                 };
                 for p in &placed {
-                    map.map_file(
-                        p.offset,
-                        p.len,
-                        p.file.file().as_raw_fd(),
-                        p.file_offset,
-                        Share::Private,
-                    )?;
+                    p.map_private(map)?;
                 }
                 *extents = overlay(extents, &placed);
             }
@@ -122,12 +111,7 @@ fn write_layer(region: &Region, runs: &[(usize, usize)]) -> Result<Vec<Extent>> 
         // are the whole region) and the region is not written during a clone.
         let bytes = unsafe { std::slice::from_raw_parts(region.host_addr().add(s), e - s) };
         layer.write_all_at(bytes, at as u64)?;
-        placed.push(Extent {
-            offset: s,
-            len: e - s,
-            file: layer.clone(),
-            file_offset: at,
-        });
+        placed.push(Extent { offset: s, len: e - s, file: layer.clone(), file_offset: at });
         at += e - s;
     }
     layer.seal_immutable()?;
@@ -275,9 +259,6 @@ mod tests {
     #[test]
     fn merge_close_fills_small_gaps_only() {
         let runs = vec![(0, 4096), (8192, 12288), (1 << 20, (1 << 20) + 4096)];
-        assert_eq!(
-            merge_close(runs, GAP_FILL),
-            vec![(0, 12288), (1 << 20, (1 << 20) + 4096)]
-        );
+        assert_eq!(merge_close(runs, GAP_FILL), vec![(0, 12288), (1 << 20, (1 << 20) + 4096)]);
     }
 }

@@ -2,8 +2,9 @@
 //! ([`MemFile`]) and an mmap of (part of) it ([`Mapping`]).
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Error, Result};
@@ -25,12 +26,8 @@ impl MemFile {
     /// Creates a memfd of `size` bytes (a sparse file: no memory is used until written).
     pub fn create(name: &str, size: usize) -> Result<Self> {
         check_size(size)?;
-        let memfd = memfd::MemfdOptions::default()
-            .allow_sealing(true)
-            .close_on_exec(true)
-            .create(name)
-            .map_err(|e| Error::Memfd(std::io::Error::other(e.to_string())))?;
-        let file = memfd.into_file();
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | reflink_flag();
+        let file = File::from(memfd_create(name, flags).map_err(Error::Memfd)?);
         file.set_len(size as u64).map_err(Error::Memfd)?;
         Ok(MemFile { file, size })
     }
@@ -113,6 +110,36 @@ impl AsFd for MemFile {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// `MFD_REFLINK` from vmfork's kernel patch (`kernel-patch/`): marks a memfd as allowed
+/// to be a `FICLONE` source or destination. Kernels without the patch reject the flag.
+pub const MFD_REFLINK: libc::c_uint = 0x0020;
+
+/// `MFD_REFLINK` where the kernel knows it, else nothing: every guest memfd is made
+/// clonable, since a fork may come at any time.
+fn reflink_flag() -> libc::c_uint {
+    static FLAG: OnceLock<libc::c_uint> = OnceLock::new();
+    *FLAG.get_or_init(|| match memfd_create("vmfork-probe", libc::MFD_CLOEXEC | MFD_REFLINK) {
+        Ok(_) => MFD_REFLINK,
+        Err(_) => 0,
+    })
+}
+
+/// Whether this kernel accepts `MFD_REFLINK` (has vmfork's reflink patch).
+pub fn kernel_has_mfd_reflink() -> bool {
+    reflink_flag() != 0
+}
+
+fn memfd_create(name: &str, flags: libc::c_uint) -> std::io::Result<OwnedFd> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Checks that `size` is a non-zero multiple of [`PAGE_SIZE`].

@@ -12,6 +12,7 @@
 //! | `cow` | [`cow`] | freeze the memory as immutable layers, both sides map them `MAP_PRIVATE` |
 //! | `reflink` | [`reflink`] | `ioctl(FICLONE)` into a new memfd (needs vmfork's kernel patch) |
 //! | `uffd` | [`uffd`] | child memfd filled lazily by a userfaultfd page server |
+//! | `uffd-minor` | [`uffd`] | `cow` view whose first touch of each page goes through a page server (`UFFDIO_CONTINUE`) |
 //! | `auto` | here | `reflink` where the kernel has it, else `cow` |
 //!
 //! The caller keeps writers of the source quiet for the duration of
@@ -31,7 +32,7 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use file::{Mapping, MemFile, PAGE_SIZE, Share, check_size};
+pub use file::{MFD_REFLINK, Mapping, MemFile, PAGE_SIZE, Share, check_size, kernel_has_mfd_reflink};
 
 /// Errors of the memory layer. The message says what happened and, where it helps, what
 /// to do about it.
@@ -61,23 +62,19 @@ pub enum Error {
     PageMap(#[source] std::io::Error),
     /// The kernel has no reflink for memfd/tmpfs.
     #[error(
-        "this kernel cannot reflink memfd/tmpfs files (FICLONE: {0}); vmfork's kernel-patch/ adds it. Use --strategy cow, or auto, which falls back to cow"
+        "this kernel cannot reflink memfd/tmpfs files (FICLONE: {0}); vmfork's kernel-patch/ adds it (memfds made with MFD_REFLINK). Use --strategy cow, or auto, which falls back to cow"
     )]
     ReflinkUnsupported(#[source] std::io::Error),
     /// FICLONE failed for another reason.
     #[error("FICLONE failed: {0}")]
     Reflink(#[source] std::io::Error),
-    /// reflink clones files; a memory made of cow layers is not one file.
-    #[error(
-        "reflink needs memory backed by a single file, but this memory is a copy-on-write view over {0} layers (it was cloned with cow or uffd); clone it with cow"
-    )]
-    ReflinkNeedsFile(usize),
+
     #[error("userfaultfd: {0}")]
     Uffd(#[source] std::io::Error),
     /// The page server of a lazily filled memory is gone.
     #[error("the page server of this lazily cloned memory died; pages it never served are lost")]
     PageServerDied,
-    #[error("unknown clone strategy {0:?}: expected one of copy, cow, reflink, uffd, auto")]
+    #[error("unknown clone strategy {0:?}: expected one of copy, cow, reflink, uffd, uffd-minor, auto")]
     UnknownStrategy(String),
     #[error("cannot copy guest memory: {0}")]
     Copy(#[source] std::io::Error),
@@ -99,12 +96,15 @@ pub enum Strategy {
     Cow,
     Reflink,
     Uffd,
+    #[serde(rename = "uffd-minor")]
+    UffdMinor,
     Auto,
 }
 
 impl Strategy {
     /// Every strategy that does real work (`auto` only picks one of them).
-    pub const CONCRETE: [Strategy; 4] = [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd];
+    pub const CONCRETE: [Strategy; 5] =
+        [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
     /// The name used on the command line and in benchmark records.
     pub fn name(self) -> &'static str {
@@ -113,6 +113,7 @@ impl Strategy {
             Strategy::Cow => "cow",
             Strategy::Reflink => "reflink",
             Strategy::Uffd => "uffd",
+            Strategy::UffdMinor => "uffd-minor",
             Strategy::Auto => "auto",
         }
     }
@@ -143,6 +144,7 @@ impl FromStr for Strategy {
             "cow" => Strategy::Cow,
             "reflink" => Strategy::Reflink,
             "uffd" => Strategy::Uffd,
+            "uffd-minor" => Strategy::UffdMinor,
             "auto" => Strategy::Auto,
             other => return Err(Error::UnknownStrategy(other.to_string())),
         })
@@ -165,6 +167,11 @@ pub struct Extent {
 impl Extent {
     fn end(&self) -> usize {
         self.offset + self.len
+    }
+
+    /// Maps this run of its layer copy-on-write at its place in `map`.
+    fn map_private(&self, map: &Mapping) -> Result<()> {
+        map.map_file(self.offset, self.len, self.file.file().as_raw_fd(), self.file_offset, Share::Private)
     }
 }
 
@@ -198,32 +205,16 @@ impl Region {
     pub fn with_file(guest_addr: u64, file: Arc<MemFile>) -> Result<Self> {
         let map = Mapping::reserve(file.size())?;
         map.map_file(0, file.size(), file.file().as_raw_fd(), 0, Share::Shared)?;
-        Ok(Region {
-            guest_addr,
-            map,
-            layout: Mutex::new(Layout::File(file)),
-            lazy: Mutex::new(None),
-        })
+        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::File(file)), lazy: Mutex::new(None) })
     }
 
     /// A region that maps immutable layers copy-on-write.
     pub fn with_layers(guest_addr: u64, size: usize, extents: Vec<Extent>) -> Result<Self> {
         let map = Mapping::reserve(size)?;
         for e in &extents {
-            map.map_file(
-                e.offset,
-                e.len,
-                e.file.file().as_raw_fd(),
-                e.file_offset,
-                Share::Private,
-            )?;
+            e.map_private(&map)?;
         }
-        Ok(Region {
-            guest_addr,
-            map,
-            layout: Mutex::new(Layout::Layers(extents)),
-            lazy: Mutex::new(None),
-        })
+        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::Layers(extents)), lazy: Mutex::new(None) })
     }
 
     /// First guest-physical address.
@@ -310,16 +301,11 @@ impl GuestMemory {
         for &(gpa, size) in &sorted {
             check_size(size)?;
             if gpa % PAGE_SIZE as u64 != 0 {
-                return Err(Error::BadLayout(format!(
-                    "region address {gpa:#x} is not page aligned"
-                )));
+                return Err(Error::BadLayout(format!("region address {gpa:#x} is not page aligned")));
             }
             regions.push(Region::with_new_file(gpa, size, "vmfork-guest")?);
         }
-        let mem = GuestMemory {
-            regions,
-            huge_pages: opts.huge_pages,
-        };
+        let mem = GuestMemory { regions, huge_pages: opts.huge_pages };
         mem.apply_options()?;
         Ok(mem)
     }
@@ -405,6 +391,7 @@ impl GuestMemory {
                 Strategy::Cow => cow::clone_region(r)?,
                 Strategy::Reflink => reflink::clone_region(r)?,
                 Strategy::Uffd => uffd::clone_region(r)?,
+                Strategy::UffdMinor => uffd::clone_region_minor(r)?,
                 Strategy::Auto => unreachable!("resolve() never returns auto"),
             };
             regions.push(child);

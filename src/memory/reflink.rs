@@ -1,17 +1,24 @@
 //! `reflink`: `ioctl(FICLONE)` from the source memfd into a new memfd.
 //!
+//! A `cow` view (a memory cloned before with `cow` or `uffd-minor`) is made of sealed
+//! layer files; its child gets each run linked with `FICLONERANGE`, which the patched
+//! kernel does in O(1) for a sealed source.
+//!
 //! Each side then keeps a `MAP_SHARED` mapping of its own file and the kernel shares the
 //! pages underneath until one side writes. No Linux kernel offers this for tmpfs/memfd
-//! yet (they answer `EOPNOTSUPP` or `EXDEV`); vmfork's `kernel-patch/` adds it. Support is
-//! probed once per process with two one-page memfds.
+//! yet (they answer `EOPNOTSUPP` or `EXDEV`); vmfork's `kernel-patch/` adds it, for memfds
+//! created with its `MFD_REFLINK` flag, which vmfork sets on every guest memfd where the
+//! kernel accepts it. Support is probed once per process with two one-page memfds.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 
-use super::{Error, Layout, MemFile, Region, Result};
+use super::{Error, Layout, MemFile, Region, Result, cow};
 
 /// `_IOW(0x94, 9, int)` from include/uapi/linux/fs.h.
 const FICLONE: libc::c_ulong = 0x4004_9409;
+/// `_IOW(0x94, 13, struct file_clone_range)`.
+const FICLONERANGE: libc::c_ulong = 0x4020_940D;
 
 /// Whether this kernel can reflink memfds; the error explains why not.
 pub fn probe() -> Result<()> {
@@ -35,15 +42,24 @@ pub fn probe() -> Result<()> {
     }
 }
 
-/// Clones `src` into a new memfd with `FICLONE`.
+/// Clones `src` into a new memfd: the whole file with `FICLONE`, or, for a `cow` view,
+/// each run of its (sealed) layers with `FICLONERANGE` after freezing the pages it
+/// dirtied into a layer of their own.
 pub(super) fn clone_region(src: &Region) -> Result<Region> {
     src.materialize()?;
+    let child = MemFile::create("vmfork-reflink", src.size())?;
     let file = match &*src.layout() {
-        Layout::File(f) => f.clone(),
-        Layout::Layers(extents) => return Err(Error::ReflinkNeedsFile(extents.len())),
+        Layout::File(f) => Some(f.clone()),
+        Layout::Layers(_) => None,
     };
-    let child = MemFile::create("vmfork-reflink", file.size())?;
-    ficlone(&child, &file)?;
+    match file {
+        Some(file) => ficlone(&child, &file)?,
+        None => {
+            for e in cow::freeze(src)? {
+                ficlone_range(&child, &e.file, e.file_offset, e.len, e.offset)?;
+            }
+        }
+    }
     Region::with_file(src.guest_addr(), Arc::new(child))
 }
 
@@ -52,6 +68,38 @@ fn ficlone(dst: &MemFile, src: &MemFile) -> Result<()> {
     // SAFETY: FICLONE takes the source fd as its integer argument; both fds are open for
     // the duration of the call and no memory of ours is passed.
     let rc = unsafe { libc::ioctl(dst.file().as_raw_fd(), FICLONE, src.file().as_raw_fd()) };
+    check(rc)
+}
+
+/// `struct file_clone_range` from include/uapi/linux/fs.h.
+#[repr(C)]
+struct FileCloneRange {
+    src_fd: i64,
+    src_offset: u64,
+    src_length: u64,
+    dest_offset: u64,
+}
+
+/// Makes `[dst_offset, dst_offset + len)` of `dst` share `src` from `src_offset`.
+fn ficlone_range(
+    dst: &MemFile,
+    src: &MemFile,
+    src_offset: usize,
+    len: usize,
+    dst_offset: usize,
+) -> Result<()> {
+    let arg = FileCloneRange {
+        src_fd: src.file().as_raw_fd().into(),
+        src_offset: src_offset as u64,
+        src_length: len as u64,
+        dest_offset: dst_offset as u64,
+    };
+    // SAFETY: FICLONERANGE reads one file_clone_range, which outlives the call.
+    let rc = unsafe { libc::ioctl(dst.file().as_raw_fd(), FICLONERANGE, &arg) };
+    check(rc)
+}
+
+fn check(rc: libc::c_int) -> Result<()> {
     if rc == 0 {
         return Ok(());
     }

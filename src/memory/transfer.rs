@@ -87,19 +87,9 @@ impl GuestMemory {
                         .collect(),
                 },
             };
-            regions.push(RegionManifest {
-                guest_addr: r.guest_addr(),
-                size: r.size(),
-                layout,
-            });
+            regions.push(RegionManifest { guest_addr: r.guest_addr(), size: r.size(), layout });
         }
-        Ok((
-            Manifest {
-                huge_pages: self.huge_pages(),
-                regions,
-            },
-            files,
-        ))
+        Ok((Manifest { huge_pages: self.huge_pages(), regions }, files))
     }
 
     /// Builds memory from a manifest and the files it indexes, checking that the
@@ -107,10 +97,7 @@ impl GuestMemory {
     pub fn from_manifest(manifest: &Manifest, files: Vec<MemFile>) -> Result<GuestMemory> {
         let files: Vec<Arc<MemFile>> = files.into_iter().map(Arc::new).collect();
         let file = |i: usize| {
-            files
-                .get(i)
-                .cloned()
-                .ok_or_else(|| bad(format!("fd index {i} but only {} fds", files.len())))
+            files.get(i).cloned().ok_or_else(|| bad(format!("fd index {i} but only {} fds", files.len())))
         };
         let mut regions = Vec::with_capacity(manifest.regions.len());
         for rm in &manifest.regions {
@@ -132,9 +119,7 @@ impl GuestMemory {
                     let mut out = Vec::with_capacity(extents.len());
                     for e in extents {
                         let f = file(e.fd)?;
-                        let aligned = [e.offset, e.len, e.file_offset]
-                            .iter()
-                            .all(|v| v % PAGE_SIZE == 0);
+                        let aligned = [e.offset, e.len, e.file_offset].iter().all(|v| v % PAGE_SIZE == 0);
                         if e.offset != next || e.len == 0 || !aligned || e.file_offset + e.len > f.size() {
                             return Err(bad(format!(
                                 "extent {e:?} does not tile the region or fit its file"
@@ -171,10 +156,7 @@ impl GuestMemory {
     pub fn receive(sock: &UnixStream) -> Result<GuestMemory> {
         let (json, fds) = recv_with_fds(sock).map_err(Error::Transfer)?;
         let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(format!("manifest: {e}")))?;
-        let files = fds
-            .into_iter()
-            .map(MemFile::from_fd)
-            .collect::<Result<Vec<_>>>()?;
+        let files = fds.into_iter().map(MemFile::from_fd).collect::<Result<Vec<_>>>()?;
         GuestMemory::from_manifest(&manifest, files)
     }
 }
@@ -193,13 +175,7 @@ pub fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> std::io:
     w.write_all(bytes)?;
     for batch in fds.chunks(FDS_PER_MESSAGE) {
         let cmsg = [ControlMessage::ScmRights(batch)];
-        sendmsg::<()>(
-            sock.as_raw_fd(),
-            &[IoSlice::new(&[0])],
-            &cmsg,
-            MsgFlags::empty(),
-            None,
-        )?;
+        sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&[0])], &cmsg, MsgFlags::empty(), None)?;
     }
     Ok(())
 }
@@ -212,10 +188,7 @@ pub fn recv_with_fds(sock: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd
     let len = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
     let nfds = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
     if len > MAX_MANIFEST || nfds > 1 << 20 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "implausible message header",
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "implausible message header"));
     }
     let mut bytes = vec![0u8; len as usize];
     r.read_exact(&mut bytes)?;
@@ -224,12 +197,7 @@ pub fn recv_with_fds(sock: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd
     while fds.len() < nfds as usize {
         let mut byte = [0u8; 1];
         let mut iov = [IoSliceMut::new(&mut byte)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
+        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
         if msg.bytes == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -282,9 +250,7 @@ mod tests {
     #[test]
     fn many_files_cross_in_batches() {
         let (a, b) = UnixStream::pair().unwrap();
-        let files: Vec<MemFile> = (0..450)
-            .map(|_| MemFile::create("t", PAGE_SIZE).unwrap())
-            .collect();
+        let files: Vec<MemFile> = (0..450).map(|_| MemFile::create("t", PAGE_SIZE).unwrap()).collect();
         let raw: Vec<RawFd> = files.iter().map(|f| f.as_fd().as_raw_fd()).collect();
         let sender = std::thread::spawn(move || send_with_fds(&a, b"hello", &raw).map(|_| files));
         let (bytes, fds) = recv_with_fds(&b).unwrap();
@@ -298,29 +264,14 @@ mod tests {
         let f = || vec![MemFile::create("t", 4 * PAGE_SIZE).unwrap()];
         let region = |layout| Manifest {
             huge_pages: false,
-            regions: vec![RegionManifest {
-                guest_addr: 0,
-                size: 4 * PAGE_SIZE,
-                layout,
-            }],
+            regions: vec![RegionManifest { guest_addr: 0, size: 4 * PAGE_SIZE, layout }],
         };
-        let ext = |offset, len, fd, file_offset| ExtentManifest {
-            offset,
-            len,
-            fd,
-            file_offset,
-        };
+        let ext = |offset, len, fd, file_offset| ExtentManifest { offset, len, fd, file_offset };
         for m in [
             region(LayoutManifest::File { fd: 1 }),
-            region(LayoutManifest::Layers {
-                extents: vec![ext(0, 2 * PAGE_SIZE, 0, 0)],
-            }),
-            region(LayoutManifest::Layers {
-                extents: vec![ext(0, 4 * PAGE_SIZE, 0, PAGE_SIZE)],
-            }),
-            region(LayoutManifest::Layers {
-                extents: vec![ext(PAGE_SIZE, 3 * PAGE_SIZE, 0, 0)],
-            }),
+            region(LayoutManifest::Layers { extents: vec![ext(0, 2 * PAGE_SIZE, 0, 0)] }),
+            region(LayoutManifest::Layers { extents: vec![ext(0, 4 * PAGE_SIZE, 0, PAGE_SIZE)] }),
+            region(LayoutManifest::Layers { extents: vec![ext(PAGE_SIZE, 3 * PAGE_SIZE, 0, 0)] }),
         ] {
             let e = GuestMemory::from_manifest(&m, f()).unwrap_err();
             assert!(matches!(e, Error::BadManifest(_)), "{m:?}: {e}");

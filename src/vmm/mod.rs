@@ -47,18 +47,11 @@ pub enum Error {
     KvmOpen(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
     #[error("KVM {what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error("{asked} vCPUs requested; this host's KVM runs 1 to {max}")]
     VcpuCount { asked: u32, max: u32 },
     #[error("the VM is {now}; {action} needs it {need}")]
-    WrongState {
-        now: RunState,
-        action: &'static str,
-        need: &'static str,
-    },
+    WrongState { now: RunState, action: &'static str, need: &'static str },
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
     #[error("the saved state does not fit this VM: {0}")]
@@ -87,11 +80,7 @@ pub struct VmConfig {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig {
-            vcpus: 1,
-            workload: Workload::default(),
-            ring0_entry: false,
-        }
+        VmConfig { vcpus: 1, workload: Workload::default(), ring0_entry: false }
     }
 }
 
@@ -200,18 +189,10 @@ impl Shared {
     }
 
     pub fn report(&self, r: Report) {
-        if let Some(slot) = self
-            .latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(r.vcpu as usize)
-        {
+        if let Some(slot) = self.latest.lock().unwrap_or_else(|p| p.into_inner()).get_mut(r.vcpu as usize) {
             *slot = Some(r);
         }
-        self.report_subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|s| s.send(r).is_ok());
+        self.report_subscribers.lock().unwrap_or_else(|p| p.into_inner()).retain(|s| s.send(r).is_ok());
         self.console.line(r.to_string());
     }
 
@@ -260,15 +241,11 @@ impl Vm {
                 guest::iret_frame(&vm.shared.memory, i)?;
             }
             let v = vm.vcpu(i as usize);
-            v.set_sregs(&guest::sregs(&base, user))
-                .map_err(kvm_err("KVM_SET_SREGS"))?;
-            v.set_regs(&guest::regs(i, user))
-                .map_err(kvm_err("KVM_SET_REGS"))?;
+            v.set_sregs(&guest::sregs(&base, user)).map_err(kvm_err("KVM_SET_SREGS"))?;
+            v.set_regs(&guest::regs(i, user)).map_err(kvm_err("KVM_SET_REGS"))?;
             // With the in-kernel LAPIC, vCPUs other than the first wait for INIT/SIPI;
             // the built-in guest starts them all at once, already in long mode.
-            let runnable = kvm_bindings::kvm_mp_state {
-                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-            };
+            let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
             v.set_mp_state(runnable).map_err(kvm_err("KVM_SET_MP_STATE"))?;
         }
         vm.start(Want::Run)?;
@@ -300,19 +277,13 @@ impl Vm {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let max = (kvm.get_max_vcpus() as u32).max(1);
         if config.vcpus == 0 || config.vcpus > max {
-            return Err(Error::VcpuCount {
-                asked: config.vcpus,
-                max,
-            });
+            return Err(Error::VcpuCount { asked: config.vcpus, max });
         }
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         // Needed on VMX hosts; other KVMs may refuse it harmlessly.
         let _ = vm.set_tss_address(TSS_ADDRESS);
         vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         for (slot, r) in memory.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -326,9 +297,8 @@ impl Vm {
             // `memory`, which the Vm keeps (in `shared`) until the VM fd is closed.
             unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
             let v = vm.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -341,24 +311,12 @@ impl Vm {
             v.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
             vcpus.push(Arc::new(Mutex::new(v)));
         }
-        let supported = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-        let msrs = state::MSRS_TO_SAVE
-            .iter()
-            .copied()
-            .filter(|m| supported.as_slice().contains(m))
-            .collect();
+        let supported = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let msrs = state::MSRS_TO_SAVE.iter().copied().filter(|m| supported.as_slice().contains(m)).collect();
         let console = Arc::new(Console::default());
         let n = config.vcpus as usize;
         let shared = Arc::new(Shared {
-            ctl: Mutex::new(Ctl {
-                want: Want::Pause,
-                idle: vec![false; n],
-                parked: 0,
-                alive: 0,
-                exit: None,
-            }),
+            ctl: Mutex::new(Ctl { want: Want::Pause, idle: vec![false; n], parked: 0, alive: 0, exit: None }),
             cond: Condvar::new(),
             memory,
             devices: Devices::new(console.clone()),
@@ -395,10 +353,7 @@ impl Vm {
                 .spawn(move || vcpu::run_loop(i, fd, ie, shared))
                 .map_err(Error::Thread)?;
             use std::os::unix::thread::JoinHandleExt;
-            kicks.push(Kick {
-                immediate_exit: ie,
-                thread: t.as_pthread_t(),
-            });
+            kicks.push(Kick { immediate_exit: ie, thread: t.as_pthread_t() });
             self.threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
         }
         let _ = self.shared.kicks.set(kicks);
@@ -452,21 +407,13 @@ impl Vm {
 
     /// The latest report of each vCPU.
     pub fn latest_reports(&self) -> Vec<Option<Report>> {
-        self.shared
-            .latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shared.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Every report from now on.
     pub fn subscribe(&self) -> Receiver<Report> {
         let (tx, rx) = channel();
-        self.shared
-            .report_subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(tx);
+        self.shared.report_subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
         rx
     }
 
@@ -535,22 +482,13 @@ impl Vm {
         let mut ctl = self.shared.ctl();
         while ctl.alive > 0 {
             let left = deadline.checked_duration_since(Instant::now())?;
-            ctl = self
-                .shared
-                .cond
-                .wait_timeout(ctl, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            ctl = self.shared.cond.wait_timeout(ctl, left).unwrap_or_else(|p| p.into_inner()).0;
         }
         Some(ctl.exit.clone().unwrap_or(ExitReason::Stopped))
     }
 
     fn wrong_state(&self, action: &'static str, need: &'static str) -> Error {
-        Error::WrongState {
-            now: self.state(),
-            action,
-            need,
-        }
+        Error::WrongState { now: self.state(), action, need }
     }
 
     /// Captures the whole VM state. The VM must be paused.
@@ -561,12 +499,7 @@ impl Vm {
         let vcpus = (0..self.vcpus.len())
             .map(|i| VcpuState::capture(&self.vcpu(i), &self.msrs))
             .collect::<Result<Vec<_>>>()?;
-        VmState::capture(
-            &self.vm,
-            self.config.clone(),
-            self.shared.memory.size() as u64,
-            vcpus,
-        )
+        VmState::capture(&self.vm, self.config.clone(), self.shared.memory.size() as u64, vcpus)
     }
 }
 

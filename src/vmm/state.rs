@@ -73,45 +73,24 @@ impl VcpuState {
         let xcrs = vcpu.get_xcrs().ok();
         let debugregs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
         let lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
-        let cpuid = vcpu
-            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_CPUID2"))?;
-        let entries: Vec<kvm_msr_entry> = msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
+        let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
+        let entries: Vec<kvm_msr_entry> =
+            msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs =
             Msrs::from_entries(&entries).map_err(|e| Error::StateMismatch(format!("MSR list: {e:?}")))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         if n != entries.len() {
             let failed = entries[n].index;
-            return Err(Error::StateMismatch(format!(
-                "KVM could not read MSR {failed:#x}"
-            )));
+            return Err(Error::StateMismatch(format!("KVM could not read MSR {failed:#x}")));
         }
         let events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-        Ok(VcpuState {
-            cpuid,
-            mp_state,
-            regs,
-            sregs,
-            xsave,
-            xcrs,
-            debugregs,
-            lapic,
-            msrs,
-            events,
-        })
+        Ok(VcpuState { cpuid, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, events })
     }
 
     /// Writes this state into a fresh vCPU.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<()> {
         vcpu.set_cpuid2(&self.cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        vcpu.set_mp_state(self.mp_state)
-            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        vcpu.set_mp_state(self.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         // SAFETY: `self.xsave` is a complete kvm_xsave read by KVM_GET_XSAVE, which is
@@ -120,16 +99,14 @@ impl VcpuState {
         if let Some(xcrs) = &self.xcrs {
             vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         }
-        vcpu.set_debug_regs(&self.debugregs)
-            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_debug_regs(&self.debugregs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         let n = vcpu.set_msrs(&self.msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if n != self.msrs.as_slice().len() {
             let failed = self.msrs.as_slice()[n].index;
             return Err(Error::StateMismatch(format!("KVM refused MSR {failed:#x}")));
         }
-        vcpu.set_vcpu_events(&self.events)
-            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        vcpu.set_vcpu_events(&self.events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 }
@@ -157,21 +134,11 @@ impl VmState {
         clock.flags = 0;
         let mut irqchips = Vec::new();
         for id in IRQCHIPS {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
             vm.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
             irqchips.push(c);
         }
-        Ok(VmState {
-            config,
-            memory_size,
-            vcpus,
-            pit,
-            clock,
-            irqchips,
-        })
+        Ok(VmState { config, memory_size, vcpus, pit, clock, irqchips })
     }
 
     /// Writes the VM-level state into a fresh VM whose vCPUs were restored.

@@ -87,8 +87,7 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
     impl Drop for Guard<'_> {
         fn drop(&mut self) {
             if !self.1 {
-                self.0
-                    .vcpu_exited(Some(ExitReason::Crash("a vCPU thread panicked".into())));
+                self.0.vcpu_exited(Some(ExitReason::Crash("a vCPU thread panicked".into())));
             }
         }
     }
@@ -168,9 +167,7 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
         REPORT_PORT => {
             match Report::read(&shared.memory, idx as u32) {
                 Ok(r) => shared.report(r),
-                Err(e) => shared
-                    .console
-                    .line(format!("vmm: cannot read vCPU {idx}'s mailbox: {e}")),
+                Err(e) => shared.console.line(format!("vmm: cannot read vCPU {idx}'s mailbox: {e}")),
             }
             None
         }
@@ -208,10 +205,7 @@ fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
         Ok(VcpuExit::Hlt) => Some(ExitReason::Halt),
         Ok(VcpuExit::Shutdown) => {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            let (cs, cr2) = vcpu
-                .get_sregs()
-                .map(|s| (s.cs.selector, s.cr2))
-                .unwrap_or_default();
+            let (cs, cr2) = vcpu.get_sregs().map(|s| (s.cs.selector, s.cr2)).unwrap_or_default();
             Some(ExitReason::Crash(format!(
                 "vCPU {idx} triple fault (shutdown) near rip={rip:#x} cs={cs:#x} cr2={cr2:#x}"
             )))
@@ -219,9 +213,7 @@ fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
         Ok(other) => {
             let what = format!("{other:?}");
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            Some(ExitReason::Crash(format!(
-                "vCPU {idx}: unexpected exit {what} at rip={rip:#x}"
-            )))
+            Some(ExitReason::Crash(format!("vCPU {idx}: unexpected exit {what} at rip={rip:#x}")))
         }
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Step::Interrupted,
         Err(e) => Some(ExitReason::Crash(format!("vCPU {idx}: KVM_RUN failed: {e}"))),

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::sys::Uffd;
-use crate::memory::{MemFile, PAGE_SIZE};
+use crate::memory::PAGE_SIZE;
 
 /// Exit status of a process that touched guest memory its dead page server never served.
 pub const EXIT_PAGE_SERVER_DIED: i32 = 86;
@@ -17,27 +17,18 @@ static FENCED: [(AtomicUsize, AtomicUsize); SLOTS] =
     [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; SLOTS];
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
-/// Fences the pages of `[addr, addr + file.size())` that `file` does not hold, then wakes
-/// every thread waiting on a fault there so it retries and meets the fence.
-pub(super) fn fence_unserved(uffd: &Uffd, file: &MemFile, addr: usize) {
-    let len = file.size();
+/// Fences the `unserved` ranges (offsets) of the lazily filled range `[addr, addr + len)`,
+/// then wakes every thread waiting on a fault there so it retries and meets the fence.
+pub(super) fn fence(uffd: &Uffd, unserved: &[(usize, usize)], addr: usize, len: usize) {
     if let Some((start, end)) = FENCED.iter().find(|(s, _)| s.load(Ordering::Acquire) == 0) {
         end.store(addr + len, Ordering::Release);
         start.store(addr, Ordering::Release);
     }
-    let mut pos = 0;
-    let fence = |from: usize, to: usize| {
-        if from < to {
-            // SAFETY: the range lies inside the lazily filled region, which outlives its
-            // watchdog; guest memory is never borrowed by Rust references.
-            unsafe { libc::mprotect((addr + from) as *mut libc::c_void, to - from, libc::PROT_NONE) };
-        }
-    };
-    for (s, e) in file.data_ranges() {
-        fence(pos, s);
-        pos = e;
+    for &(from, to) in unserved {
+        // SAFETY: the range lies inside the lazily filled region, which outlives its
+        // watchdog; guest memory is never borrowed by Rust references.
+        unsafe { libc::mprotect((addr + from) as *mut libc::c_void, to - from, libc::PROT_NONE) };
     }
-    fence(pos, len);
     let _ = uffd.wake(addr, len);
 }
 

@@ -27,24 +27,38 @@
 //! [`EXIT_PAGE_SERVER_DIED`]. KVM's own accesses fail with `EFAULT` instead, and
 //! [`super::GuestMemory::read`] and friends return [`Error::PageServerDied`] up front.
 //!
-//! # Not done
-//! The minor-fault variant (`UFFDIO_CONTINUE` over the image's page cache) would share
-//! clean pages between children, but minor faults resolve by mapping the shmem page
-//! *shared*, so a later write from the child would reach the image: it needs a private
-//! mapping of the image plus `MINOR` registration, which the kernel supports only for
-//! shared shmem and hugetlbfs mappings. `cow` already shares clean pages.
+//! The liveness end can be a pipe to a server thread here or the socket to a parent
+//! process serving a forked child's memory ([`RemoteSource`]): the parent dying is the
+//! same event. A `uffd-minor` child loses nothing when its server dies (it maps the
+//! frozen layers itself), so its watchdog just unregisters and the child carries on as
+//! a `cow` view.
+//!
+//! # The minor-fault variant (`uffd-minor`)
+//! The child is a `cow` view of the frozen layers (`MAP_PRIVATE`), registered for minor
+//! faults: its pages are all in the layers' page cache already, so the server answers
+//! each first touch with `UFFDIO_CONTINUE`, which maps the shared page read-only without
+//! copying; a later write copies on write as under `cow`. Clean pages stay shared
+//! between all children, and the server sees every first touch (the hook for recording
+//! a working set, or for filling the page cache from a compressed snapshot before
+//! mapping). Discarded ranges (`MADV_DONTNEED`) revert to the layers, as for any private
+//! mapping.
+//!
+//! # Known gap
+//! For `uffd`, a range discarded with `MADV_REMOVE` reads back as zeros; a hole punched
+//! with `fallocate(2)` is not reported to the server, which would serve the image's old
+//! contents there. Discard guest memory of a lazily filled region with `MADV_REMOVE`.
 
 mod fence;
 pub mod sys;
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::{Error, Layout, MemFile, PAGE_SIZE, Region, Result, cow};
-use sys::{Msg, Uffd};
+use super::{Error, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result, Strategy, cow};
+use sys::{Mode, Msg, Uffd};
 
 pub use fence::EXIT_PAGE_SERVER_DIED;
 
@@ -66,158 +80,296 @@ pub struct ServerStats {
 pub(super) fn clone_region(src: &Region) -> Result<Region> {
     src.materialize()?;
     let image = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
-    let child = Region::with_file(
-        src.guest_addr(),
-        Arc::new(MemFile::create("vmfork-uffd", src.size())?),
-    )?;
-    let file = match &*child.layout() {
-        Layout::File(f) => f.clone(),
-        Layout::Layers(_) => unreachable!("Region::with_file maps one file"),
-    };
-    let fill = LazyFill::start(image, &file, child.host_addr() as usize)?;
-    *child.lazy.lock().unwrap_or_else(|p| p.into_inner()) = Some(fill);
+    let file = Arc::new(MemFile::create("vmfork-uffd", src.size())?);
+    let child = Region::with_file(src.guest_addr(), file.clone())?;
+    let target = LazyTarget::register(&file, child.host_addr() as usize)?;
+    serve_here(child, target, Fill::Copy(image))
+}
+
+/// Clones `src` as a `cow` view whose pages reach the child through minor faults:
+/// see the module documentation.
+pub(super) fn clone_region_minor(src: &Region) -> Result<Region> {
+    src.materialize()?;
+    let child = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
+    let target = LazyTarget::register_minor(child.host_addr() as usize, child.size())?;
+    serve_here(child, target, Fill::Continue)
+}
+
+/// Starts a page server in this process for `child`, watched by its target.
+fn serve_here(child: Region, mut target: LazyTarget, fill: Fill) -> Result<Region> {
+    let (alive_rx, alive_tx) = pipe()?;
+    let server = PageServer::start(target.uffd().clone(), fill, target.addr, target.len, Some(alive_tx))?;
+    target.watch(alive_rx)?;
+    *child.lazy() = Some(LazyFill { target, server: Some(server) });
     Ok(child)
 }
 
-/// The page server and its watchdog, for one lazily filled region.
+/// A lazily filled region: the faulting half, and the serving half when the server
+/// runs in this process.
 #[derive(Debug)]
 pub struct LazyFill {
-    uffd: Arc<Uffd>,
-    addr: usize,
-    len: usize,
-    stopping: Arc<AtomicBool>,
-    dead: Arc<AtomicBool>,
-    stop_tx: Option<OwnedFd>,
-    server: Option<JoinHandle<()>>,
-    watchdog: Option<JoinHandle<()>>,
-    stats: Arc<ServerStats>,
+    target: LazyTarget,
+    server: Option<PageServer>,
 }
 
 impl LazyFill {
-    fn start(image: Region, file: &Arc<MemFile>, addr: usize) -> Result<Self> {
-        let len = file.size();
-        // Weak, so the fill does not count as another holder of the child's file.
-        let file = Arc::downgrade(file);
-        let uffd = Arc::new(
-            Uffd::open(sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE).map_err(Error::Uffd)?,
-        );
-        uffd.register_missing(addr, len).map_err(Error::Uffd)?;
-        fence::install_handler();
-        let (stop_rx, stop_tx) = pipe()?;
-        let (alive_rx, alive_tx) = pipe()?;
-        let stats = Arc::new(ServerStats::default());
-        let stopping = Arc::new(AtomicBool::new(false));
-        let dead = Arc::new(AtomicBool::new(false));
-        let server = {
-            let (uffd, stats) = (uffd.clone(), stats.clone());
-            std::thread::Builder::new()
-                .name("vmfork-pages".into())
-                .spawn(move || {
-                    let _alive = alive_tx; // Dropped when this thread ends, however it ends.
-                    PageServer {
-                        uffd: &uffd,
-                        image,
-                        addr,
-                        len,
-                        removed: Vec::new(),
-                        stats: &stats,
-                    }
-                    .run(&stop_rx);
-                })
-                .map_err(Error::Copy)?
-        };
-        let watchdog = {
-            let (uffd, stopping, dead) = (uffd.clone(), stopping.clone(), dead.clone());
-            std::thread::Builder::new()
-                .name("vmfork-pages-watch".into())
-                .spawn(move || {
-                    wait_hangup(&alive_rx);
-                    if !stopping.load(Ordering::Acquire) {
-                        dead.store(true, Ordering::Release);
-                        // The region (and so its file) outlives this thread: Region::drop
-                        // stops the fill first.
-                        if let Some(file) = file.upgrade() {
-                            fence::fence_unserved(&uffd, &file, addr);
-                        }
-                    }
-                })
-                .map_err(Error::Copy)?
-        };
-        Ok(LazyFill {
-            uffd,
-            addr,
-            len,
-            stopping,
-            dead,
-            stop_tx: Some(stop_tx),
-            server: Some(server),
-            watchdog: Some(watchdog),
-            stats,
-        })
+    /// A lazily filled region whose page server runs elsewhere (another process, which
+    /// received `target.uffd()`).
+    pub fn remote(target: LazyTarget) -> Self {
+        LazyFill { target, server: None }
     }
 
-    /// The page server's counters.
-    pub fn stats(&self) -> &ServerStats {
-        &self.stats
+    /// The local page server, if the server runs in this process.
+    pub fn server(&self) -> Option<&PageServer> {
+        self.server.as_ref()
+    }
+
+    /// `(faults answered, nanoseconds spent)` of the local page server, if any.
+    pub fn service_time(&self) -> Option<(u64, u64)> {
+        self.server.as_ref().map(|s| {
+            let st = s.stats();
+            (st.faults.load(Ordering::Relaxed), st.service_ns.load(Ordering::Relaxed))
+        })
     }
 
     /// Whether the page server died before the memory was filled.
     pub fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::Acquire)
+        self.target.dead.load(Ordering::Acquire)
     }
 
-    /// Ends the page server as if it had crashed (for tests of the failure path).
+    /// Ends the local page server as if it had crashed (for tests of the failure path),
+    /// and waits until the watchdog has reacted.
     #[doc(hidden)]
     pub fn kill_server(&mut self) {
-        self.stop_tx.take();
-        if let Some(s) = self.server.take() {
-            let _ = s.join();
+        if let Some(mut s) = self.server.take() {
+            s.stop();
         }
-        if let Some(w) = self.watchdog.take() {
-            let _ = w.join();
+        while self.target.watchdog.as_ref().is_some_and(|w| !w.is_finished()) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
-    /// Fetches every page not served yet, then stops the server: the region becomes
+    /// Fetches every page not served yet, then stops serving: the region becomes
     /// ordinary file-backed memory.
-    pub(super) fn finish(self, region: &Region) -> Result<()> {
+    pub(super) fn finish(mut self, region: &Region) -> Result<()> {
         if self.is_dead() {
             return Err(Error::PageServerDied);
         }
-        let file = match &*region.layout() {
-            Layout::File(f) => f.clone(),
-            Layout::Layers(_) => unreachable!("a lazily filled region maps its own file"),
+        let unserved = match &self.target.kind {
+            Kind::Missing(file) => file.upgrade().map_or_else(Vec::new, |f| holes(&f)),
+            Kind::Minor => vec![(0, self.target.len)],
         };
-        for (start, end) in holes(&file) {
-            // A read fault on each missing page goes to the server, which fills it.
-            region
-                .mapping()
-                .madvise(start, end - start, libc::MADV_POPULATE_READ)?;
+        for (start, end) in unserved {
+            // A read fault on each page not served yet goes to the server.
+            region.mapping().madvise(start, end - start, libc::MADV_POPULATE_READ)?;
         }
-        self.uffd.unregister(self.addr, self.len).map_err(Error::Uffd)?;
-        self.stop();
+        if self.is_dead() {
+            return Err(Error::PageServerDied);
+        }
+        self.target.stop_watching();
+        self.target.uffd.unregister(self.target.addr, self.target.len).map_err(Error::Uffd)?;
         Ok(())
     }
 
-    /// Stops the server and the watchdog; faults that come later are no longer served.
+    /// Stops serving; faults that come later are no longer answered.
     pub(super) fn stop(mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.kill_server();
+        self.target.stop_watching();
     }
 }
 
 impl Drop for LazyFill {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.kill_server();
+        // Watchdog first, so stopping the server is not taken for a crash.
+        self.target.stop_watching();
+        if let Some(mut s) = self.server.take() {
+            s.stop();
+        }
+    }
+}
+
+/// The faulting half: a region registered for missing-page faults, plus the watchdog
+/// that fences it when the page server goes away (see the module documentation).
+#[derive(Debug)]
+pub struct LazyTarget {
+    uffd: Arc<Uffd>,
+    addr: usize,
+    len: usize,
+    dead: Arc<AtomicBool>,
+    kind: Kind,
+    watchdog: Option<Helper>,
+}
+
+/// What a lazily filled region waits for.
+#[derive(Clone, Debug)]
+enum Kind {
+    /// Missing pages of its own file (weak: the target must not count as another holder
+    /// of the child's file); unserved pages are the file's holes.
+    Missing(Weak<MemFile>),
+    /// Minor faults on a `cow` view: nothing can be lost, the layers hold every page.
+    Minor,
+}
+
+impl LazyTarget {
+    /// Registers the mapping of `file` at `addr` (all of it) for missing-page faults.
+    pub fn register(file: &Arc<MemFile>, addr: usize) -> Result<Self> {
+        let features = sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE;
+        Self::open(addr, file.size(), features, Mode::Missing, Kind::Missing(Arc::downgrade(file)))
+    }
+
+    /// Registers a `MAP_PRIVATE` view of shmem layers at `addr` for minor faults.
+    pub fn register_minor(addr: usize, len: usize) -> Result<Self> {
+        Self::open(addr, len, sys::FEATURE_MINOR_SHMEM, Mode::Minor, Kind::Minor)
+    }
+
+    fn open(addr: usize, len: usize, features: u64, mode: Mode, kind: Kind) -> Result<Self> {
+        let uffd = Uffd::open(features).map_err(Error::Uffd)?;
+        uffd.register(addr, len, mode).map_err(Error::Uffd)?;
+        fence::install_handler();
+        Ok(LazyTarget {
+            uffd: Arc::new(uffd),
+            addr,
+            len,
+            dead: Arc::new(AtomicBool::new(false)),
+            kind,
+            watchdog: None,
+        })
+    }
+
+    /// The userfaultfd, to hand to the page server.
+    pub fn uffd(&self) -> &Arc<Uffd> {
+        &self.uffd
+    }
+
+    /// First address and length of the registered range.
+    pub fn range(&self) -> (usize, usize) {
+        (self.addr, self.len)
+    }
+
+    /// Starts the watchdog: when `liveness` hangs up (the server's end closed: it exited,
+    /// crashed, or its process died), unserved pages are fenced.
+    pub fn watch(&mut self, liveness: OwnedFd) -> Result<()> {
+        let (uffd, dead, kind, addr, len) =
+            (self.uffd.clone(), self.dead.clone(), self.kind.clone(), self.addr, self.len);
+        self.watchdog = Some(Helper::spawn("vmfork-pages-watch", move |stop| {
+            if wait_hangup(&liveness, &stop) {
+                // The region (and so its file) outlives this thread: LazyFill's drop
+                // stops the watchdog before the region unmaps.
+                match kind {
+                    Kind::Missing(file) => {
+                        dead.store(true, Ordering::Release);
+                        let unserved = file.upgrade().map_or_else(Vec::new, |f| holes(&f));
+                        fence::fence(&uffd, &unserved, addr, len);
+                    }
+                    // Every page of a minor view is in layers this process maps itself:
+                    // without a server it is simply a `cow` view. Stop reporting faults
+                    // and let the waiters retry as ordinary ones.
+                    Kind::Minor => {
+                        let _ = uffd.unregister(addr, len);
+                        let _ = uffd.wake(addr, len);
+                    }
+                }
+            }
+        })?);
+        Ok(())
+    }
+
+    fn stop_watching(&mut self) {
+        self.watchdog.take();
+    }
+}
+
+impl Drop for LazyTarget {
+    fn drop(&mut self) {
+        self.stop_watching();
         fence::forget(self.addr);
     }
 }
 
+/// The serving half: answers the faults of one userfaultfd from an image of the clone
+/// instant. Runs wherever the image is: beside the child in one process, or in the
+/// parent VMM serving a forked child's memory.
+#[derive(Debug)]
+pub struct PageServer {
+    worker: Option<Helper>,
+    stats: Arc<ServerStats>,
+}
+
+impl PageServer {
+    /// Serves faults in `[addr, addr + len)` of `uffd`'s address space from `fill`.
+    /// `liveness` is closed when the server ends, however it ends.
+    fn start(
+        uffd: Arc<Uffd>,
+        fill: Fill,
+        addr: usize,
+        len: usize,
+        liveness: Option<OwnedFd>,
+    ) -> Result<Self> {
+        let stats = Arc::new(ServerStats::default());
+        let worker = {
+            let stats = stats.clone();
+            Helper::spawn("vmfork-pages", move |stop| {
+                let _alive = liveness; // Closed when this thread ends, however it ends.
+                let mut worker = Worker { uffd: &uffd, fill, addr, len, removed: Vec::new(), stats: &stats };
+                worker.run(&stop);
+            })?
+        };
+        Ok(PageServer { worker: Some(worker), stats })
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Stops serving and waits for the thread.
+    pub fn stop(&mut self) {
+        self.worker.take();
+    }
+}
+
+/// A helper thread that runs until the pipe it is given hangs up; dropping the helper
+/// closes the pipe and joins the thread.
+#[derive(Debug)]
+struct Helper {
+    stop_tx: Option<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Helper {
+    fn spawn(name: &str, body: impl FnOnce(OwnedFd) + Send + 'static) -> Result<Self> {
+        let (stop_rx, stop_tx) = pipe()?;
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(stop_rx))
+            .map_err(Error::Copy)?;
+        Ok(Helper { stop_tx: Some(stop_tx), thread: Some(thread) })
+    }
+}
+
+impl Helper {
+    fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        self.stop_tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Region {
-    /// The page server of a lazily filled region, if it still has one.
+    /// Runs `f` on the lazy fill of this region, if it is still being filled.
     pub fn with_page_server<T>(&self, f: impl FnOnce(&mut LazyFill) -> T) -> Option<T> {
         self.lazy().as_mut().map(f)
+    }
+
+    /// Makes this region lazily filled by a page server elsewhere.
+    pub fn set_remote_fill(&self, target: LazyTarget) {
+        *self.lazy() = Some(LazyFill::remote(target));
     }
 
     /// Fails if this region lost its page server before it was filled.
@@ -229,25 +381,120 @@ impl Region {
     }
 }
 
-/// Ranges of the file that hold no page yet.
-fn holes(file: &MemFile) -> Vec<(usize, usize)> {
+/// The parent's half of a lazy clone whose child lives in another process: what each
+/// region is served from, and a page server per region once the child has registered.
+#[derive(Debug)]
+pub struct RemoteSource {
+    fills: Vec<Option<Fill>>,
+    servers: Vec<PageServer>,
+}
+
+impl GuestMemory {
+    /// Freezes this memory (as `cow` does) and returns what to serve from, plus the
+    /// memory to send to the child process, which registers it with
+    /// [`GuestMemory::expect_remote_fill`] and sends back its userfaultfds. For `uffd` the
+    /// child's memory is empty files of its own; for `uffd-minor` it is a `cow` view of
+    /// the frozen layers whose pages get mapped on first touch.
+    pub fn lazy_clone_for_remote(&self, strategy: Strategy) -> Result<(RemoteSource, GuestMemory)> {
+        let mut fills = Vec::with_capacity(self.regions().len());
+        let mut regions = Vec::with_capacity(self.regions().len());
+        for r in self.regions() {
+            r.materialize()?;
+            let layers = cow::freeze(r)?;
+            match strategy {
+                Strategy::Uffd => {
+                    fills.push(Some(Fill::Copy(Region::with_layers(r.guest_addr(), r.size(), layers)?)));
+                    let file = Arc::new(MemFile::create("vmfork-uffd", r.size())?);
+                    regions.push(Region::with_file(r.guest_addr(), file)?);
+                }
+                Strategy::UffdMinor => {
+                    fills.push(Some(Fill::Continue));
+                    regions.push(Region::with_layers(r.guest_addr(), r.size(), layers)?);
+                }
+                other => return Err(Error::BadLayout(format!("{other} is not a lazy strategy"))),
+            }
+        }
+        let child = GuestMemory::from_regions(regions, self.huge_pages())?;
+        Ok((RemoteSource { fills, servers: Vec::new() }, child))
+    }
+
+    /// The child's half: registers every region for faults to be served by the process
+    /// at the other end of `liveness` (missing pages of a region's own file, or minor
+    /// faults of a `cow` view); when that end closes before the memory is filled,
+    /// unserved pages are fenced. Returns each region's userfaultfd and the address it
+    /// was registered at, for [`RemoteSource::serve`].
+    pub fn expect_remote_fill(&self, liveness: &impl AsFd) -> Result<Vec<(Arc<Uffd>, usize)>> {
+        let mut out = Vec::with_capacity(self.regions().len());
+        for r in self.regions() {
+            let addr = r.host_addr() as usize;
+            let mut target = match &*r.layout() {
+                Layout::File(f) => LazyTarget::register(f, addr)?,
+                Layout::Layers(_) => LazyTarget::register_minor(addr, r.size())?,
+            };
+            target.watch(liveness.as_fd().try_clone_to_owned().map_err(Error::Uffd)?)?;
+            out.push((target.uffd().clone(), target.addr));
+            r.set_remote_fill(target);
+        }
+        Ok(out)
+    }
+}
+
+impl RemoteSource {
+    /// Starts serving region `index` of the child through `uffd`, registered at `addr`
+    /// in the child's address space, `len` bytes.
+    pub fn serve(&mut self, index: usize, uffd: Uffd, addr: usize, len: usize) -> Result<()> {
+        let fill =
+            self.fills.get_mut(index).and_then(Option::take).ok_or_else(|| {
+                Error::BadLayout(format!("region {index} does not exist or is already served"))
+            })?;
+        if let Fill::Copy(image) = &fill {
+            if image.size() != len {
+                return Err(Error::BadRange { offset: 0, len });
+            }
+        }
+        self.servers.push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);
+        Ok(())
+    }
+
+    /// The page servers started so far.
+    pub fn servers(&self) -> &[PageServer] {
+        &self.servers
+    }
+}
+
+/// The complement of sorted, disjoint `runs` within `[0, len)`.
+fn gaps(runs: &[(usize, usize)], len: usize) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut pos = 0;
-    for (s, e) in file.data_ranges() {
+    for &(s, e) in runs {
         if s > pos {
             out.push((pos, s));
         }
         pos = e;
     }
-    if pos < file.size() {
-        out.push((pos, file.size()));
+    if pos < len {
+        out.push((pos, len));
     }
     out
 }
 
-struct PageServer<'a> {
+/// Ranges of the file that hold no page yet.
+fn holes(file: &MemFile) -> Vec<(usize, usize)> {
+    gaps(&file.data_ranges(), file.size())
+}
+
+/// Where served pages come from.
+#[derive(Debug)]
+enum Fill {
+    /// Copied from this image of the clone instant.
+    Copy(Region),
+    /// Already in the page cache; only mapped.
+    Continue,
+}
+
+struct Worker<'a> {
     uffd: &'a Uffd,
-    image: Region,
+    fill: Fill,
     addr: usize,
     len: usize,
     /// Ranges (offsets) the child discarded: they fault back as zeros.
@@ -255,22 +502,14 @@ struct PageServer<'a> {
     stats: &'a ServerStats,
 }
 
-impl PageServer<'_> {
-    fn run(mut self, stop: &OwnedFd) {
+impl Worker<'_> {
+    fn run(&mut self, stop: &OwnedFd) {
         let mut msgs = [Msg::default(); 64];
         let mut retry: Vec<usize> = Vec::new();
         loop {
             let mut fds = [
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
+                libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
             let timeout = if retry.is_empty() { -1 } else { 1 };
             // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
@@ -289,7 +528,11 @@ impl PageServer<'_> {
             for m in &msgs[..n] {
                 match m.event {
                     sys::EVENT_PAGEFAULT => retry.push(m.arg1 as usize),
-                    sys::EVENT_REMOVE => self.note_removed(m.arg0 as usize, m.arg1 as usize),
+                    // Discarding a private (minor) view reverts it to the layers, which the
+                    // next fault maps again; only a shared file's discards read as zeros.
+                    sys::EVENT_REMOVE if matches!(self.fill, Fill::Copy(_)) => {
+                        self.note_removed(m.arg0 as usize, m.arg1 as usize)
+                    }
                     _ => {}
                 }
             }
@@ -304,14 +547,14 @@ impl PageServer<'_> {
             });
             if served > 0 {
                 self.stats.faults.fetch_add(served, Ordering::Relaxed);
-                self.stats
-                    .service_ns
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                self.stats.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
         }
     }
 
-    /// Places the page at `fault` (and missing neighbours) from the image.
+    /// Places the page at `fault`, and its neighbours in a [`FAULT_AROUND`] window where
+    /// they are still missing, falling back to the one page when the window fails
+    /// (`EEXIST`: some neighbour is there already).
     fn serve(&self, fault: usize) -> std::io::Result<()> {
         let page = (fault & !(PAGE_SIZE - 1)).clamp(self.addr, self.addr + self.len - PAGE_SIZE) - self.addr;
         if self.is_removed(page, PAGE_SIZE) {
@@ -322,24 +565,26 @@ impl PageServer<'_> {
         let start = page - page % window;
         let end = (start + window).min(self.len);
         if !self.is_removed(start, end - start) {
-            // SAFETY (of the source pointer): [start, end) lies inside the image mapping,
-            // which lives as long as this server.
-            let src = self.image.host_addr().wrapping_add(start);
-            if let Ok(n) = self.uffd.copy(self.addr + start, src, end - start) {
-                self.stats
-                    .pages
-                    .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+            if let Ok(n) = self.place(start, end - start) {
+                self.stats.pages.fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
                 return Ok(());
             }
-            // Some neighbour exists already (EEXIST) or the window raced: fall back to
-            // the one page that faulted.
         }
-        let src = self.image.host_addr().wrapping_add(page);
-        let n = ok_if_exists(self.uffd.copy(self.addr + page, src, PAGE_SIZE))?;
-        self.stats
-            .pages
-            .fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+        let n = ok_if_exists(self.place(page, PAGE_SIZE))?;
+        self.stats.pages.fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Fills `[offset, offset + len)` of the target; returns the bytes placed.
+    fn place(&self, offset: usize, len: usize) -> std::io::Result<usize> {
+        match &self.fill {
+            // The source range lies inside the image mapping, which lives as long as
+            // this worker; UFFDIO_COPY only reads it.
+            Fill::Copy(image) => {
+                self.uffd.copy(self.addr + offset, image.host_addr().wrapping_add(offset), len)
+            }
+            Fill::Continue => self.uffd.continue_range(self.addr + offset, len),
+        }
     }
 
     fn note_removed(&mut self, start: usize, end: usize) {
@@ -367,18 +612,23 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Uffd(e.into()))
 }
 
-/// Blocks until the write end of the pipe is closed.
-fn wait_hangup(rx: &OwnedFd) {
+/// Blocks until `liveness` hangs up (true) or `stop` does (false).
+fn wait_hangup(liveness: &OwnedFd, stop: &OwnedFd) -> bool {
     loop {
-        let mut fd = libc::pollfd {
-            fd: rx.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
-        if rc > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-            return;
+        let mut fds = [
+            libc::pollfd { fd: liveness.as_raw_fd(), events: 0, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: 0, revents: 0 },
+        ];
+        // SAFETY: two valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc <= 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        if fds[0].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) != 0 {
+            return true;
         }
     }
 }

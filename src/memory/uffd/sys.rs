@@ -15,13 +15,22 @@ const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
 const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
 const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
 const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+const UFFDIO_CONTINUE: libc::c_ulong = 0xC020_AA07;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 
 /// Features vmfork asks for.
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 
-const REGISTER_MODE_MISSING: u64 = 1;
+/// Which faults a range reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No page in the page cache (shmem) or page table: fill with `UFFDIO_COPY`.
+    Missing = 1,
+    /// The page is in the page cache but not mapped here: map it with `UFFDIO_CONTINUE`.
+    Minor = 4,
+}
 
 /// Events read from the descriptor.
 pub const EVENT_PAGEFAULT: u8 = 0x12;
@@ -54,6 +63,13 @@ struct CopyArg {
     len: u64,
     mode: u64,
     copy: i64,
+}
+
+#[repr(C)]
+struct ContinueArg {
+    range: Range,
+    mode: u64,
+    mapped: i64,
 }
 
 #[repr(C)]
@@ -112,11 +128,7 @@ impl Uffd {
             // SAFETY: the ioctl returned a fresh fd that nothing else owns.
             unsafe { OwnedFd::from_raw_fd(raw) }
         };
-        let mut api = ApiArg {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
+        let mut api = ApiArg { api: UFFD_API, features, ioctls: 0 };
         // SAFETY: UFFDIO_API reads and writes one ApiArg, which lives across the call.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
             return Err(io::Error::last_os_error());
@@ -124,14 +136,17 @@ impl Uffd {
         Ok(Uffd { fd })
     }
 
-    /// Routes missing-page faults in `[start, start + len)` to this descriptor.
-    pub fn register_missing(&self, start: usize, len: usize) -> io::Result<()> {
+    /// Wraps a userfaultfd received from another process (it keeps serving the address
+    /// space of the process that created it).
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Uffd { fd }
+    }
+
+    /// Routes faults of `mode` in `[start, start + len)` to this descriptor.
+    pub fn register(&self, start: usize, len: usize, mode: Mode) -> io::Result<()> {
         let mut arg = RegisterArg {
-            range: Range {
-                start: start as u64,
-                len: len as u64,
-            },
-            mode: REGISTER_MODE_MISSING,
+            range: Range { start: start as u64, len: len as u64 },
+            mode: mode as u64,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one RegisterArg that outlives the call.
@@ -143,10 +158,7 @@ impl Uffd {
 
     /// Stops routing faults in the range here.
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
-        let arg = Range {
-            start: start as u64,
-            len: len as u64,
-        };
+        let arg = Range { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_UNREGISTER reads one Range that outlives the call.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &arg) } < 0 {
             return Err(io::Error::last_os_error());
@@ -156,10 +168,7 @@ impl Uffd {
 
     /// Wakes threads waiting on faults in the range, so they retry.
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
-        let arg = Range {
-            start: start as u64,
-            len: len as u64,
-        };
+        let arg = Range { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_WAKE reads one Range that outlives the call.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &arg) } < 0 {
             return Err(io::Error::last_os_error());
@@ -171,13 +180,7 @@ impl Uffd {
     /// and wakes the faulting threads. Returns the bytes copied; on an error after a
     /// partial copy, the error is returned with nothing more to say about the prefix.
     pub fn copy(&self, dst: usize, src: *const u8, len: usize) -> io::Result<usize> {
-        let mut arg = CopyArg {
-            dst: dst as u64,
-            src: src as u64,
-            len: len as u64,
-            mode: 0,
-            copy: 0,
-        };
+        let mut arg = CopyArg { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, copy: 0 };
         // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (the caller guarantees they are
         // mapped) and writes only into the registered range and the CopyArg.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut arg) };
@@ -187,16 +190,23 @@ impl Uffd {
         Ok(arg.copy as usize)
     }
 
+    /// Maps the page-cache pages already backing `[dst, dst + len)` and wakes the
+    /// faulting threads; returns the bytes mapped. In a `MAP_PRIVATE` mapping the pages
+    /// are mapped read-only, so a later write still copies.
+    pub fn continue_range(&self, dst: usize, len: usize) -> io::Result<usize> {
+        let mut arg = ContinueArg { range: Range { start: dst as u64, len: len as u64 }, mode: 0, mapped: 0 };
+        // SAFETY: UFFDIO_CONTINUE writes only page tables of the registered range and
+        // the argument, which outlives the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut arg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(arg.mapped as usize)
+    }
+
     /// Fills `len` bytes at `dst` with zeros and wakes the faulting threads.
     pub fn zeropage(&self, dst: usize, len: usize) -> io::Result<()> {
-        let mut arg = ZeroPageArg {
-            range: Range {
-                start: dst as u64,
-                len: len as u64,
-            },
-            mode: 0,
-            zeropage: 0,
-        };
+        let mut arg =
+            ZeroPageArg { range: Range { start: dst as u64, len: len as u64 }, mode: 0, zeropage: 0 };
         // SAFETY: UFFDIO_ZEROPAGE writes only into the registered range and the argument.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut arg) } < 0 {
             return Err(io::Error::last_os_error());
@@ -212,11 +222,7 @@ impl Uffd {
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), bytes) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
+            return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
         }
         Ok(n as usize / std::mem::size_of::<Msg>())
     }

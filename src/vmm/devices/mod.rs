@@ -126,9 +126,7 @@ pub struct Devices {
 
 impl Devices {
     pub fn new(console: Arc<Console>) -> Self {
-        Devices {
-            serial: Mutex::new(Serial::new(NoIrq, ConsoleWriter(console))),
-        }
+        Devices { serial: Mutex::new(Serial::new(NoIrq, ConsoleWriter(console))) }
     }
 
     fn serial(&self) -> MutexGuard<'_, Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleWriter>> {

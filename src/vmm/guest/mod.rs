@@ -114,9 +114,7 @@ impl Workload {
 
 impl Default for Workload {
     fn default() -> Self {
-        Workload::Count {
-            every: Workload::COUNT_EVERY,
-        }
+        Workload::Count { every: Workload::COUNT_EVERY }
     }
 }
 
@@ -132,9 +130,7 @@ impl FromStr for Workload {
         let parts: Vec<&str> = s.split(':').collect();
         let num = |p: &str| p.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(bad);
         Ok(match parts.as_slice() {
-            ["count"] => Workload::Count {
-                every: Workload::COUNT_EVERY,
-            },
+            ["count"] => Workload::Count { every: Workload::COUNT_EVERY },
             ["count", every] => Workload::Count { every: num(every)? },
             ["idle"] => Workload::Idle,
             ["exit"] => Workload::Exit,
@@ -145,11 +141,7 @@ impl FromStr for Workload {
                     ["rand", r @ ..] => (true, r),
                     r => (false, r),
                 };
-                let default_every = if random {
-                    Workload::RAND_EVERY
-                } else {
-                    Workload::TOUCH_EVERY
-                };
+                let default_every = if random { Workload::RAND_EVERY } else { Workload::TOUCH_EVERY };
                 let every = match rest {
                     [] => default_every,
                     [e] => num(e)?,
@@ -195,13 +187,7 @@ impl Report {
         let mut b = [0u8; 40];
         mem.read(MAILBOX_GPA + 64 * vcpu as u64, &mut b)?;
         let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        Ok(Report {
-            vcpu,
-            counter: w(0),
-            checksum: w(1),
-            genid: [w(2), w(3)],
-            seq: w(4),
-        })
+        Ok(Report { vcpu, counter: w(0), checksum: w(1), genid: [w(2), w(3)], seq: w(4) })
     }
 }
 
@@ -280,9 +266,8 @@ pub fn setup(mem: &GuestMemory, vcpus: u32, workload: Workload) -> Result<(), Se
     for i in 0..4u64 {
         let pd = pdpt + 0x1000 * (i + 1);
         mem.write(pdpt + 8 * i, &(pd | flags).to_le_bytes())?;
-        let entries: Vec<u8> = (0..512u64)
-            .flat_map(|j| (((i << 30) | (j << 21)) | flags | 0x80).to_le_bytes())
-            .collect();
+        let entries: Vec<u8> =
+            (0..512u64).flat_map(|j| (((i << 30) | (j << 21)) | flags | 0x80).to_le_bytes()).collect();
         mem.write(pd, &entries)?;
     }
     // Workload area: split page-aligned between vCPUs.
@@ -291,10 +276,7 @@ pub fn setup(mem: &GuestMemory, vcpus: u32, workload: Workload) -> Result<(), Se
         Workload::Touch { mib, .. } => {
             let need = mib << 20;
             if need > area_bytes {
-                return Err(SetupError::AreaTooSmall {
-                    need,
-                    have: area_bytes,
-                });
+                return Err(SetupError::AreaTooSmall { need, have: area_bytes });
             }
             (need >> 12) / vcpus as u64
         }
@@ -371,13 +353,7 @@ pub fn regs(vcpu: u32, user: bool) -> kvm_regs {
 /// Writes the `iretq` frame (RIP, CS, RFLAGS, RSP, SS) used by the ring-0 entry.
 pub fn iret_frame(mem: &GuestMemory, vcpu: u32) -> crate::memory::Result<()> {
     let user = regs(vcpu, true);
-    let frame = [
-        CODE_GPA + USER_ENTRY,
-        USER_CS as u64,
-        ENTRY_RFLAGS,
-        user.rsp,
-        USER_DS as u64,
-    ];
+    let frame = [CODE_GPA + USER_ENTRY, USER_CS as u64, ENTRY_RFLAGS, user.rsp, USER_DS as u64];
     let bytes: Vec<u8> = frame.iter().flat_map(|p| p.to_le_bytes()).collect();
     mem.write(regs(vcpu, false).rsp, &bytes)
 }
@@ -388,52 +364,27 @@ mod tests {
 
     #[test]
     fn workload_parses_and_prints() {
-        assert_eq!(
-            "count".parse::<Workload>().unwrap(),
-            Workload::Count {
-                every: Workload::COUNT_EVERY
-            }
-        );
+        assert_eq!("count".parse::<Workload>().unwrap(), Workload::Count { every: Workload::COUNT_EVERY });
         assert_eq!(
             "touch:64".parse::<Workload>().unwrap(),
-            Workload::Touch {
-                mib: 64,
-                random: false,
-                every: Workload::TOUCH_EVERY
-            }
+            Workload::Touch { mib: 64, random: false, every: Workload::TOUCH_EVERY }
         );
         assert_eq!(
             "touch:8:rand:100".parse::<Workload>().unwrap(),
-            Workload::Touch {
-                mib: 8,
-                random: true,
-                every: 100
-            }
+            Workload::Touch { mib: 8, random: true, every: 100 }
         );
         for w in ["idle", "exit", "count:5", "touch:3:seq:7"] {
             let parsed: Workload = w.parse().unwrap();
             assert_eq!(parsed.to_string().parse::<Workload>().unwrap(), parsed);
         }
-        for bad in [
-            "",
-            "touch",
-            "touch:0",
-            "touch:x",
-            "count:0",
-            "touch:1:seq:1:2",
-            "sleep",
-        ] {
+        for bad in ["", "touch", "touch:0", "touch:x", "count:0", "touch:1:seq:1:2", "sleep"] {
             assert!(bad.parse::<Workload>().is_err(), "{bad:?} parsed");
         }
     }
 
     #[test]
     fn guest_binary_has_both_entries() {
-        assert_eq!(
-            GUEST_BIN[RING0_ENTRY as usize..][..2],
-            [0x48, 0xcf],
-            "iretq at offset 0"
-        );
+        assert_eq!(GUEST_BIN[RING0_ENTRY as usize..][..2], [0x48, 0xcf], "iretq at offset 0");
         assert!(GUEST_BIN.len() > USER_ENTRY as usize + 16);
         assert!((GUEST_BIN.len() as u64) < STACKS_GPA - CODE_GPA);
     }
@@ -444,21 +395,11 @@ mod tests {
         setup(&mem, 2, "touch:4".parse().unwrap()).unwrap();
         let mut b = [0u8; 8];
         mem.read(PARAMS_GPA + 64 + 8, &mut b).unwrap();
-        assert_eq!(
-            u64::from_le_bytes(b),
-            AREA_GPA + 512 * 4096,
-            "vCPU 1 gets the second half"
-        );
+        assert_eq!(u64::from_le_bytes(b), AREA_GPA + 512 * 4096, "vCPU 1 gets the second half");
         mem.read(PML4_GPA, &mut b).unwrap();
         assert_eq!(u64::from_le_bytes(b), PML4_GPA + 0x1007);
-        assert!(matches!(
-            setup(&mem, 1, "touch:8".parse().unwrap()),
-            Err(SetupError::AreaTooSmall { .. })
-        ));
+        assert!(matches!(setup(&mem, 1, "touch:8".parse().unwrap()), Err(SetupError::AreaTooSmall { .. })));
         let tiny = GuestMemory::with_size(1 << 20, &Default::default()).unwrap();
-        assert!(matches!(
-            setup(&tiny, 1, Workload::Idle),
-            Err(SetupError::MemorySize(_))
-        ));
+        assert!(matches!(setup(&tiny, 1, Workload::Idle), Err(SetupError::MemorySize(_))));
     }
 }

@@ -1,0 +1,257 @@
+#!/bin/bash
+# Build a minimal Linux 6.12.117 with the tmpfs/memfd reflink series and run
+# the selftests inside QEMU TCG.  Idempotent: every step is cached under
+# $VMFORK_CACHE (default /var/cache/vmfork), keyed by what it depends on.
+#
+# Usage: kernel-patch/build-and-test.sh [options]
+#   --debug        build the debug variant (DEBUG_VM, PROVE_LOCKING, ...)
+#   --kasan        debug variant plus KASAN
+#   --pristine     do not apply the series (baseline kernel)
+#   --tests LIST   space separated guest tests (default: "selftest fsx")
+#                  known: selftest fsx bench
+#   --fsx-ops N    operations for the randomized checker (default 20000)
+#   --seed N       seed for the randomized checker (default: time)
+#   --mem SIZE     guest memory (default 2G)
+#   --build-only   stop after building the kernel
+#   --timeout S    guest timeout in seconds (default 1800)
+# Exit status: 0 when every guest test printed PASS and no oops was seen.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${VMFORK_CACHE:-/var/cache/vmfork}
+TARBALL=/usr/src/linux-source-6.12.tar.xz
+SRC=$CACHE/linux-6.12
+VARIANT=testbed
+PRISTINE=0
+TESTS="selftest fsx"
+FSX_OPS=20000
+SEED=""
+MEM=2G
+BUILD_ONLY=0
+TIMEOUT=1800
+GIT_ID=(-c user.name="vmfork developers" -c user.email="$(git -C "$HERE" config user.email || echo vmfork@localhost)")
+
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--debug) VARIANT=debug ;;
+	--kasan) VARIANT=kasan ;;
+	--pristine) PRISTINE=1 ;;
+	--tests) TESTS=$2; shift ;;
+	--fsx-ops) FSX_OPS=$2; shift ;;
+	--seed) SEED=$2; shift ;;
+	--mem) MEM=$2; shift ;;
+	--build-only) BUILD_ONLY=1 ;;
+	--timeout) TIMEOUT=$2; shift ;;
+	-h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+	*) echo "unknown option: $1" >&2; exit 2 ;;
+	esac
+	shift
+done
+[ -n "$SEED" ] || SEED=$(date +%s)
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
+
+# 1. Packages --------------------------------------------------------------
+step "checking Debian packages"
+PKGS="linux-source-6.12 qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils git"
+missing=""
+for p in $PKGS; do
+	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+	echo "installing:$missing"
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing
+else
+	echo "all present"
+fi
+
+# 2. Pristine tree as a git repository ------------------------------------
+mkdir -p "$CACHE"
+if ! git -C "$SRC" rev-parse -q --verify refs/tags/base >/dev/null 2>&1; then
+	step "unpacking $TARBALL into $SRC"
+	rm -rf "$SRC" "$CACHE/linux-source-6.12"
+	tar -C "$CACHE" -xf "$TARBALL"
+	mv "$CACHE/linux-source-6.12" "$SRC"
+	git -C "$SRC" init -q
+	# Debian's .gitignore ignores the whole top level: force-add.
+	git -C "$SRC" add -A -f >/dev/null
+	git -C "$SRC" "${GIT_ID[@]}" commit -q -m "Linux 6.12.117 (Debian linux-source-6.12, pristine)"
+	git -C "$SRC" tag base
+fi
+
+# 3. Apply the series -------------------------------------------------------
+shopt -s nullglob
+PATCHES=()
+if [ "$PRISTINE" = 0 ]; then
+	for p in "$HERE"/*.patch; do
+		case "$(basename "$p")" in 0000-*) continue ;; esac
+		PATCHES+=("$p")
+	done
+fi
+CONFIGS=("$HERE/config/testbed.config")
+# Callers (qemu-testbed/run) may add a fragment of their own needs.
+[ -n "${VMFORK_EXTRA_CONFIG:-}" ] && CONFIGS+=("$VMFORK_EXTRA_CONFIG")
+case "$VARIANT" in
+debug) CONFIGS+=("$HERE/config/debug.config") ;;
+kasan) CONFIGS+=("$HERE/config/debug.config" "$HERE/config/kasan.config") ;;
+esac
+SERIES_HASH=$( (echo "pristine=$PRISTINE"; for p in "${PATCHES[@]}"; do cat "$p"; done) | sha256sum | cut -c1-16)
+KEY=$( (echo "$SERIES_HASH $VARIANT"; cat "${CONFIGS[@]}") | sha256sum | cut -c1-16)
+
+step "applying ${#PATCHES[@]} patches (series $SERIES_HASH)"
+applied=$(cat "$SRC/.git/vmfork-series" 2>/dev/null || true)
+if [ "$applied" = "$SERIES_HASH" ] && git -C "$SRC" diff --quiet HEAD; then
+	echo "already applied"
+else
+	git -C "$SRC" am --abort >/dev/null 2>&1 || true
+	git -C "$SRC" checkout -q -f -B series base
+	for p in "${PATCHES[@]}"; do
+		echo "  $(basename "$p")"
+		if ! git -C "$SRC" "${GIT_ID[@]}" am -q --keep-cr "$p" >"$CACHE/am.log" 2>&1; then
+			cat "$CACHE/am.log" >&2
+			git -C "$SRC" am --abort >/dev/null 2>&1 || true
+			die "patch does not apply: $(basename "$p")"
+		fi
+	done
+	echo "$SERIES_HASH" >"$SRC/.git/vmfork-series"
+fi
+
+# 4. Configure and build ---------------------------------------------------
+OUT=$CACHE/build-$VARIANT
+IMG=$CACHE/images/bzImage-$KEY
+mkdir -p "$CACHE/images" "$OUT"
+if [ -f "$IMG" ]; then
+	step "kernel cached: $IMG"
+else
+	CFG_HASH=$(cat "${CONFIGS[@]}" | sha256sum | cut -c1-16)
+	if [ "$(cat "$OUT/.vmfork-config" 2>/dev/null)" != "$CFG_HASH" ]; then
+		step "configuring $VARIANT (tinyconfig + $(basename -a "${CONFIGS[@]}" | tr '\n' ' '))"
+		make -s -C "$SRC" O="$OUT" tinyconfig >/dev/null
+		"$SRC/scripts/kconfig/merge_config.sh" -m -O "$OUT" "$OUT/.config" "${CONFIGS[@]}" >/dev/null
+		make -s -C "$SRC" O="$OUT" olddefconfig
+		for c in $(grep -h '^CONFIG_' "${CONFIGS[@]}" | cut -d= -f1); do
+			grep -q "^$c=" "$OUT/.config" || echo "warning: $c did not stick in .config"
+		done
+		echo "$CFG_HASH" >"$OUT/.vmfork-config"
+	fi
+	step "building bzImage ($VARIANT) in $OUT, log $OUT/build.log"
+	start=$(date +%s)
+	if ! nice -n 10 make -C "$SRC" O="$OUT" -j2 bzImage >"$OUT/build.log" 2>&1; then
+		grep -E 'error|Error' "$OUT/build.log" | head -30 >&2
+		die "kernel build failed (see $OUT/build.log)"
+	fi
+	grep -E 'warning:' "$OUT/build.log" | head -20 || true
+	echo "built in $(( $(date +%s) - start )) s"
+	cp "$OUT/arch/x86/boot/bzImage" "$IMG"
+fi
+[ "$BUILD_ONLY" = 1 ] && { echo "kernel: $IMG"; exit 0; }
+
+# 5. Guest programs, linked statically against this tree's UAPI headers ----
+step "building guest test programs"
+HDR=$CACHE/headers-$SERIES_HASH
+if [ ! -d "$HDR/include" ]; then
+	make -s -C "$SRC" O="$OUT" headers_install INSTALL_HDR_PATH="$HDR" >/dev/null
+fi
+BIN=$CACHE/guest-bin-$SERIES_HASH
+mkdir -p "$BIN"
+TSRC=$SRC/tools/testing/selftests/mm
+for t in memfd_reflink memfd_reflink_fsx; do
+	if [ -f "$TSRC/$t.c" ]; then
+		gcc -static -O2 -Wall -Wextra -isystem "$HDR/include" -o "$BIN/$t" "$TSRC/$t.c"
+	else
+		rm -f "$BIN/$t"
+		echo "note: $t.c not in the tree (pristine kernel?): guest will report it missing"
+	fi
+done
+
+# 6. initramfs ---------------------------------------------------------------
+step "packing initramfs"
+ROOT=$(mktemp -d "$CACHE/initramfs.XXXXXX")
+trap 'rm -rf "$ROOT"' EXIT
+mkdir -p "$ROOT"/{bin,sbin,proc,sys,dev,tmp,mnt,usr/bin}
+cp /bin/busybox "$ROOT/bin/busybox"
+for a in sh mount mkdir cat echo dmesg grep reboot sleep ls free cp uname date sync head tail; do
+	ln -sf busybox "$ROOT/bin/$a"
+done
+cp "$BIN"/* "$ROOT/bin/" 2>/dev/null || true
+cat >"$ROOT/init" <<EOF
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+mount -t tmpfs tmp /tmp
+echo "VMFORK-BOOTED \$(uname -r)"
+if [ -r /proc/lockdep_stats ]; then
+	echo "VMFORK-DEBUG lockdep: \$(grep 'lock-classes' /proc/lockdep_stats | tr -s ' ')"
+fi
+run() {
+	name=\$1; shift
+	if [ ! -x "/bin/\$1" ]; then
+		echo "VMFORK-TEST \$name: FAIL (program \$1 missing)"
+		return
+	fi
+	echo "VMFORK-TEST \$name: START"
+	if "\$@"; then
+		echo "VMFORK-TEST \$name: PASS"
+	else
+		echo "VMFORK-TEST \$name: FAIL (exit \$?)"
+	fi
+}
+for t in $TESTS; do
+	case \$t in
+	selftest) run selftest memfd_reflink ;;
+	fsx) run fsx memfd_reflink_fsx -n $FSX_OPS -s $SEED ;;
+	bench) run bench memfd_reflink -b ;;
+	*) echo "VMFORK-TEST \$t: FAIL (unknown test)" ;;
+	esac
+done
+echo "VMFORK-DMESG-BEGIN"
+dmesg | grep -E 'BUG|WARNING|Oops|lockdep|KASAN|circular|possible recursive|INFO:' || true
+echo "VMFORK-DMESG-END"
+echo "VMFORK-DONE"
+sync
+reboot -f
+EOF
+chmod +x "$ROOT/init"
+INITRD=$CACHE/initramfs-$KEY.cpio.gz
+(cd "$ROOT" && find . | cpio -o -H newc --quiet | gzip -1 >"$INITRD")
+
+# 7. Boot under TCG --------------------------------------------------------
+LOG=$CACHE/guest-$VARIANT.log
+step "booting $IMG under QEMU TCG (-m $MEM), serial log $LOG"
+start=$(date +%s)
+set +e
+timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m "$MEM" -smp 1 \
+	-nographic -no-reboot -nodefaults -serial stdio -nic none \
+	-kernel "$IMG" -initrd "$INITRD" \
+	-append "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 kvm-amd.nested=1" \
+	</dev/null 2>&1 | tee "$LOG"
+qrc=${PIPESTATUS[0]}
+set -e
+echo "guest ran $(( $(date +%s) - start )) s, qemu exit $qrc"
+
+# 8. Verdict -------------------------------------------------------------
+step "results"
+fail=0
+if grep -qE 'Kernel panic|Oops|BUG:|general protection fault|KASAN:|WARNING:.*at ' "$LOG"; then
+	echo "GUEST KERNEL ERROR (oops text follows):"
+	grep -E -A25 'Kernel panic|Oops|BUG:|general protection fault|KASAN:|WARNING:.*at ' "$LOG" | head -80
+	fail=1
+fi
+if grep -q 'possible circular locking\|possible recursive locking\|inconsistent lock state' "$LOG"; then
+	echo "LOCKDEP SPLAT in guest log"
+	fail=1
+fi
+for t in $TESTS; do
+	if grep -q "VMFORK-TEST $t: PASS" "$LOG"; then
+		echo "PASS $t"
+	else
+		echo "FAIL $t: $(grep "VMFORK-TEST $t:" "$LOG" | tail -1)"
+		fail=1
+	fi
+done
+grep -q VMFORK-DONE "$LOG" || { echo "guest did not finish (timeout ${TIMEOUT}s or crash)"; fail=1; }
+[ "$fail" = 0 ] && echo "ALL PASSED ($VARIANT, seed $SEED)" || echo "FAILED ($VARIANT, seed $SEED)"
+exit $fail

@@ -1,0 +1,52 @@
+#!/bin/bash
+# Check the series the way a maintainer would: checkpatch --strict on every
+# patch, then build the testbed kernel after each patch in turn (bisectable),
+# with W=1 on the files the series touches.  Uses the tree and object
+# directory that build-and-test.sh set up (run that once first).
+# Leaves the source tree with the whole series applied.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${VMFORK_CACHE:-/var/cache/vmfork}
+SRC=$CACHE/linux-6.12
+OUT=$CACHE/build-testbed
+GIT_ID=(-c user.name="vmfork developers" -c user.email="$(git -C "$HERE" config user.email || echo vmfork@localhost)")
+
+[ -f "$OUT/.config" ] || { echo "run build-and-test.sh first" >&2; exit 1; }
+PATCHES=()
+for p in "$HERE"/*.patch; do
+	case "$(basename "$p")" in 0000-*) continue ;; esac
+	PATCHES+=("$p")
+done
+
+fail=0
+echo "==> checkpatch --strict"
+for p in "${PATCHES[@]}"; do
+	out=$("$SRC/scripts/checkpatch.pl" --strict -q "$p" 2>/dev/null || true)
+	n=$(printf '%s\n' "$out" | grep -cE '^(ERROR|WARNING|CHECK)' || true)
+	echo "  $(basename "$p"): $n remarks"
+	[ "$n" = 0 ] || printf '%s\n' "$out" | grep -E '^(ERROR|WARNING|CHECK)' | sed 's/^/    /'
+done
+
+echo "==> building after each patch (W=1 on touched mm/ files)"
+git -C "$SRC" am --abort >/dev/null 2>&1 || true
+git -C "$SRC" checkout -q -f -B series base
+rm -f "$SRC/.git/vmfork-series"
+for p in "${PATCHES[@]}"; do
+	git -C "$SRC" "${GIT_ID[@]}" am -q "$p" || { echo "does not apply: $p"; exit 1; }
+	objs=$(git -C "$SRC" show --name-only --format= HEAD | grep -E '^mm/.*\.c$' | sed 's/\.c$/.o/' || true)
+	if ! nice -n 10 make -s -C "$SRC" O="$OUT" -j2 bzImage >"$CACHE/check-build.log" 2>&1; then
+		echo "  $(basename "$p"): BUILD FAILED"; tail -20 "$CACHE/check-build.log"; fail=1; break
+	fi
+	w=""
+	if [ -n "$objs" ]; then
+		for o in $objs; do touch "$SRC/${o%.o}.c"; done
+		w=$(nice -n 10 make -s -C "$SRC" O="$OUT" W=1 $objs 2>&1 | grep -E 'warning|error' || true)
+	fi
+	if [ -n "$w" ]; then
+		echo "  $(basename "$p"): builds, W=1 warnings:"; echo "$w" | sed 's/^/    /'; fail=1
+	else
+		echo "  $(basename "$p"): builds, W=1 clean (${objs:-no mm/ .c files})"
+	fi
+done
+exit $fail
