@@ -620,3 +620,24 @@ fn cli_vm_whose_stdout_closes_still_stops_on_sigterm() {
     assert!(status.success(), "{status}");
     assert!(!rt.socket("ep").exists(), "socket removed");
 }
+
+#[test]
+fn bench_vm_run_records_every_metric() {
+    let Some(_vm_lock) = kvm_available("bench_vm_run_records_every_metric") else {
+        return;
+    };
+    let mut records = Vec::new();
+    vmfork::bench::vm::run(&mut records).unwrap();
+    let find = |scenario: &str, metric: &str| {
+        records.iter().find(|r| r.suite == "vm" && r.scenario == scenario && r.metric == metric).unwrap()
+    };
+    // This test binary is not vmfork, so the start measurement is skipped, with the reason.
+    assert!(find("start", "vm_start_ns").note.as_deref().unwrap().contains("vmfork binary"));
+    for scenario in ["1vcpu", "2vcpu"] {
+        for metric in ["pause_ns", "resume_ns"] {
+            let r = find(scenario, metric);
+            assert!(r.value.unwrap() > 0.0 && r.unit == "ns", "{r:?}");
+            eprintln!("{scenario} {metric}: {:.0} ns", r.value.unwrap());
+        }
+    }
+}
