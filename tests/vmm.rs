@@ -641,3 +641,90 @@ fn bench_vm_run_records_every_metric() {
         }
     }
 }
+
+/// Env var naming the socket the restore subprocess connects to.
+const RESTORE_SOCK: &str = "VMFORK_TEST_RESTORE_SOCK";
+
+#[test]
+#[ignore = "runs only as the subprocess of capture_in_one_process_restore_in_another"]
+fn restore_subprocess() {
+    let Some(path) = std::env::var_os(RESTORE_SOCK) else {
+        eprintln!("skipped: only meaningful as the subprocess of capture_in_one_process_restore_in_another");
+        return;
+    };
+    let mut sock = UnixStream::connect(path).unwrap();
+    let mut len = [0u8; 8];
+    std::io::Read::read_exact(&mut sock, &mut len).unwrap();
+    let mut json = vec![0u8; u64::from_le_bytes(len) as usize];
+    std::io::Read::read_exact(&mut sock, &mut json).unwrap();
+    let state = VmState::from_json(std::str::from_utf8(&json).unwrap()).unwrap();
+    let memory = Arc::new(GuestMemory::receive(&sock).unwrap());
+    let vm = Vm::restore(memory, &state).unwrap();
+    let rx = vm.subscribe();
+    vm.resume().unwrap();
+    let mut seen = vec![0; state.config.vcpus as usize];
+    while seen.iter().any(|&n| n < 5) {
+        let r = next(&rx);
+        seen[r.vcpu as usize] += 1;
+        println!("REPORT {}", serde_json::to_string(&r).unwrap());
+    }
+    vm.stop();
+}
+
+#[test]
+fn capture_in_one_process_restore_in_another() {
+    let Some(_vm_lock) = kvm_available("capture_in_one_process_restore_in_another") else {
+        return;
+    };
+    let (vcpus, every) = (2u32, 40_000);
+    let workload = Workload::Touch { mib: 4, random: false, every };
+    let vm = Vm::create(memory(16), &VmConfig { vcpus, workload, ..Default::default() }).unwrap();
+    let rx = vm.subscribe();
+    let mut seen = vec![0; vcpus as usize];
+    while seen.iter().any(|&n| n < 2) {
+        seen[next(&rx).vcpu as usize] += 1;
+    }
+    vm.pause().unwrap();
+    let latest = vm.latest_reports();
+    let json = vm.capture().unwrap().to_json().unwrap();
+    let (child_memory, _) = vm.memory().clone_with(Strategy::Cow).unwrap();
+    // The parent runs on while the child starts: their memories are independent.
+    vm.resume().unwrap();
+
+    let rt = Runtime::new("xproc");
+    let path = rt.dir.join("restore.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "restore_subprocess", "--ignored", "--nocapture"])
+        .env(RESTORE_SOCK, &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut sock, _) = listener.accept().unwrap();
+    sock.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+    sock.write_all(json.as_bytes()).unwrap();
+    child_memory.send(&sock).unwrap();
+    drop(child_memory);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "restore subprocess failed");
+    let reports: Vec<Report> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("REPORT "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for v in 0..vcpus {
+        assert!(reports.iter().filter(|r| r.vcpu == v).count() >= 5, "5 reports of vCPU {v}: {reports:?}");
+    }
+    let mut models: Vec<TouchModel> = (0..vcpus).map(|v| TouchModel::new(512, false, v as u64)).collect();
+    let mut first = vec![true; vcpus as usize];
+    for r in reports {
+        let v = r.vcpu as usize;
+        if std::mem::take(&mut first[v]) {
+            let last = latest[v].unwrap();
+            assert_eq!(r.counter, last.counter + every, "vCPU {v} continues exactly in the new process");
+        }
+        assert_eq!(r.checksum, models[v].checksum_at(r.counter), "restored in another process: {r}");
+    }
+    vm.stop();
+}
