@@ -96,6 +96,8 @@ fn guest_reports_increasing_counter() {
     }
     let (backlog, _) = vm.console().subscribe();
     assert!(backlog.iter().any(|l| l.contains("vmfork guest: running in ring 3")), "{backlog:?}");
+    let err = vm.capture().unwrap_err().to_string();
+    assert!(err.contains("capture needs it paused"), "{err}");
     assert_eq!(vm.stop(), ExitReason::Stopped);
 }
 

@@ -493,7 +493,13 @@ impl Vm {
 
     /// Captures the whole VM state. The VM must be paused.
     pub fn capture(&self) -> Result<VmState> {
-        if self.state() != RunState::Paused {
+        let parked = {
+            let ctl = self.shared.ctl();
+            ctl.exit.is_none() && ctl.want == Want::Pause && ctl.parked == ctl.alive
+        };
+        // Paused means every vCPU is parked (a pause from another thread may still be
+        // on its way).
+        if !parked {
             return Err(self.wrong_state("capture", "paused"));
         }
         let vcpus = (0..self.vcpus.len())
