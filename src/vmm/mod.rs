@@ -29,7 +29,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::memory::GuestMemory;
-use devices::{Console, Devices};
+use devices::{Console, Devices, SerialSnapshot};
 pub use guest::{Report, Workload};
 pub use state::{VcpuState, VmState};
 use vcpu::{ImmediateExit, Kick};
@@ -233,7 +233,7 @@ impl Vm {
     /// Boots the built-in guest on `memory` (which it overwrites with the guest's layout).
     pub fn create(memory: Arc<GuestMemory>, config: &VmConfig) -> Result<Vm> {
         guest::setup(&memory, config.vcpus, config.workload)?;
-        let mut vm = Vm::build(memory, config)?;
+        let mut vm = Vm::build(memory, config, None)?;
         let base = vm.vcpu(0).get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         for i in 0..config.vcpus {
             let user = !config.ring0_entry;
@@ -262,7 +262,7 @@ impl Vm {
                 memory.size()
             )));
         }
-        let mut vm = Vm::build(memory, &state.config)?;
+        let mut vm = Vm::build(memory, &state.config, Some(&state.serial))?;
         for (i, s) in state.vcpus.iter().enumerate() {
             s.restore(&vm.vcpu(i))?;
         }
@@ -273,7 +273,7 @@ impl Vm {
     }
 
     /// KVM VM with irqchip, PIT, memory slots and vCPUs (not started).
-    fn build(memory: Arc<GuestMemory>, config: &VmConfig) -> Result<Vm> {
+    fn build(memory: Arc<GuestMemory>, config: &VmConfig, serial: Option<&SerialSnapshot>) -> Result<Vm> {
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let max = (kvm.get_max_vcpus() as u32).max(1);
         if config.vcpus == 0 || config.vcpus > max {
@@ -319,7 +319,7 @@ impl Vm {
             ctl: Mutex::new(Ctl { want: Want::Pause, idle: vec![false; n], parked: 0, alive: 0, exit: None }),
             cond: Condvar::new(),
             memory,
-            devices: Devices::new(console.clone()),
+            devices: Devices::new(console.clone(), serial),
             console,
             kicks: OnceLock::new(),
             latest: Mutex::new(vec![None; n]),
@@ -493,13 +493,22 @@ impl Vm {
 
     /// Captures the whole VM state. The VM must be paused.
     pub fn capture(&self) -> Result<VmState> {
-        if self.state() != RunState::Paused {
+        let parked = {
+            let ctl = self.shared.ctl();
+            ctl.exit.is_none() && ctl.want == Want::Pause && ctl.parked == ctl.alive
+        };
+        // Paused means every vCPU is parked (a pause from another thread may still be
+        // on its way).
+        if !parked {
             return Err(self.wrong_state("capture", "paused"));
         }
         let vcpus = (0..self.vcpus.len())
             .map(|i| VcpuState::capture(&self.vcpu(i), &self.msrs))
             .collect::<Result<Vec<_>>>()?;
-        VmState::capture(&self.vm, self.config.clone(), self.shared.memory.size() as u64, vcpus)
+        let mut state =
+            VmState::capture(&self.vm, self.config.clone(), self.shared.memory.size() as u64, vcpus)?;
+        state.serial = self.shared.devices.serial_state();
+        Ok(state)
     }
 }
 

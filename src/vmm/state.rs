@@ -7,7 +7,8 @@
 //! - restore per vCPU: CPUID, MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC
 //!   (needs the APIC base from SREGS), MSRS (TSC before TSC_DEADLINE), VCPU_EVENTS
 //!   (REGS clears pending exceptions, so events come after it);
-//! - VM level, after the vCPUs: PIT2, CLOCK, IRQCHIP (PIC master, PIC slave, IOAPIC).
+//! - VM level, after the vCPUs: PIT2, CLOCK, IRQCHIP (PIC master, PIC slave, IOAPIC);
+//!   then the VMM's own device state (the serial port).
 
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, Msrs,
@@ -16,6 +17,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use super::devices::SerialSnapshot;
 use super::{Error, Result, VmConfig, kvm_err};
 
 /// MSRs saved with a vCPU (those the host's KVM lists). TSC comes before TSC_DEADLINE.
@@ -121,6 +123,9 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     /// PIC master, PIC slave, IOAPIC.
     pub irqchips: Vec<kvm_irqchip>,
+    /// The VMM's serial port.
+    #[serde(default)]
+    pub serial: SerialSnapshot,
 }
 
 const IRQCHIPS: [u32; 3] = [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC];
@@ -138,7 +143,7 @@ impl VmState {
             vm.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
             irqchips.push(c);
         }
-        Ok(VmState { config, memory_size, vcpus, pit, clock, irqchips })
+        Ok(VmState { config, memory_size, vcpus, pit, clock, irqchips, serial: SerialSnapshot::default() })
     }
 
     /// Writes the VM-level state into a fresh VM whose vCPUs were restored.

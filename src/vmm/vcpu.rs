@@ -82,6 +82,16 @@ impl Kick {
 
 /// Body of vCPU thread `idx`.
 pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, shared: Arc<Shared>) {
+    /// Ends the VM if this thread unwinds, so nobody waits for it forever.
+    struct Guard<'a>(&'a Shared, bool);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.vcpu_exited(Some(ExitReason::Crash("a vCPU thread panicked".into())));
+            }
+        }
+    }
+    let mut guard = Guard(&shared, false);
     let reason = loop {
         let want = {
             let mut ctl = shared.ctl();
@@ -133,6 +143,7 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
             }
         }
     };
+    guard.1 = true;
     shared.vcpu_exited(reason);
 }
 

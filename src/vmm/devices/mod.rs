@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 
 /// First port of COM1.
@@ -48,7 +49,8 @@ impl Console {
     pub fn line(&self, line: String) {
         let mut c = self.lock();
         if c.echo {
-            println!("{line}");
+            // A closed stdout must not take the VM down (println! would panic).
+            let _ = writeln!(io::stdout().lock(), "{line}");
         }
         c.subscribers.retain(|s| s.send(line.clone()).is_ok());
         if c.backlog.len() == BACKLOG_LINES {
@@ -123,9 +125,71 @@ pub struct Devices {
     serial: Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleWriter>>,
 }
 
+/// The serial port's registers, serializable (vm-superio's `SerialState` is not).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 impl Devices {
-    pub fn new(console: Arc<Console>) -> Self {
-        Devices { serial: Mutex::new(Serial::new(NoIrq, ConsoleWriter(console))) }
+    /// Devices in their reset state, or with the serial port of `serial`.
+    pub fn new(console: Arc<Console>, serial: Option<&SerialSnapshot>) -> Self {
+        let port = match serial {
+            Some(s) => {
+                Serial::from_state(&s.into(), NoIrq, vm_superio::serial::NoEvents, ConsoleWriter(console))
+                    .unwrap_or_else(|_| unreachable!("NoIrq never fails"))
+            }
+            None => Serial::new(NoIrq, ConsoleWriter(console)),
+        };
+        Devices { serial: Mutex::new(port) }
+    }
+
+    /// The serial port's state.
+    pub fn serial_state(&self) -> SerialSnapshot {
+        self.serial().state().into()
     }
 
     fn serial(&self) -> MutexGuard<'_, Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleWriter>> {
@@ -176,7 +240,7 @@ mod tests {
     #[test]
     fn serial_output_reaches_console_subscribers_as_lines() {
         let console = Arc::new(Console::default());
-        let dev = Devices::new(console.clone());
+        let dev = Devices::new(console.clone(), None);
         let (backlog, rx) = console.subscribe();
         assert!(backlog.is_empty());
         for b in b"hello\nwor" {
@@ -189,8 +253,23 @@ mod tests {
     }
 
     #[test]
+    fn serial_state_round_trips_through_json() {
+        let dev = Devices::new(Arc::new(Console::default()), None);
+        dev.port_write(SERIAL_BASE + 7, &[0x5a]); // scratch register
+        dev.port_write(SERIAL_BASE + 3, &[0x03]); // line control: 8 bits
+        let snap = dev.serial_state();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        let restored = Devices::new(Arc::new(Console::default()), Some(&back));
+        assert_eq!(restored.serial_state(), snap);
+        let mut b = [0u8];
+        restored.port_read(SERIAL_BASE + 7, &mut b);
+        assert_eq!(b, [0x5a]);
+    }
+
+    #[test]
     fn i8042_reset_is_reported() {
-        let dev = Devices::new(Arc::new(Console::default()));
+        let dev = Devices::new(Arc::new(Console::default()), None);
         assert_eq!(dev.port_write(I8042_CMD, &[I8042_RESET]), PortAction::Reset);
         assert_eq!(dev.port_write(I8042_CMD, &[0x20]), PortAction::Handled);
         let mut b = [1u8];
