@@ -6,6 +6,7 @@
 //! `native` strategy measures plain page faults without any clone as the denominator.
 
 mod clone;
+mod fork;
 pub mod vm;
 
 use std::io::Write;
@@ -149,6 +150,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut records = Vec::new();
     clone::run(opts, &mut records)?;
     vm::run(&mut records)?;
+    fork::run(opts, &mut records)?;
     let ratios = clone::ratios(&records);
     let report = Report { run, records, ratios };
     print_report(&report, &mut std::io::stdout().lock())?;
