@@ -307,12 +307,14 @@ fn ls(json: bool) -> CliResult {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<16} {:>8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9}",
-        "NAME", "PID", "STATE", "VCPUS", "MEMORY", "PRIVATE", "SHARED", "UPTIME"
+        "{:<16} {:>8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9}  {:<16} {:<10}",
+        "NAME", "PID", "STATE", "VCPUS", "MEMORY", "PRIVATE", "SHARED", "UPTIME", "PARENT", "STRATEGY"
     );
     for s in all {
+        let lineage =
+            if s.private { "(private)".to_string() } else { s.parent.clone().unwrap_or_else(|| "-".into()) };
         println!(
-            "{:<16} {:>8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>8.0}s",
+            "{:<16} {:>8} {:<8} {:>5} {:>9} {:>9} {:>9} {:>8.0}s  {:<16} {:<10}",
             s.name,
             s.pid,
             s.state,
@@ -320,7 +322,9 @@ fn ls(json: bool) -> CliResult {
             mib(s.memory_bytes),
             mib(s.private_bytes),
             mib(s.shared_bytes),
-            s.uptime_secs
+            s.uptime_secs,
+            lineage,
+            s.strategy.map_or("-".to_string(), |st| st.to_string())
         );
     }
     Ok(ExitCode::SUCCESS)
