@@ -8,7 +8,7 @@
 #   --kasan        debug variant plus KASAN
 #   --pristine     do not apply the series (baseline kernel)
 #   --tests LIST   space separated guest tests (default: "selftest fsx")
-#                  known: selftest fsx fsx-thp fsx-swap bench
+#                  known: selftest fsx fsx-thp fsx-swap cp-reflink bench
 #                  fsx-thp: shmem THP forced, 4 MiB files; fsx-swap: zram swap and
 #                  memory.high of 8 MiB so that bases and clones get swapped
 #   --fsx-ops N    operations for the randomized checker (default 20000)
@@ -173,10 +173,16 @@ trap 'rm -rf "$ROOT"' EXIT
 mkdir -p "$ROOT"/{bin,sbin,proc,sys,dev,tmp,mnt,usr/bin}
 cp /bin/busybox "$ROOT/bin/busybox"
 for a in sh mount mkdir cat echo dmesg grep reboot sleep ls free cp uname date sync head tail \
-	mkswap swapon swapoff tr; do
+	mkswap swapon swapoff tr cmp umount; do
 	ln -sf busybox "$ROOT/bin/$a"
 done
 cp "$BIN"/* "$ROOT/bin/" 2>/dev/null || true
+# GNU cp for the cp --reflink=always test, with the libraries it needs
+cp /bin/cp "$ROOT/usr/bin/gnucp"
+for lib in $(ldd /bin/cp | grep -o '/[^ ]*'); do
+	mkdir -p "$ROOT$(dirname "$lib")"
+	cp -L "$lib" "$ROOT$lib"
+done
 cat >"$ROOT/init" <<EOF
 #!/bin/sh
 mount -t proc proc /proc
@@ -233,6 +239,21 @@ for t in $TESTS; do
 		echo \$\$ > /sys/fs/cgroup/cgroup.procs
 		echo "VMFORK-INFO swap: memcg swap peak \$(cat /sys/fs/cgroup/fsx/memory.swap.peak 2>/dev/null) bytes, zram mm_stat \$(cat /sys/block/zram0/mm_stat 2>/dev/null)" ;;
 	bench) run bench memfd_reflink -b ;;
+	cp-reflink)
+		# GNU cp --reflink=always must work on tmpfs -o reflink, and fail
+		# without the option (so it really cloned instead of copying)
+		mkdir -p /mnt/r /mnt/n
+		mount -t tmpfs -o reflink r /mnt/r && mount -t tmpfs n /mnt/n
+		head -c 4194304 /dev/urandom > /mnt/r/a && cp /mnt/r/a /mnt/n/a
+		echo "VMFORK-TEST cp-reflink: START"
+		if /usr/bin/gnucp --reflink=always /mnt/r/a /mnt/r/b &&
+		   cmp /mnt/r/a /mnt/r/b &&
+		   ! /usr/bin/gnucp --reflink=always /mnt/n/a /mnt/n/b 2>/dev/null; then
+			echo "VMFORK-TEST cp-reflink: PASS"
+		else
+			echo "VMFORK-TEST cp-reflink: FAIL"
+		fi
+		umount /mnt/r /mnt/n ;;
 	*) echo "VMFORK-TEST \$t: FAIL (unknown test)" ;;
 	esac
 done
