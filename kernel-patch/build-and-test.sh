@@ -191,6 +191,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 echo "VMFORK-BOOTED \$(uname -r)"
 echo "VMFORK-CLOCK \$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
+dmesg | grep -m1 'KernelAddressSanitizer initialized' | sed 's/^/VMFORK-DEBUG kasan: /'
 if [ -r /proc/lockdep_stats ]; then
 	echo "VMFORK-DEBUG lockdep: \$(grep 'lock-classes' /proc/lockdep_stats | tr -s ' ')"
 fi
