@@ -8,7 +8,9 @@
 #   --kasan        debug variant plus KASAN
 #   --pristine     do not apply the series (baseline kernel)
 #   --tests LIST   space separated guest tests (default: "selftest fsx")
-#                  known: selftest fsx bench
+#                  known: selftest fsx fsx-thp fsx-swap cp-reflink bench
+#                  fsx-thp: shmem THP forced, 4 MiB files; fsx-swap: zram swap and
+#                  memory.high of 8 MiB so that bases and clones get swapped
 #   --fsx-ops N    operations for the randomized checker (default 20000)
 #   --seed N       seed for the randomized checker (default: time)
 #   --mem SIZE     guest memory (default 2G)
@@ -172,10 +174,17 @@ ROOT=$(mktemp -d "$CACHE/initramfs.XXXXXX")
 trap 'rm -rf "$ROOT"' EXIT
 mkdir -p "$ROOT"/{bin,sbin,proc,sys,dev,tmp,mnt,usr/bin}
 cp /bin/busybox "$ROOT/bin/busybox"
-for a in sh mount mkdir cat echo dmesg grep reboot sleep ls free cp uname date sync head tail; do
+for a in sh mount mkdir cat echo dmesg grep reboot sleep ls free cp uname date sync head tail \
+	mkswap swapon swapoff tr cmp umount; do
 	ln -sf busybox "$ROOT/bin/$a"
 done
 cp "$BIN"/* "$ROOT/bin/" 2>/dev/null || true
+# GNU cp for the cp --reflink=always test, with the libraries it needs
+cp /bin/cp "$ROOT/usr/bin/gnucp"
+for lib in $(ldd /bin/cp | grep -o '/[^ ]*'); do
+	mkdir -p "$ROOT$(dirname "$lib")"
+	cp -L "$lib" "$ROOT$lib"
+done
 cat >"$ROOT/init" <<EOF
 #!/bin/sh
 mount -t proc proc /proc
@@ -183,6 +192,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 echo "VMFORK-BOOTED \$(uname -r)"
+echo "VMFORK-CLOCK \$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
+dmesg | grep -m1 'KernelAddressSanitizer initialized' | sed 's/^/VMFORK-DEBUG kasan: /'
 if [ -r /proc/lockdep_stats ]; then
 	echo "VMFORK-DEBUG lockdep: \$(grep 'lock-classes' /proc/lockdep_stats | tr -s ' ')"
 fi
@@ -193,8 +204,20 @@ run() {
 		return
 	fi
 	echo "VMFORK-TEST \$name: START"
+	shmem0=\$(grep '^Shmem:' /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
 	if "\$@"; then
-		echo "VMFORK-TEST \$name: PASS"
+		# everything the test created is closed: clones, bases and
+		# hidden bases must all be gone (extents are put from a work item)
+		for i in 1 2 3 4 5 6 7 8 9 10; do
+			sleep 2
+			shmem1=\$(grep '^Shmem:' /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
+			[ "\$shmem1" -gt \$((shmem0 + 1024)) ] || break
+		done
+		if [ "\$shmem1" -gt \$((shmem0 + 1024)) ]; then
+			echo "VMFORK-TEST \$name: FAIL (Shmem \${shmem0} kB before, \${shmem1} kB after: leak; inode-nr \$(cat /proc/sys/fs/inode-nr))"
+		else
+			echo "VMFORK-TEST \$name: PASS (Shmem \${shmem0} kB before, \${shmem1} kB after)"
+		fi
 	else
 		echo "VMFORK-TEST \$name: FAIL (exit \$?)"
 	fi
@@ -203,10 +226,41 @@ for t in $TESTS; do
 	case \$t in
 	selftest) run selftest memfd_reflink ;;
 	fsx) run fsx memfd_reflink_fsx -n $FSX_OPS -s $SEED ;;
+	fsx-thp)
+		echo force > /sys/kernel/mm/transparent_hugepage/shmem_enabled
+		run fsx-thp memfd_reflink_fsx -n $FSX_OPS -s $SEED -p 1024 -c 1000
+		echo "VMFORK-INFO thp: \$(grep -E 'ShmemHugePages' /proc/meminfo)"
+		echo never > /sys/kernel/mm/transparent_hugepage/shmem_enabled ;;
+	fsx-swap)
+		echo 256M > /sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null &&
+			swapon /dev/zram0 || echo "VMFORK-INFO no zram swap"
+		mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup &&
+			echo +memory > /sys/fs/cgroup/cgroup.subtree_control &&
+			mkdir -p /sys/fs/cgroup/fsx && echo 8M > /sys/fs/cgroup/fsx/memory.high &&
+			echo \$\$ > /sys/fs/cgroup/fsx/cgroup.procs || echo "VMFORK-INFO no memcg"
+		run fsx-swap memfd_reflink_fsx -n $FSX_OPS -s $SEED -p 512 -c 500
+		echo \$\$ > /sys/fs/cgroup/cgroup.procs
+		echo "VMFORK-INFO swap: memcg swap peak \$(cat /sys/fs/cgroup/fsx/memory.swap.peak 2>/dev/null) bytes, zram mm_stat \$(cat /sys/block/zram0/mm_stat 2>/dev/null)" ;;
 	bench) run bench memfd_reflink -b ;;
+	cp-reflink)
+		# GNU cp --reflink=always must work on tmpfs -o reflink, and fail
+		# without the option (so it really cloned instead of copying)
+		mkdir -p /mnt/r /mnt/n
+		mount -t tmpfs -o reflink r /mnt/r && mount -t tmpfs n /mnt/n
+		head -c 4194304 /dev/urandom > /mnt/r/a && cp /mnt/r/a /mnt/n/a
+		echo "VMFORK-TEST cp-reflink: START"
+		if /usr/bin/gnucp --reflink=always /mnt/r/a /mnt/r/b &&
+		   cmp /mnt/r/a /mnt/r/b &&
+		   ! /usr/bin/gnucp --reflink=always /mnt/n/a /mnt/n/b 2>/dev/null; then
+			echo "VMFORK-TEST cp-reflink: PASS"
+		else
+			echo "VMFORK-TEST cp-reflink: FAIL"
+		fi
+		umount /mnt/r /mnt/n ;;
 	*) echo "VMFORK-TEST \$t: FAIL (unknown test)" ;;
 	esac
 done
+echo "VMFORK-CLOCK at end: \$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
 echo "VMFORK-DMESG-BEGIN"
 dmesg | grep -E 'BUG|WARNING|Oops|lockdep|KASAN|circular|possible recursive|INFO:' || true
 echo "VMFORK-DMESG-END"
@@ -223,7 +277,11 @@ LOG=$CACHE/guest-$VARIANT.log
 step "booting $IMG under QEMU TCG (-m $MEM), serial log $LOG"
 start=$(date +%s)
 set +e
-timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m "$MEM" -smp 1 \
+# A private name, so that a broad "pkill qemu" elsewhere on a shared
+# machine does not take this run down with it.
+mkdir -p "$CACHE/bin"
+ln -sf "$(command -v qemu-system-x86_64)" "$CACHE/bin/vmfork-kernel-tcg"
+timeout "$TIMEOUT" "$CACHE/bin/vmfork-kernel-tcg" -accel tcg -cpu max -m "$MEM" -smp 1 \
 	-nographic -no-reboot -nodefaults -serial stdio -nic none \
 	-kernel "$IMG" -initrd "$INITRD" \
 	-append "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 kvm-amd.nested=1" \
