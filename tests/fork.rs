@@ -7,52 +7,18 @@
 //! parent's exact memory and registers reports, at every counter value, the checksum the
 //! parent reports at that value. Both consoles (their logs) are compared.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
+use common::{Runtime, kvm_available};
+
 const WORKLOAD: &str = "touch:4:seq:20000";
 
-fn kvm_available(test: &str) -> Option<MutexGuard<'static, ()>> {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    if std::path::Path::new("/dev/kvm").exists() {
-        Some(ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner()))
-    } else {
-        eprintln!("SKIP {test}: /dev/kvm is absent on this host");
-        None
-    }
-}
-
-/// A private runtime directory, so tests never see each other's VMs.
-struct Runtime {
-    dir: PathBuf,
-}
-
+/// What the fork tests ask of a runtime directory.
 impl Runtime {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vmfork-fork-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Runtime { dir }
-    }
-
-    fn vmfork(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmfork"))
-            .args(args)
-            .env("XDG_RUNTIME_DIR", &self.dir)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.vmfork(args);
-        assert!(out.status.success(), "vmfork {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
     fn run(&self, name: &str, extra: &[&str]) {
         let mut args = vec!["run", "--name", name, "--mem", "64M", "--workload", WORKLOAD, "--detach"];
         args.extend_from_slice(extra);
@@ -67,8 +33,7 @@ impl Runtime {
     }
 
     fn status(&self, name: &str) -> Value {
-        let all: Vec<Value> = serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap();
-        all.into_iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("{name} not in ls"))
+        self.ls().into_iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("{name} not in ls"))
     }
 
     /// The latest report of vCPU 0, waiting for one.
@@ -99,21 +64,6 @@ impl Runtime {
             .filter(|l| l.starts_with("report vcpu=0 ") && l.contains(" genid="))
             .filter_map(|l| Some((field(l, "counter=")?.parse().ok()?, field(l, "checksum=")?)))
             .collect()
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let names: Vec<String> = std::fs::read_dir(self.dir.join("vmfork"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
-            .collect();
-        for n in names {
-            let _ = self.vmfork(&["stop", &n]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -276,7 +226,7 @@ fn a_uffd_child_whose_parent_dies_stops_with_a_clear_error() {
     assert_eq!(unsafe { libc::kill(parent_pid, libc::SIGKILL) }, 0);
     let killed = Instant::now();
     // The child says why in its log and takes its control socket down on the way out.
-    let socket = rt.dir.join("vmfork").join("lazy.sock");
+    let socket = rt.socket("lazy");
     while !rt.log("lazy").contains("page server") || socket.exists() {
         assert!(
             killed.elapsed() < Duration::from_secs(3),

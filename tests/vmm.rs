@@ -1,25 +1,16 @@
 //! Integration tests of the VMM on this host's KVM. They start real VMs running the
 //! built-in guest; each skips with a printed reason only where /dev/kvm is absent.
 
+use std::sync::Arc;
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+mod common;
+
+use common::{Runtime, kvm_available};
 use vmfork::memory::{GuestMemory, MemoryOptions, Strategy};
 use vmfork::vmm::guest::GENID_GPA;
 use vmfork::vmm::{ExitReason, Report, RunState, Vm, VmConfig, VmState, Workload};
-
-/// Whether KVM is here; while it is, the caller holds the lock that runs VM tests one at
-/// a time (each guest spins its vCPUs; the host has two cores).
-fn kvm_available(test: &str) -> Option<MutexGuard<'static, ()>> {
-    static ONE_VM_TEST: Mutex<()> = Mutex::new(());
-    if std::path::Path::new("/dev/kvm").exists() {
-        Some(ONE_VM_TEST.lock().unwrap_or_else(|p| p.into_inner()))
-    } else {
-        eprintln!("SKIP {test}: /dev/kvm is absent on this host");
-        None
-    }
-}
 
 fn memory(mib: usize) -> Arc<GuestMemory> {
     Arc::new(GuestMemory::with_size(mib << 20, &MemoryOptions::default()).unwrap())
@@ -319,69 +310,16 @@ fn restore_onto_cloned_memory_runs_parent_and_child_independently() {
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-/// A private runtime directory, so tests never see each other's (or a user's) VMs.
-struct Runtime {
-    dir: PathBuf,
-}
-
-impl Runtime {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vmfork-test-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Runtime { dir }
-    }
-
-    fn vmfork(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmfork"))
-            .args(args)
-            .env("XDG_RUNTIME_DIR", &self.dir)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.vmfork(args);
-        assert!(out.status.success(), "vmfork {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn socket(&self, name: &str) -> PathBuf {
-        self.dir.join("vmfork").join(format!("{name}.sock"))
-    }
-
-    /// Sends raw bytes on VM `name`'s socket and returns the answer line as JSON.
-    fn raw(&self, name: &str, bytes: &[u8]) -> serde_json::Value {
-        let mut s = UnixStream::connect(self.socket(name)).unwrap();
-        s.write_all(bytes).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-
-    fn ls(&self) -> Vec<serde_json::Value> {
-        serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap()
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        // Stop whatever a failed test left running, then remove the directory.
-        let names: Vec<String> = std::fs::read_dir(self.dir.join("vmfork"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
-            .collect();
-        for n in names {
-            let _ = self.vmfork(&["stop", &n]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Sends raw bytes on VM `name`'s socket and returns the answer line as JSON.
+fn raw(rt: &Runtime, name: &str, bytes: &[u8]) -> serde_json::Value {
+    let mut s = UnixStream::connect(rt.socket(name)).unwrap();
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
 }
 
 #[test]
@@ -464,16 +402,16 @@ fn cli_malformed_requests_get_errors_and_the_vm_keeps_running() {
         b"{\"cmd\":",
         &long,
     ] {
-        let v = rt.raw("m", bad);
+        let v = raw(&rt, "m", bad);
         assert_eq!(v["ok"], false, "{v}");
         assert!(v["error"].as_str().unwrap().contains("bad request"), "{v}");
     }
-    let v = rt.raw("m", b"{\"cmd\":\"status\"}\n");
+    let v = raw(&rt, "m", b"{\"cmd\":\"status\"}\n");
     assert_eq!(v["ok"], true);
     assert_eq!(v["status"]["state"], "running");
     // A client that connects and says nothing does not hurt either.
     drop(UnixStream::connect(rt.socket("m")).unwrap());
-    let v = rt.raw("m", b"{\"cmd\":\"pause\"}\n");
+    let v = raw(&rt, "m", b"{\"cmd\":\"pause\"}\n");
     assert!(v["pause_ns"].as_u64().unwrap() > 0, "{v}");
     rt.ok(&["stop", "m"]);
 }

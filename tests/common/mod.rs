@@ -1,0 +1,76 @@
+//! What the VM test suites (vmm.rs, fork.rs) share: one VM test at a time, and a private
+//! runtime directory per test for the `vmfork` command.
+
+#![allow(dead_code)] // Each suite uses its own part of this.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// Whether KVM is here; while it is, the caller holds the lock that runs VM tests one at
+/// a time (each guest spins its vCPUs; the host has two cores).
+pub fn kvm_available(test: &str) -> Option<MutexGuard<'static, ()>> {
+    static ONE_VM_TEST: Mutex<()> = Mutex::new(());
+    if std::path::Path::new("/dev/kvm").exists() {
+        Some(ONE_VM_TEST.lock().unwrap_or_else(|p| p.into_inner()))
+    } else {
+        eprintln!("SKIP {test}: /dev/kvm is absent on this host");
+        None
+    }
+}
+
+/// A private runtime directory, so tests never see each other's (or a user's) VMs.
+/// Dropping it stops whatever VM a failed test left running.
+pub struct Runtime {
+    pub dir: PathBuf,
+}
+
+impl Runtime {
+    pub fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmfork-test-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Runtime { dir }
+    }
+
+    /// Runs `vmfork ARGS` against this runtime directory.
+    pub fn vmfork(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmfork"))
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &self.dir)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `vmfork ARGS`, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmfork(args);
+        assert!(out.status.success(), "vmfork {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The control socket of VM `name`.
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join("vmfork").join(format!("{name}.sock"))
+    }
+
+    /// `vmfork ls --json`.
+    pub fn ls(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let names: Vec<String> = std::fs::read_dir(self.dir.join("vmfork"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
+            .collect();
+        for n in names {
+            let _ = self.vmfork(&["stop", &n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
