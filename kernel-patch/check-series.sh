@@ -22,7 +22,8 @@ done
 fail=0
 echo "==> checkpatch --strict"
 for p in "${PATCHES[@]}"; do
-	out=$("$SRC/scripts/checkpatch.pl" --strict -q "$p" 2>/dev/null || true)
+	# from inside the kernel tree: checkpatch leaves a cache file in $PWD
+	out=$(cd "$SRC" && scripts/checkpatch.pl --strict -q "$p" 2>/dev/null || true)
 	n=$(printf '%s\n' "$out" | grep -cE '^(ERROR|WARNING|CHECK)' || true)
 	echo "  $(basename "$p"): $n remarks"
 	[ "$n" = 0 ] || printf '%s\n' "$out" | grep -E '^(ERROR|WARNING|CHECK)' | sed 's/^/    /'
