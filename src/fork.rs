@@ -162,8 +162,15 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
         BufReader::new(&ours).read_line(&mut line)?;
         serde_json::from_str(&line).map_err(|e| std::io::Error::other(format!("{e}: {line:?}")))
     };
-    let ready = handoff().map_err(Error::Handoff)?;
-    drop(process);
+    let outcome = handoff();
+    // The child outlives this request; reap it when it exits, and end it if the handoff
+    // failed halfway (it would wait for the rest forever otherwise).
+    let mut process = process;
+    if !matches!(outcome, Ok(Ready { ok: true, .. })) {
+        let _ = process.kill();
+    }
+    std::thread::spawn(move || process.wait());
+    let ready = outcome.map_err(Error::Handoff)?;
     if !ready.ok {
         return Err(Error::Child(ready.error.unwrap_or_default()));
     }
