@@ -54,16 +54,8 @@ impl Record {
 
     /// A scenario that could not run here, with the reason.
     pub fn skipped(suite: &str, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
-        Record {
-            suite: suite.into(),
-            scenario: scenario.into(),
-            strategy: strategy.into(),
-            size_bytes: size,
-            metric: metric.into(),
-            value: None,
-            unit: String::new(),
-            note: Some(why.into()),
-        }
+        let measured = Record::value(suite, scenario, strategy, size, metric, 0.0, "");
+        Record { value: None, note: Some(why.into()), ..measured }
     }
 }
 
