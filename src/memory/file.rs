@@ -70,13 +70,6 @@ impl MemFile {
         Ok(())
     }
 
-    /// Whether [`MemFile::seal_immutable`] has been applied.
-    pub fn is_sealed(&self) -> bool {
-        // SAFETY: fcntl(F_GET_SEALS) takes no argument and touches no memory of ours.
-        let seals = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GET_SEALS) };
-        seals >= 0 && seals & libc::F_SEAL_WRITE != 0
-    }
-
     /// Writes `data` at `offset` with pwrite(2), allocating pages in the kernel without
     /// touching any page table: the fastest way to fill a fresh memfd.
     pub fn write_all_at(&self, data: &[u8], offset: u64) -> Result<()> {
@@ -124,11 +117,6 @@ fn reflink_flag() -> libc::c_uint {
         Ok(_) => MFD_REFLINK,
         Err(_) => 0,
     })
-}
-
-/// Whether this kernel accepts `MFD_REFLINK` (has vmfork's reflink patch).
-pub fn kernel_has_mfd_reflink() -> bool {
-    reflink_flag() != 0
 }
 
 fn memfd_create(name: &str, flags: libc::c_uint) -> std::io::Result<OwnedFd> {

@@ -119,11 +119,6 @@ impl LazyFill {
         LazyFill { target, server: None }
     }
 
-    /// The local page server, if the server runs in this process.
-    pub fn server(&self) -> Option<&PageServer> {
-        self.server.as_ref()
-    }
-
     /// `(faults answered, nanoseconds spent)` of the local page server, if any.
     pub fn service_time(&self) -> Option<(u64, u64)> {
         self.server.as_ref().map(|s| {
@@ -238,11 +233,6 @@ impl LazyTarget {
     /// The userfaultfd, to hand to the page server.
     pub fn uffd(&self) -> &Arc<Uffd> {
         &self.uffd
-    }
-
-    /// First address and length of the registered range.
-    pub fn range(&self) -> (usize, usize) {
-        (self.addr, self.len)
     }
 
     /// Starts the watchdog: when `liveness` hangs up (the server's end closed: it exited,
@@ -457,11 +447,6 @@ impl RemoteSource {
         }
         self.servers.push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);
         Ok(())
-    }
-
-    /// The page servers started so far.
-    pub fn servers(&self) -> &[PageServer] {
-        &self.servers
     }
 }
 
