@@ -67,6 +67,10 @@ fn one_strategy(
 ) -> crate::memory::Result<()> {
     let name = strategy.name();
     let sz = size as u64;
+    // Clone-suite records name their scenario after their metric.
+    let put = |out: &mut Vec<Record>, metric: &str, value: f64, unit: &str| {
+        out.push(Record::value(SUITE, metric, name, sz, metric, value, unit))
+    };
     if strategy == Strategy::Reflink {
         if let Err(e) = reflink::probe() {
             for metric in ["clone_ns", "first_read_ns_per_page", "first_write_ns_per_page"] {
@@ -84,38 +88,14 @@ fn one_strategy(
     let t = Instant::now();
     let (reader, _) = source.clone_with(strategy)?;
     let clone_ns = t.elapsed().as_nanos() as f64;
-    out.push(Record::value(SUITE, "clone_ns", name, sz, "clone_ns", clone_ns, "ns"));
-    out.push(Record::value(
-        SUITE,
-        "child_private_bytes",
-        name,
-        sz,
-        "child_private_bytes",
-        accounting::usage(&reader)?.private_bytes as f64,
-        "bytes",
-    ));
+    put(out, "clone_ns", clone_ns, "ns");
+    put(out, "child_private_bytes", accounting::usage(&reader)?.private_bytes as f64, "bytes");
     let read_ns = touch(&reader, false);
-    out.push(Record::value(
-        SUITE,
-        "first_read_ns_per_page",
-        name,
-        sz,
-        "first_read_ns_per_page",
-        read_ns,
-        "ns",
-    ));
+    put(out, "first_read_ns_per_page", read_ns, "ns");
     if matches!(strategy, Strategy::Uffd | Strategy::UffdMinor) {
         if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| s.service_time()).flatten() {
             if faults > 0 {
-                out.push(Record::value(
-                    SUITE,
-                    "uffd_fault_service_ns",
-                    name,
-                    sz,
-                    "uffd_fault_service_ns",
-                    ns as f64 / faults as f64,
-                    "ns",
-                ));
+                put(out, "uffd_fault_service_ns", ns as f64 / faults as f64, "ns");
             }
         }
     }
@@ -124,15 +104,7 @@ fn one_strategy(
     // A second child, written once per page.
     let (writer, _) = source.clone_with(strategy)?;
     let write_ns = touch(&writer, true);
-    out.push(Record::value(
-        SUITE,
-        "first_write_ns_per_page",
-        name,
-        sz,
-        "first_write_ns_per_page",
-        write_ns,
-        "ns",
-    ));
+    put(out, "first_write_ns_per_page", write_ns, "ns");
     drop(writer);
 
     // Sixteen idle clones: what do they cost together? Stop early rather than let the
@@ -154,7 +126,7 @@ fn one_strategy(
     let total = system_bytes().saturating_sub(baseline);
     let metric = "fanout16_total_bytes";
     match short {
-        None => out.push(Record::value(SUITE, metric, name, sz, metric, total as f64, "bytes")),
+        None => put(out, metric, total as f64, "bytes"),
         Some(available) => out.push(Record::skipped(
             SUITE,
             metric,
@@ -177,7 +149,7 @@ fn one_strategy(
     }
     let t = Instant::now();
     let (again, _) = source.clone_with(strategy)?;
-    out.push(Record::value(SUITE, "reclone_ns", name, sz, "reclone_ns", t.elapsed().as_nanos() as f64, "ns"));
+    put(out, "reclone_ns", t.elapsed().as_nanos() as f64, "ns");
     drop(again);
 
     Ok(())
