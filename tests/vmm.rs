@@ -9,11 +9,11 @@ mod common;
 
 use common::{Runtime, kvm_available};
 use vmfork::memory::{GuestMemory, MemoryOptions, Strategy};
-use vmfork::vmm::guest::GENID_GPA;
+use vmfork::vmm::guest::{self, GENID_GPA};
 use vmfork::vmm::{ExitReason, Report, RunState, Vm, VmConfig, VmState, Workload};
 
 fn memory(mib: usize) -> Arc<GuestMemory> {
-    Arc::new(GuestMemory::with_size(mib << 20, &MemoryOptions::default()).unwrap())
+    Arc::new(guest::memory(mib << 20, &MemoryOptions::default()).unwrap())
 }
 
 fn next(rx: &Receiver<Report>) -> Report {
@@ -667,4 +667,38 @@ fn capture_in_one_process_restore_in_another() {
         assert_eq!(r.checksum, models[v].checksum_at(r.counter), "restored in another process: {r}");
     }
     vm.stop();
+}
+
+/// A guest bigger than 3 GiB has RAM on both sides of the MMIO hole; the guest sees one
+/// contiguous range, and its writes past 3 GiB land above 4 GiB guest-physical.
+#[test]
+fn guest_memory_spans_the_hole_above_3_gib() {
+    let Some(_vm_lock) = kvm_available("guest_memory_spans_the_hole_above_3_gib") else {
+        return;
+    };
+    let mib = 3 * 1024 + 8;
+    let mem = memory(mib);
+    assert_eq!(mem.regions().len(), 2, "RAM below and above the hole");
+    // One report per pass over the whole area (everything past the first MiB).
+    let pages = ((mib - 1) << 8) as u64;
+    let cfg = VmConfig {
+        workload: Workload::Touch { mib: mib as u64 - 1, random: false, every: pages },
+        ..Default::default()
+    };
+    let vm = Vm::create(mem.clone(), &cfg).unwrap();
+    let rx = vm.subscribe();
+    next(&rx); // the first report, at start
+    let pass = rx.recv_timeout(Duration::from_secs(120)).expect("no report after a full pass in 120 s");
+    assert_eq!(pass.counter, pages);
+    let mut model = TouchModel::new(pages as usize, false, 0);
+    assert_eq!(pass.checksum, model.checksum_at(pass.counter), "the guest touched every page once");
+    vm.stop();
+    // The last page of the area is guest-virtual mib MiB - 4 KiB: past the hole.
+    let last_va = (mib as u64) * (1 << 20) - 4096;
+    let mut b = [0u8; 8];
+    mem.read(guest::ram_gpa(last_va), &mut b).unwrap();
+    // (The guest went on touching between its report and the stop: at least once.)
+    assert!(u64::from_le_bytes(b) >= 1, "the last page, above 4 GiB guest-physical, was touched");
+    mem.read(guest::HOLE_GPA - 4096, &mut b).unwrap();
+    assert!(u64::from_le_bytes(b) >= 1, "the last page below the hole too");
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{BenchError, BenchOptions, Record, human_bytes};
-use crate::memory::{GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, reflink};
-use crate::vmm::{Vm, VmConfig, Workload};
+use crate::memory::{MemoryOptions, PAGE_SIZE, Strategy, reflink};
+use crate::vmm::{Vm, VmConfig, Workload, guest};
 
 const SUITE: &str = "fork";
 /// Forks per measurement.
@@ -99,14 +99,14 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
 
 /// Medians of (parent pause, fork to child running) over [`FORKS`] forks.
 fn forks(size: usize, strategy: Strategy, huge_pages: bool) -> Result<(f64, f64), BenchError> {
-    let memory = Arc::new(GuestMemory::with_size(size, &MemoryOptions { huge_pages }).map_err(err)?);
+    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages }).map_err(err)?);
     let vm = Vm::create(memory.clone(), &VmConfig { workload: Workload::default(), ..Default::default() })
         .map_err(err)?;
     vm.subscribe().recv_timeout(Duration::from_secs(20)).map_err(|_| err("the guest did not report"))?;
     // Populate every page past the guest's own (it lives in the first MiB).
     vm.pause().map_err(err)?;
     for at in ((1 << 20)..size).step_by(PAGE_SIZE) {
-        memory.write(at as u64, &[0x5a]).map_err(err)?;
+        memory.write(guest::ram_gpa(at as u64), &[0x5a]).map_err(err)?;
     }
     vm.resume().map_err(err)?;
     let parent = format!("bench-{}", std::process::id());

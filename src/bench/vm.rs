@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{BenchError, Record};
-use crate::memory::{GuestMemory, MemoryOptions};
-use crate::vmm::{Vm, VmConfig, Workload};
+use crate::memory::MemoryOptions;
+use crate::vmm::{Vm, VmConfig, Workload, guest};
 
 /// Pause/resume cycles per measurement.
 pub const CYCLES: usize = 50;
@@ -34,7 +34,7 @@ fn err(e: impl std::fmt::Display) -> BenchError {
 
 /// Times `cycles` pause/resume cycles of a `vcpus`-vCPU VM: (pause times, resume times).
 pub fn pause_resume(vcpus: u32, cycles: usize) -> Result<(Vec<Duration>, Vec<Duration>), BenchError> {
-    let memory = Arc::new(GuestMemory::with_size(MEM, &MemoryOptions::default()).map_err(err)?);
+    let memory = Arc::new(guest::memory(MEM, &MemoryOptions::default()).map_err(err)?);
     let config = VmConfig { vcpus, workload: Workload::default(), ..Default::default() };
     let vm = Vm::create(memory, &config).map_err(err)?;
     let rx = vm.subscribe();

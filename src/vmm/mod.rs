@@ -34,7 +34,7 @@ pub use guest::{Report, Workload};
 pub use state::{VcpuState, VmState};
 use vcpu::{ImmediateExit, Kick};
 
-/// Where KVM may put the TSS it needs on some hosts (below 4 GiB, above guest RAM).
+/// Where KVM may put the TSS it needs on VMX hosts: below 4 GiB, in the guest's MMIO hole.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// Errors of the VMM.

@@ -37,7 +37,7 @@
         .set IDLE_PORT,   0x0701
         .set SERIAL_PORT, 0x03f8
         .set I8042_CMD,   0x0064
-        .set PIO_MMIO_BASE, 0xd0000000
+        .set PIO_MMIO_VA, 0x1010000000     /* PIO_MMIO_BASE as the page tables map it */
 
         .global _start
 _start:                         /* offset 0: ring-0 entry */
@@ -163,14 +163,15 @@ report:
 /*
  * Port write from ring 3: dx = port, al = value. Measured on PVM-based KVM: `out` in
  * ring 3 raises #GP even with RFLAGS.IOPL=3, and `syscall` does not reach a ring-0 LSTAR
- * stub. A store to guest-physical PIO_MMIO_BASE + port (no memory slot there) exits to
- * the VMM as MMIO from any ring, and the VMM forwards it to its port bus as `out`.
+ * stub. A store to guest-physical PIO_MMIO_BASE + port (no memory slot there; the page
+ * tables map it at PIO_MMIO_VA) exits to the VMM as MMIO from any ring, and the VMM
+ * forwards it to its port bus as `out`.
  */
 pio_out:
         push    rdx
         push    rcx
         movzx   edx, dx
-        mov     ecx, PIO_MMIO_BASE
+        movabs  rcx, PIO_MMIO_VA
         add     rdx, rcx
         mov     [rdx], al
         pop     rcx

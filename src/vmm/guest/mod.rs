@@ -2,7 +2,14 @@
 //! `build.rs`) that runs a memory workload in ring 3, and the guest-physical layout the
 //! VMM sets up for it (page tables, GDT, parameters, mailboxes).
 //!
-//! Layout of guest-physical memory (identity mapped, virtual = physical):
+//! Guest RAM is `[0, 3 GiB)` and, for bigger guests, `[4 GiB, …)`: the gap between
+//! ([`HOLE_GPA`]) is where a PC has its MMIO (LAPIC, IOAPIC, and the VMX TSS pages KVM
+//! may place there), and where the built-in guest's port window lives. The guest's page
+//! tables hide the gap: virtual addresses `[0, size)` are contiguous RAM (virtual =
+//! physical below the hole, physical = virtual + 1 GiB above it; see [`ram_gpa`]), and
+//! the hole itself is mapped at [`HOLE_VA`].
+//!
+//! Layout of the first MiB (virtual = physical):
 //!
 //! | address | what |
 //! |---|---|
@@ -11,11 +18,12 @@
 //! | `0x4000` [`GENID_GPA`] | VM generation id (16 bytes), read by the guest at every report |
 //! | `0x5000` [`MAILBOX_GPA`] | per-vCPU report mailboxes, 64 bytes each |
 //! | `0x6000` [`PARAMS_GPA`] | per-vCPU workload parameters, 64 bytes each |
-//! | `0x8000` [`PML4_GPA`] | page tables: PML4, PDPT, 4 PDs of 2 MiB pages (first 4 GiB) |
+//! | `0x8000` [`PML4_GPA`] | page tables: PML4 and PDPT |
 //! | `0x10000` [`CODE_GPA`] | guest code |
 //! | `0x20000` [`STACKS_GPA`] | per-vCPU stacks, [`STACK_SIZE`] each (ring-0 frame on top) |
+//! | `0x80000` [`PD_GPA`] | page directories (2 MiB pages): one per GiB of RAM, one for the hole |
 //! | `0x100000` [`AREA_GPA`] | workload area, split evenly between vCPUs, up to [`MAX_MEM`] |
-//! | `0xd0000000` [`PIO_MMIO_BASE`] | port I/O window (no memory: MMIO exits) |
+//! | `0xd0000000` [`PIO_MMIO_BASE`] | port I/O window in the hole (no memory: MMIO exits), virtual [`PIO_MMIO_VA`] |
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,13 +47,21 @@ pub const GENID_GPA: u64 = 0x4000;
 pub const MAILBOX_GPA: u64 = 0x5000;
 pub const PARAMS_GPA: u64 = 0x6000;
 pub const PML4_GPA: u64 = 0x8000;
+/// Page directories, one 4 KiB page per GiB of virtual address space mapped.
+pub const PD_GPA: u64 = 0x80000;
 pub const CODE_GPA: u64 = 0x10000;
 pub const STACKS_GPA: u64 = 0x20000;
 pub const STACK_SIZE: u64 = 0x4000;
 /// Start of the workload area.
 pub const AREA_GPA: u64 = 0x100000;
-/// Most guest memory: RAM must end below [`PIO_MMIO_BASE`].
-pub const MAX_MEM: usize = 3 << 30;
+/// Start of the MMIO hole in guest-physical memory; RAM resumes at [`HOLE_END_GPA`].
+pub const HOLE_GPA: u64 = 3 << 30;
+pub const HOLE_END_GPA: u64 = 4 << 30;
+/// Where the guest's page tables map the hole: right above the largest guest's RAM.
+pub const HOLE_VA: u64 = MAX_MEM as u64;
+/// Most guest memory: the RAM's virtual range must end below [`HOLE_VA`], and its page
+/// directories fit between [`PD_GPA`] and [`AREA_GPA`].
+pub const MAX_MEM: usize = 64 << 30;
 /// Smallest guest memory: the fixed layout plus one page of workload area per vCPU.
 pub const MIN_MEM: usize = 2 << 20;
 
@@ -71,6 +87,8 @@ pub const ENTRY_RFLAGS: u64 = 0x2;
 /// KVM, but a store to guest-physical memory without a memory slot exits to the VMM from
 /// any ring.
 pub const PIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The guest-virtual address of [`PIO_MMIO_BASE`] (guest.S uses this one).
+pub const PIO_MMIO_VA: u64 = HOLE_VA + (PIO_MMIO_BASE - HOLE_GPA);
 /// Size of the port window (the whole 16-bit port space).
 pub const PIO_MMIO_SIZE: u64 = 0x1_0000;
 
@@ -204,7 +222,9 @@ impl fmt::Display for Report {
 /// Errors preparing guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("guest memory of {0} bytes is outside the built-in guest's range ({MIN_MEM}..={MAX_MEM} bytes)")]
+    #[error(
+        "guest memory of {0} bytes is outside the built-in guest's range ({MIN_MEM}..={MAX_MEM} bytes) or not laid out around the hole at 3 GiB"
+    )]
     MemorySize(usize),
     #[error(
         "the workload needs {need} bytes of guest memory above {AREA_GPA:#x} but only {have} exist; give the VM more --mem"
@@ -248,26 +268,54 @@ fn gdt() -> [u64; 7] {
     ]
 }
 
+/// The guest-physical RAM layout of a built-in guest with `size` bytes of memory:
+/// `(guest address, bytes)` per region, for [`GuestMemory::new`].
+pub fn ram_layout(size: usize) -> Vec<(u64, usize)> {
+    let low = size.min(HOLE_GPA as usize);
+    let mut layout = vec![(0, low)];
+    if size > low {
+        layout.push((HOLE_END_GPA, size - low));
+    }
+    layout
+}
+
+/// Guest memory for a built-in guest of `size` bytes, laid out by [`ram_layout`].
+pub fn memory(size: usize, opts: &crate::memory::MemoryOptions) -> Result<GuestMemory, SetupError> {
+    if !(MIN_MEM..=MAX_MEM).contains(&size) {
+        return Err(SetupError::MemorySize(size));
+    }
+    Ok(GuestMemory::new(&ram_layout(size), opts)?)
+}
+
+/// The guest-physical address of guest-virtual RAM address `va` (see the module docs).
+pub fn ram_gpa(va: u64) -> u64 {
+    if va < HOLE_GPA { va } else { va + (HOLE_END_GPA - HOLE_GPA) }
+}
+
 /// Writes code, GDT, page tables and per-vCPU parameters into `mem` for `vcpus` vCPUs
 /// running `workload`. Also clears the mailboxes and the generation id.
 pub fn setup(mem: &GuestMemory, vcpus: u32, workload: Workload) -> Result<(), SetupError> {
     let size = mem.size();
-    if !(MIN_MEM..=MAX_MEM).contains(&size) || mem.regions().first().map(|r| r.guest_addr()) != Some(0) {
+    let layout: Vec<(u64, usize)> = mem.regions().iter().map(|r| (r.guest_addr(), r.size())).collect();
+    if !(MIN_MEM..=MAX_MEM).contains(&size) || layout != ram_layout(size) {
         return Err(SetupError::MemorySize(size));
     }
     mem.write(CODE_GPA, GUEST_BIN)?;
     let gdt: Vec<u8> = gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write(GDT_GPA, &gdt)?;
-    // PML4[0] -> PDPT; PDPT[i] -> PD i; PD entries map 2 MiB pages. Every level is
-    // present, writable and user-accessible.
+    // PML4[0] -> PDPT; PDPT[g] -> the PD of virtual GiB g, whose entries map 2 MiB pages:
+    // RAM for g below the size, the hole at HOLE_VA. Every level is present, writable
+    // and user-accessible.
     let flags = 0x7u64;
     let pdpt = PML4_GPA + 0x1000;
     mem.write(PML4_GPA, &(pdpt | flags).to_le_bytes())?;
-    for i in 0..4u64 {
-        let pd = pdpt + 0x1000 * (i + 1);
-        mem.write(pdpt + 8 * i, &(pd | flags).to_le_bytes())?;
+    let ram_gibs = (size as u64).div_ceil(1 << 30);
+    let mapped = (0..ram_gibs).map(|g| (g << 30, ram_gpa(g << 30))).chain([(HOLE_VA, HOLE_GPA)]);
+    for (i, (va, gpa)) in mapped.enumerate() {
+        let pd = PD_GPA + 0x1000 * i as u64;
+        mem.write(pdpt + 8 * (va >> 30), &(pd | flags).to_le_bytes())?;
         let entries: Vec<u8> =
-            (0..512u64).flat_map(|j| (((i << 30) | (j << 21)) | flags | 0x80).to_le_bytes()).collect();
+            (0..512u64).flat_map(|j| ((gpa + (j << 21)) | flags | 0x80).to_le_bytes()).collect();
         mem.write(pd, &entries)?;
     }
     // Workload area: split page-aligned between vCPUs.
@@ -387,11 +435,13 @@ mod tests {
         assert_eq!(GUEST_BIN[RING0_ENTRY as usize..][..2], [0x48, 0xcf], "iretq at offset 0");
         assert!(GUEST_BIN.len() > USER_ENTRY as usize + 16);
         assert!((GUEST_BIN.len() as u64) < STACKS_GPA - CODE_GPA);
+        let window = PIO_MMIO_VA.to_le_bytes();
+        assert!(GUEST_BIN.windows(8).any(|w| w == window), "guest.S's PIO_MMIO_VA matches");
     }
 
     #[test]
     fn setup_writes_layout_and_rejects_bad_sizes() {
-        let mem = GuestMemory::with_size(8 << 20, &Default::default()).unwrap();
+        let mem = memory(8 << 20, &Default::default()).unwrap();
         setup(&mem, 2, "touch:4".parse().unwrap()).unwrap();
         let mut b = [0u8; 8];
         mem.read(PARAMS_GPA + 64 + 8, &mut b).unwrap();
@@ -401,5 +451,22 @@ mod tests {
         assert!(matches!(setup(&mem, 1, "touch:8".parse().unwrap()), Err(SetupError::AreaTooSmall { .. })));
         let tiny = GuestMemory::with_size(1 << 20, &Default::default()).unwrap();
         assert!(matches!(setup(&tiny, 1, Workload::Idle), Err(SetupError::MemorySize(_))));
+        assert!(matches!(memory(1 << 20, &Default::default()), Err(SetupError::MemorySize(_))));
+        let flat = GuestMemory::with_size(MIN_MEM, &Default::default()).unwrap();
+        assert!(setup(&flat, 1, Workload::Idle).is_ok(), "below the hole the layout is one region");
+    }
+
+    #[test]
+    fn big_guests_skip_the_hole() {
+        assert_eq!(ram_layout(1 << 30), vec![(0, 1 << 30)]);
+        assert_eq!(ram_layout(5 << 30), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
+        assert_eq!(ram_gpa(0x1000), 0x1000);
+        assert_eq!(ram_gpa((3 << 30) + 0x2000), (4 << 30) + 0x2000);
+        assert_eq!(PIO_MMIO_VA - HOLE_VA, PIO_MMIO_BASE - HOLE_GPA);
+        // The page directories of the largest guest end below the workload area.
+        assert!(PD_GPA + 0x1000 * ((MAX_MEM as u64 >> 30) + 1) <= AREA_GPA);
+        // A 4 GiB guest with a one-region layout (RAM over the hole) is refused.
+        let flat = GuestMemory::with_size(4 << 30, &Default::default()).unwrap();
+        assert!(matches!(setup(&flat, 1, Workload::Idle), Err(SetupError::MemorySize(_))));
     }
 }
