@@ -278,7 +278,7 @@ fn fork(args: ForkArgs) -> CliResult {
             ms(t.parent_resumed_ns),
             ms(t.cloned_ns.saturating_sub(t.captured_ns)),
             ms(t.child_restored_ns),
-            ms(t.child_first_report_ns)
+            t.child_first_report_ns.map_or_else(|| "not yet".to_string(), ms)
         );
     }
     if let Some(c) = children.first() {

@@ -115,7 +115,9 @@ fn forks(size: usize, strategy: Strategy, huge_pages: bool) -> Result<(f64, f64)
         let child_name = format!("{parent}-{}-{i}", strategy.name());
         let child = crate::fork::fork(&vm, &parent, false, &child_name, strategy).map_err(err)?;
         pauses.push(child.timings.parent_resumed_ns);
-        running.push(child.timings.child_first_report_ns);
+        running.push(
+            child.timings.child_first_report_ns.ok_or_else(|| err("the child's guest did not report"))?,
+        );
         crate::api::call(&child_name, &crate::api::Request::Stop).map_err(err)?;
     }
     vm.stop();
