@@ -32,6 +32,9 @@ enum Command {
         /// Ask for transparent huge pages (MADV_HUGEPAGE) on guest memory.
         #[arg(long)]
         huge_pages: bool,
+        /// Run only these suites (repeatable): clone, vm, fork. Default: all.
+        #[arg(long = "suite", value_enum)]
+        suites: Vec<vmfork::bench::Suite>,
     },
     /// Print a saved `vmfork bench --json` report (table and ratios).
     Report {
@@ -48,8 +51,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench { quick, json, sizes, huge_pages } => {
-            vmfork::bench::run(&vmfork::bench::BenchOptions { quick, sizes, huge_pages, json }).map(|_| ())
+        Command::Bench { quick, json, sizes, huge_pages, suites } => {
+            let opts = vmfork::bench::BenchOptions { quick, sizes, huge_pages, json, suites };
+            vmfork::bench::run(&opts).map(|_| ())
         }
         Command::Report { file, markdown } => vmfork::bench::render(&file, markdown.as_deref()),
         Command::Vm(cmd) => return vmfork::cli::run(cmd),

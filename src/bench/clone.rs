@@ -230,7 +230,7 @@ fn native(size: usize, huge: bool, out: &mut Vec<Record>) {
 }
 
 /// A `/proc/meminfo` field in bytes (0 when missing).
-fn meminfo(field: &str) -> u64 {
+pub(super) fn meminfo(field: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

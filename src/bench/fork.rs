@@ -1,129 +1,367 @@
-//! The `fork` suite: forking a running VM (the built-in guest, `count` workload) into a
-//! new process, per strategy and guest size, as `vmfork fork` does it.
+//! The `fork` suite: forking a running VM (the built-in guest) into new processes, per
+//! strategy and guest size, as `vmfork fork` does it.
 //!
 //! * `fork_parent_pause_ns`: the parent's vCPUs stopped, from the pause to the resume
-//!   (state capture and the memory clone happen in between);
-//! * `fork_to_child_running_ns`: from the fork request to the child guest's first report.
-//!
-//! Each is the median of [`FORKS`] forks of one parent; the children are stopped between
-//! forks. The guest's memory is written in full before the first fork, so every page is
-//! populated and cloning has real work to do.
+//!   (state capture and the memory clone happen in between); median of [`FORKS`] forks
+//!   of one parent running the `count` workload, whose every page was written first;
+//! * `fork_to_child_running_ns`: from the fork request to the child guest's first report;
+//! * `child_workload_ns` (scenarios `touch10pct`, `touch100pct`): a forked child's guest
+//!   touches (increments a word of) every page of 10% / 100% of its memory; from the
+//!   child's resume until it has touched each at least once. The parent runs the same
+//!   `touch` workload before the fork and stays paused while the child is timed (two
+//!   cores: it would compete). Strategy `native` is the parent's own pass over the same
+//!   pages before the fork, all already populated: the cost of the work itself. The
+//!   child starts at the parent's position in its pass, so its time includes at most
+//!   one such native pass besides the first touches. The child runs in this process
+//!   (restored from the captured state, as `vmfork __child` does), so the uffd page
+//!   server is a thread here rather than the parent process;
+//! * `fanout{N}/total_bytes`: memory held by an idle parent and `N` idle children forked
+//!   from it (see [`fan_out`]); the parent's own pages count, so `size` is the floor;
+//! * `chain{N}/first_fork_ns`, `last_fork_ns` (and `_pause_ns`): fork the VM, then fork
+//!   that child, and so on `N` deep: fork request to the new child's first report for
+//!   the first and the last link, and each parent's pause. The target is last ≤ 1.5×
+//!   first: depth must not cost.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
+use crate::api::{self, Request};
+use crate::fork::Child;
 use crate::memory::{MemoryOptions, PAGE_SIZE, Strategy, reflink};
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
 const SUITE: &str = "fork";
-/// Forks per measurement.
+/// Forks per pause/running measurement.
 pub const FORKS: usize = 5;
+/// Guest memory of the fan-out and chain VMs.
+const SMALL: usize = 256 << 20;
+/// Every strategy, in table order.
+const STRATEGIES: [Strategy; 5] =
+    [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
 fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("fork bench: {e}"))
 }
 
 pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
-    let sizes = if opts.quick { vec![256 << 20] } else { vec![256 << 20, 1 << 30] };
-    if let Err(e) = kvm_ioctls::Kvm::new() {
+    let sizes = match (&opts.sizes[..], opts.quick) {
+        ([], true) => vec![SMALL],
+        ([], false) => vec![SMALL, 1 << 30, 4 << 30],
+        (sizes, _) => sizes.to_vec(),
+    };
+    let (fanout, chain_depth) = if opts.quick { (4, 4) } else { (16, 32) };
+    let skip_all = |out: &mut Vec<Record>, why: &str| {
         for &size in &sizes {
-            out.push(Record::skipped(
-                SUITE,
-                "fork",
-                "all",
-                size as u64,
-                "fork_parent_pause_ns",
-                &format!("no KVM: {e}"),
-            ));
+            out.push(Record::skipped(SUITE, "fork", "all", size as u64, "fork_parent_pause_ns", why));
         }
+    };
+    if let Err(e) = kvm_ioctls::Kvm::new() {
+        skip_all(out, &format!("no KVM: {e}"));
         return Ok(());
     }
+    let huge = opts.huge_pages;
     for &size in &sizes {
         eprintln!("fork suite at {}", human_bytes(size as u64));
-        for strategy in
-            [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor]
-        {
-            let sz = size as u64;
+        let sz = size as u64;
+        for strategy in STRATEGIES {
+            let name = strategy.name();
+            let skip = |out: &mut Vec<Record>, scenario: &str, metric: &str, why: &str| {
+                eprintln!("  {strategy} {scenario}: {why}");
+                out.push(Record::skipped(SUITE, scenario, name, sz, metric, why));
+            };
             if strategy == Strategy::Reflink {
                 if let Err(e) = reflink::probe() {
-                    out.push(Record::skipped(
-                        SUITE,
-                        "fork",
-                        "reflink",
-                        sz,
-                        "fork_parent_pause_ns",
-                        &e.to_string(),
-                    ));
+                    skip(out, "fork", "fork_parent_pause_ns", &e.to_string());
                     continue;
                 }
             }
-            match forks(size, strategy, opts.huge_pages) {
+            match forks(size, strategy, huge) {
                 Ok((pause, running)) => {
-                    let name = strategy.name();
-                    out.push(Record::value(
-                        SUITE,
-                        "fork_parent_pause_ns",
-                        name,
-                        sz,
-                        "fork_parent_pause_ns",
-                        pause,
-                        "ns",
-                    ));
-                    out.push(Record::value(
-                        SUITE,
-                        "fork_to_child_running_ns",
-                        name,
-                        sz,
-                        "fork_to_child_running_ns",
-                        running,
-                        "ns",
-                    ));
+                    let m = "fork_parent_pause_ns";
+                    out.push(Record::value(SUITE, m, name, sz, m, pause, "ns"));
+                    let m = "fork_to_child_running_ns";
+                    out.push(Record::value(SUITE, m, name, sz, m, running, "ns"));
                 }
-                Err(e) => {
-                    eprintln!("  {strategy}: {e}");
-                    out.push(Record::skipped(
-                        SUITE,
-                        "fork",
-                        strategy.name(),
-                        sz,
-                        "fork_parent_pause_ns",
-                        &e.0,
-                    ));
+                Err(e) => skip(out, "fork", "fork_parent_pause_ns", &e.0),
+            }
+            for (scenario, percent) in [("touch10pct", 10), ("touch100pct", 100)] {
+                match child_workload(size, strategy, huge, percent) {
+                    Ok((native, child)) => {
+                        let m = "child_workload_ns";
+                        if strategy == STRATEGIES[0] {
+                            out.push(Record::value(SUITE, scenario, "native", sz, m, native, "ns"));
+                        }
+                        out.push(Record::value(SUITE, scenario, name, sz, m, child, "ns"));
+                    }
+                    Err(e) => skip(out, scenario, "child_workload_ns", &e.0),
                 }
+            }
+            if size != sizes[0] {
+                continue; // fan-out and chains at the smallest size only
+            }
+            let scenario = format!("fanout{fanout}");
+            match fan_out(size, strategy, huge, fanout) {
+                Ok(bytes) => {
+                    out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, "bytes"))
+                }
+                Err(e) => skip(out, &scenario, "total_bytes", &e.0),
+            }
+            let scenario = format!("chain{chain_depth}");
+            match chain(size, strategy, huge, chain_depth) {
+                Ok(links) => {
+                    let (first, last) = (&links[0], &links[links.len() - 1]);
+                    let running = |c: &Child| c.timings.child_first_report_ns.unwrap_or_default() as f64;
+                    let pause = |c: &Child| c.timings.parent_resumed_ns as f64;
+                    for (metric, v) in [
+                        ("first_fork_ns", running(first)),
+                        ("last_fork_ns", running(last)),
+                        ("first_pause_ns", pause(first)),
+                        ("last_pause_ns", pause(last)),
+                    ] {
+                        out.push(Record::value(SUITE, &scenario, name, sz, metric, v, "ns"));
+                    }
+                }
+                Err(e) => skip(out, &scenario, "first_fork_ns", &e.0),
             }
         }
     }
     Ok(())
 }
 
-/// Medians of (parent pause, fork to child running) over [`FORKS`] forks.
-fn forks(size: usize, strategy: Strategy, huge_pages: bool) -> Result<(f64, f64), BenchError> {
-    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages }).map_err(err)?);
-    let vm = Vm::create(memory.clone(), &VmConfig { workload: Workload::default(), ..Default::default() })
-        .map_err(err)?;
+/// A running VM of `size` bytes whose every page past the guest's own first MiB holds
+/// data, so cloning has real work to do.
+fn populated_vm(size: usize, huge: bool, workload: Workload) -> Result<Vm, BenchError> {
+    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge }).map_err(err)?);
+    let vm = Vm::create(memory.clone(), &VmConfig { workload, ..Default::default() }).map_err(err)?;
     vm.subscribe().recv_timeout(Duration::from_secs(20)).map_err(|_| err("the guest did not report"))?;
-    // Populate every page past the guest's own (it lives in the first MiB).
     vm.pause().map_err(err)?;
     for at in ((1 << 20)..size).step_by(PAGE_SIZE) {
         memory.write(guest::ram_gpa(at as u64), &[0x5a]).map_err(err)?;
     }
     vm.resume().map_err(err)?;
-    let parent = format!("bench-{}", std::process::id());
+    Ok(vm)
+}
+
+fn median(mut v: Vec<u64>) -> f64 {
+    v.sort_unstable();
+    v[v.len() / 2] as f64
+}
+
+/// A unique VM name for this bench process.
+fn vm_name(what: &str, strategy: Strategy, i: usize) -> String {
+    format!("bench-{}-{what}-{}-{i}", std::process::id(), strategy.name())
+}
+
+/// Stops the named children (best effort: a child that already died is gone anyway).
+fn stop_all(children: &[Child]) {
+    for c in children {
+        let _ = api::call(&c.name, &Request::Stop);
+    }
+}
+
+/// Medians of (parent pause, fork to child running) over [`FORKS`] forks.
+fn forks(size: usize, strategy: Strategy, huge: bool) -> Result<(f64, f64), BenchError> {
+    let vm = populated_vm(size, huge, Workload::default())?;
+    let parent = vm_name("parent", strategy, 0);
     let (mut pauses, mut running) = (Vec::new(), Vec::new());
+    let mut result = Ok(());
     for i in 0..FORKS {
-        let child_name = format!("{parent}-{}-{i}", strategy.name());
-        let child = crate::fork::fork(&vm, &parent, false, &child_name, strategy).map_err(err)?;
+        let child = match crate::fork::fork(&vm, &parent, false, &vm_name("fork", strategy, i), strategy) {
+            Ok(c) => c,
+            Err(e) => {
+                result = Err(err(e));
+                break;
+            }
+        };
+        stop_all(std::slice::from_ref(&child));
         pauses.push(child.timings.parent_resumed_ns);
-        running.push(
-            child.timings.child_first_report_ns.ok_or_else(|| err("the child's guest did not report"))?,
-        );
-        crate::api::call(&child_name, &crate::api::Request::Stop).map_err(err)?;
+        match child.timings.child_first_report_ns {
+            Some(ns) => running.push(ns),
+            None => {
+                result = Err(err("a child's guest did not report within the wait"));
+                break;
+            }
+        }
     }
     vm.stop();
-    let median = |mut v: Vec<u64>| {
-        v.sort_unstable();
-        v[v.len() / 2] as f64
+    result.map(|()| (median(pauses), median(running)))
+}
+
+/// (native pass, child's first pass) in ns over `percent`% of the guest's memory.
+fn child_workload(
+    size: usize,
+    strategy: Strategy,
+    huge: bool,
+    percent: usize,
+) -> Result<(f64, f64), BenchError> {
+    let mib = ((size - (1 << 20)) * percent / 100) >> 20;
+    let pages = (mib as u64) << 8;
+    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge }).map_err(err)?);
+    let workload = Workload::Touch { mib: mib as u64, random: false, every: pages };
+    let vm = Vm::create(memory, &VmConfig { workload, ..Default::default() }).map_err(err)?;
+    let parent_reports = vm.subscribe();
+    let wait = Duration::from_secs(300);
+    let next = |rx: &std::sync::mpsc::Receiver<_>| {
+        rx.recv_timeout(wait).map(|_| Instant::now()).map_err(|_| err("no guest report within 300 s"))
     };
-    Ok((median(pauses), median(running)))
+    // Start, end of the first pass (populates), end of the second: the native pass.
+    next(&parent_reports)?;
+    next(&parent_reports)?;
+    let t = next(&parent_reports)?;
+    let native = next(&parent_reports)?.duration_since(t);
+    // The fork, in this process; the parent stays paused.
+    vm.pause().map_err(err)?;
+    let state = vm.capture().map_err(err)?;
+    let (child_memory, _) = vm.memory().clone_with(strategy).map_err(err)?;
+    let child = Vm::restore(Arc::new(child_memory), &state).map_err(err)?;
+    let reports = child.subscribe();
+    let t = Instant::now();
+    child.resume().map_err(err)?;
+    let measured = next(&reports).and_then(|_| next(&reports)).map(|done| done.duration_since(t));
+    child.stop();
+    vm.stop();
+    Ok((native.as_nanos() as f64, measured?.as_nanos() as f64))
+}
+
+/// Memory an idle parent and `n` children forked from it hold: the growth of the
+/// system's shmem since before the parent existed (every guest memory file, layer and
+/// reflink base is shmem, mapped or not) plus the anonymous copy-on-write pages in each
+/// VM's guest mappings.
+fn fan_out(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<f64, BenchError> {
+    let shmem_before = super::meminfo("Shmem");
+    let vm = populated_vm(size, huge, Workload::Idle)?;
+    let parent = vm_name("fanout", strategy, 0);
+    let mut children = Vec::new();
+    let mut total = Ok(0.0);
+    for i in 1..=n {
+        match crate::fork::fork(&vm, &parent, false, &vm_name("fanout", strategy, i), strategy) {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                total = Err(err(e));
+                break;
+            }
+        }
+    }
+    if total.is_ok() {
+        // Idle children report once and park; give the last one a moment to settle.
+        std::thread::sleep(Duration::from_millis(200));
+        let anon: u64 = std::iter::once("self".to_string())
+            .chain(children.iter().map(|c| c.pid.to_string()))
+            .map(|pid| guest_anon_bytes(&pid))
+            .sum();
+        let shmem = super::meminfo("Shmem").saturating_sub(shmem_before);
+        total = Ok((shmem + anon) as f64);
+    }
+    stop_all(&children);
+    vm.stop();
+    total
+}
+
+/// Anonymous (copied-on-write) bytes in process `pid`'s mappings of vmfork memfds.
+fn guest_anon_bytes(pid: &str) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut guest = false;
+    let mut bytes = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            guest = line.contains("/memfd:vmfork-");
+        } else if let Some(kb) = line.strip_prefix("Anonymous:").filter(|_| guest) {
+            bytes += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+        }
+    }
+    bytes
+}
+
+/// Forks a chain `depth` deep: this VM, its child, the child's child, ...
+fn chain(size: usize, strategy: Strategy, huge: bool, depth: usize) -> Result<Vec<Child>, BenchError> {
+    let vm = populated_vm(size, huge, Workload::Idle)?;
+    let mut links: Vec<Child> = Vec::new();
+    let mut result = Ok(());
+    for i in 1..=depth {
+        let name = vm_name("chain", strategy, i);
+        let link = match links.last() {
+            None => {
+                crate::fork::fork(&vm, &vm_name("chain", strategy, 0), false, &name, strategy).map_err(err)
+            }
+            Some(parent) => {
+                let req = Request::Fork { strategy, name: Some(name), count: 1 };
+                api::call(&parent.name, &req).map_err(err).and_then(|(answer, _)| {
+                    let mut c: Vec<Child> =
+                        serde_json::from_value(answer["children"].clone()).map_err(err)?;
+                    c.pop().ok_or_else(|| err("the fork answered no child"))
+                })
+            }
+        };
+        match link {
+            Ok(c) if c.timings.child_first_report_ns.is_some() => links.push(c),
+            Ok(c) => {
+                links.push(c);
+                result = Err(err(format!("link {i}'s guest did not report within the wait")));
+                break;
+            }
+            Err(e) => {
+                result = Err(err(format!("link {i}: {e}")));
+                break;
+            }
+        }
+    }
+    // Children first: a uffd child's memory is served by its parent.
+    links.reverse();
+    stop_all(&links);
+    links.reverse();
+    vm.stop();
+    result.map(|()| links)
+}
+
+/// The fork suite's targets, from one run's records.
+pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
+    let value = |scenario: &str, strategy: &str, metric: &str, size: u64| {
+        records
+            .iter()
+            .find(|r| {
+                r.suite == SUITE
+                    && r.scenario == scenario
+                    && r.strategy == strategy
+                    && r.metric == metric
+                    && r.size_bytes == size
+            })
+            .and_then(|r| r.value)
+    };
+    let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == SUITE).map(|r| r.size_bytes).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut chains: Vec<String> = records
+        .iter()
+        .filter(|r| r.suite == SUITE && r.scenario.starts_with("chain"))
+        .map(|r| r.scenario.clone())
+        .collect();
+    chains.sort();
+    chains.dedup();
+    let mut out = Vec::new();
+    let mut push = |name: String, size: u64, v: Option<f64>, target: &str, met: bool| {
+        if let Some(value) = v.filter(|v| v.is_finite()) {
+            out.push(Ratio { name, size_bytes: size, value, target: target.into(), met });
+        }
+    };
+    for &size in &sizes {
+        let pause = |s: &str| value("fork_parent_pause_ns", s, "fork_parent_pause_ns", size);
+        for s in ["cow", "reflink"] {
+            let ratio = pause("copy").zip(pause(s)).map(|(c, x)| c / x);
+            push(format!("copy/{s} fork_parent_pause_ns"), size, ratio, ">= 1000", ratio >= Some(1000.0));
+            let ms = pause(s).map(|ns| ns / 1e6);
+            push(format!("{s} fork_parent_pause_ms"), size, ms, "<= 1", ms.is_some_and(|v| v <= 1.0));
+        }
+        for scenario in &chains {
+            for s in STRATEGIES.map(Strategy::name) {
+                let ratio = value(scenario, s, "last_fork_ns", size)
+                    .zip(value(scenario, s, "first_fork_ns", size))
+                    .map(|(l, f)| l / f);
+                let name = format!("{s} {scenario} last/first fork_ns");
+                push(name, size, ratio, "<= 1.5", ratio.is_some_and(|v| v <= 1.5));
+            }
+        }
+    }
+    out
 }

@@ -6,6 +6,7 @@
 //! `native` strategy measures plain page faults without any clone as the denominator.
 
 mod clone;
+use clone::meminfo;
 mod fork;
 pub mod vm;
 
@@ -70,6 +71,25 @@ pub struct BenchOptions {
     pub huge_pages: bool,
     /// Where to write the JSON report.
     pub json: Option<PathBuf>,
+    /// The suites to run; empty means all.
+    pub suites: Vec<Suite>,
+}
+
+/// The benchmark suites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    /// Memory clones, no VM: every strategy, first touches, fan-out, re-clone.
+    Clone,
+    /// VM start, pause and resume.
+    Vm,
+    /// Forking a running VM: pause, child start, child workload, fan-out, chains.
+    Fork,
+}
+
+impl BenchOptions {
+    fn runs(&self, suite: Suite) -> bool {
+        self.suites.is_empty() || self.suites.contains(&suite)
+    }
 }
 
 /// Facts about the run that every ratio depends on.
@@ -140,10 +160,17 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         if opts.huge_pages { "requested" } else { "not requested" }
     );
     let mut records = Vec::new();
-    clone::run(opts, &mut records)?;
-    vm::run(&mut records)?;
-    fork::run(opts, &mut records)?;
-    let ratios = clone::ratios(&records);
+    if opts.runs(Suite::Clone) {
+        clone::run(opts, &mut records)?;
+    }
+    if opts.runs(Suite::Vm) {
+        vm::run(&mut records)?;
+    }
+    if opts.runs(Suite::Fork) {
+        fork::run(opts, &mut records)?;
+    }
+    let mut ratios = clone::ratios(&records);
+    ratios.extend(fork::ratios(&records));
     let report = Report { run, records, ratios };
     print_report(&report, &mut std::io::stdout().lock())?;
     if let Some(path) = &opts.json {
@@ -207,6 +234,8 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
             rows.push(key);
         }
     }
+    // The baseline first, then the strategies in the order they ran.
+    strategies.sort_by_key(|s| *s != "native");
     write!(out, "{:<8} {:<26} {:>9}", "suite", "metric", "size")?;
     for s in &strategies {
         write!(out, " {s:>12}")?;
