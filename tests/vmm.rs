@@ -186,6 +186,29 @@ fn idle_guest_parks_and_reports_again_after_resume() {
     assert_eq!(vm.stop(), ExitReason::Stopped);
 }
 
+/// A pause that lands between an idle guest's report and its idle port write (as a
+/// fork right after a report does) must not swallow the report the next resume owes:
+/// the guest then goes idle with a resume already behind it.
+#[test]
+fn idle_guest_reports_after_every_resume_even_when_paused_right_after_a_report() {
+    let Some(_vm_lock) =
+        kvm_available("idle_guest_reports_after_every_resume_even_when_paused_right_after_a_report")
+    else {
+        return;
+    };
+    let vm = Vm::create(memory(8), &VmConfig { workload: Workload::Idle, ..Default::default() }).unwrap();
+    let rx = vm.subscribe();
+    next(&rx);
+    for round in 0..300 {
+        // Pause the moment the report arrives: often before the guest reaches its idle.
+        let r = rx.recv_timeout(Duration::from_secs(5));
+        assert!(r.is_ok(), "round {round}: no report within 5 s of a resume");
+        vm.pause().unwrap();
+        vm.resume().unwrap();
+    }
+    vm.stop();
+}
+
 #[test]
 fn guest_reset_through_i8042_ends_the_vm() {
     let Some(_vm_lock) = kvm_available("guest_reset_through_i8042_ends_the_vm") else {

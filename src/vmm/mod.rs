@@ -150,6 +150,10 @@ pub(crate) struct Ctl {
     pub want: Want,
     /// vCPUs parked by the guest's idle port.
     pub idle: Vec<bool>,
+    /// vCPUs resumed since their last report: their next idle does not park, so the
+    /// guest reports after every resume even when it was paused between its report and
+    /// its idle (a fork taken right then would otherwise leave a child that never reports).
+    pub owes_report: Vec<bool>,
     /// vCPUs parked by a pause.
     pub parked: usize,
     /// vCPU threads still running.
@@ -316,7 +320,14 @@ impl Vm {
         let console = Arc::new(Console::default());
         let n = config.vcpus as usize;
         let shared = Arc::new(Shared {
-            ctl: Mutex::new(Ctl { want: Want::Pause, idle: vec![false; n], parked: 0, alive: 0, exit: None }),
+            ctl: Mutex::new(Ctl {
+                want: Want::Pause,
+                idle: vec![false; n],
+                owes_report: vec![true; n],
+                parked: 0,
+                alive: 0,
+                exit: None,
+            }),
             cond: Condvar::new(),
             memory,
             devices: Devices::new(console.clone(), serial),
@@ -446,7 +457,10 @@ impl Vm {
     pub fn resume(&self) -> Result<()> {
         let mut ctl = self.shared.ctl();
         match ctl.want {
-            Want::Pause => ctl.want = Want::Run,
+            Want::Pause => {
+                ctl.want = Want::Run;
+                ctl.owes_report.fill(true);
+            }
             Want::Run => return Ok(()),
             Want::Stop => {
                 drop(ctl);

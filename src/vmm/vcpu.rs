@@ -165,6 +165,7 @@ enum Step {
 fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitReason> {
     match port {
         REPORT_PORT => {
+            shared.ctl().owes_report[idx] = false;
             match Report::read(&shared.memory, idx as u32) {
                 Ok(r) => shared.report(r),
                 Err(e) => shared.console.line(format!("vmm: cannot read vCPU {idx}'s mailbox: {e}")),
@@ -172,7 +173,8 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
             None
         }
         IDLE_PORT => {
-            shared.ctl().idle[idx] = true;
+            let mut ctl = shared.ctl();
+            ctl.idle[idx] = !ctl.owes_report[idx];
             None
         }
         _ => match shared.devices.port_write(port, data) {
