@@ -43,6 +43,9 @@ enum Command {
         /// Also write the report as Markdown to FILE.
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
+        /// Also draw SVG charts (clone latency, first touch, fork memory) into DIR.
+        #[arg(long, value_name = "DIR")]
+        svg: Option<PathBuf>,
     },
     #[command(flatten)]
     Vm(vmfork::cli::VmCommand),
@@ -55,7 +58,9 @@ fn main() -> ExitCode {
             let opts = vmfork::bench::BenchOptions { quick, sizes, huge_pages, json, suites };
             vmfork::bench::run(&opts).map(|_| ())
         }
-        Command::Report { file, markdown } => vmfork::bench::render(&file, markdown.as_deref()),
+        Command::Report { file, markdown, svg } => {
+            vmfork::bench::render(&file, markdown.as_deref(), svg.as_deref())
+        }
         Command::Vm(cmd) => return vmfork::cli::run(cmd),
     };
     match result {

@@ -8,6 +8,7 @@
 mod clone;
 use clone::meminfo;
 mod fork;
+mod plot;
 pub mod vm;
 
 use std::io::Write;
@@ -199,13 +200,25 @@ pub fn print_report(report: &Report, out: &mut impl Write) -> std::io::Result<()
     Ok(())
 }
 
-/// `vmfork report`: prints a saved report and, if asked, writes it as Markdown.
-pub fn render(path: &std::path::Path, markdown: Option<&std::path::Path>) -> Result<(), BenchError> {
+/// `vmfork report`: prints a saved report and, if asked, writes it as Markdown and draws
+/// its SVG charts into a directory (linked from the Markdown when both are asked).
+pub fn render(
+    path: &std::path::Path,
+    markdown: Option<&std::path::Path>,
+    svg_dir: Option<&std::path::Path>,
+) -> Result<(), BenchError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| BenchError(format!("cannot read {}: {e}", path.display())))?;
     let report: Report = serde_json::from_str(&text)
         .map_err(|e| BenchError(format!("{} is not a vmfork bench report: {e}", path.display())))?;
     print_report(&report, &mut std::io::stdout().lock())?;
+    let charts = match svg_dir {
+        Some(dir) => plot::write_all(&report.records, dir)?,
+        None => Vec::new(),
+    };
+    for c in &charts {
+        eprintln!("wrote {}", c.display());
+    }
     if let Some(md) = markdown {
         let mut buf = Vec::new();
         writeln!(
@@ -215,6 +228,17 @@ pub fn render(path: &std::path::Path, markdown: Option<&std::path::Path>) -> Res
         )?;
         print_report(&report, &mut buf)?;
         writeln!(buf, "```")?;
+        let md_dir = md.parent().unwrap_or(std::path::Path::new("."));
+        for c in &charts {
+            // Relative to the Markdown file when the chart is beside or below it.
+            let shown = c.strip_prefix(md_dir).unwrap_or(c);
+            writeln!(
+                buf,
+                "\n![{}]({})",
+                c.file_stem().unwrap_or_default().to_string_lossy(),
+                shown.display()
+            )?;
+        }
         std::fs::write(md, buf).map_err(|e| BenchError(format!("cannot write {}: {e}", md.display())))?;
         eprintln!("wrote {}", md.display());
     }
@@ -291,7 +315,7 @@ pub fn human_bytes(b: u64) -> String {
     format!("{b}")
 }
 
-fn human_value(v: f64, unit: &str) -> String {
+pub(crate) fn human_value(v: f64, unit: &str) -> String {
     match unit {
         "ns" if v >= 1e9 => format!("{:.2}s", v / 1e9),
         "ns" if v >= 1e6 => format!("{:.2}ms", v / 1e6),

@@ -1,0 +1,299 @@
+//! SVG plots of a bench report (`vmfork report FILE --svg DIR`): how the strategies
+//! compare at a glance. Three charts, each from one run's records:
+//!
+//! * `clone_latency.svg`: clone time against guest size, per strategy (clone suite),
+//!   and the fork's parent pause beside it (fork suite);
+//! * `first_touch.svg`: cost of the first read and the first write of a page after a
+//!   clone, per strategy, at the largest size measured;
+//! * `fork_memory.svg`: memory held by a source and its idle clones or forks, as a
+//!   multiple of one guest's size.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::{BenchError, Record, human_bytes};
+
+/// Strategies in legend order; each keeps its colour in every chart.
+const ORDER: [&str; 6] = ["native", "copy", "cow", "reflink", "uffd", "uffd-minor"];
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(0x55, 0x55, 0x55),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+];
+const SIZE: (u32, u32) = (760, 440);
+
+fn colour(strategy: &str) -> RGBColor {
+    ORDER.iter().position(|s| *s == strategy).map_or(BLACK, |i| COLOURS[i])
+}
+
+fn err(e: impl std::fmt::Display) -> BenchError {
+    BenchError(format!("plot: {e}"))
+}
+
+/// Values of `metric` (suite, scenario = metric unless given) by strategy: `(size, value)`.
+fn series(records: &[Record], suite: &str, scenario: &str, metric: &str) -> Vec<(String, Vec<(u64, f64)>)> {
+    let mut out: Vec<(String, Vec<(u64, f64)>)> = Vec::new();
+    for s in ORDER {
+        let mut points: Vec<(u64, f64)> = records
+            .iter()
+            .filter(|r| r.suite == suite && r.scenario == scenario && r.metric == metric && r.strategy == s)
+            .filter_map(|r| Some((r.size_bytes, r.value.filter(|v| *v > 0.0)?)))
+            .collect();
+        points.sort_by_key(|p| p.0);
+        if !points.is_empty() {
+            out.push((s.to_string(), points));
+        }
+    }
+    out
+}
+
+/// Writes the charts the records have data for into `dir`; returns their paths.
+pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    let mut written = Vec::new();
+    let clone = series(records, "clone", "clone_ns", "clone_ns");
+    let pause = series(records, "fork", "fork_parent_pause_ns", "fork_parent_pause_ns");
+    if !clone.is_empty() || !pause.is_empty() {
+        let path = dir.join("clone_latency.svg");
+        latency_chart(&path, &clone, &pause)?;
+        written.push(path);
+    }
+    let largest = records.iter().filter(|r| r.suite == "clone").map(|r| r.size_bytes).max();
+    if let Some(size) = largest {
+        let at = |metric: &str| -> Vec<Option<f64>> {
+            ORDER
+                .iter()
+                .map(|s| {
+                    records
+                        .iter()
+                        .find(|r| {
+                            r.suite == "clone"
+                                && r.metric == metric
+                                && r.strategy == *s
+                                && r.size_bytes == size
+                        })
+                        .and_then(|r| r.value)
+                })
+                .collect()
+        };
+        let groups =
+            [("first read", at("first_read_ns_per_page")), ("first write", at("first_write_ns_per_page"))];
+        if groups.iter().any(|(_, v)| v.iter().any(Option::is_some)) {
+            let path = dir.join("first_touch.svg");
+            let title = format!("First touch of a page after a clone ({})", human_bytes(size));
+            bar_chart(&path, &title, "ns per page (log)", &groups, true)?;
+            written.push(path);
+        }
+    }
+    let mut memory: Vec<(String, Vec<Option<f64>>)> = Vec::new();
+    let fanouts = records.iter().filter(|r| {
+        (r.suite == "clone" && r.metric == "fanout16_total_bytes")
+            || (r.suite == "fork" && r.scenario.starts_with("fanout") && r.metric == "total_bytes")
+    });
+    for r in fanouts {
+        let label = match r.suite.as_str() {
+            "clone" => format!("16 clones, {}", human_bytes(r.size_bytes)),
+            _ => format!("{} forks, {}", r.scenario.trim_start_matches("fanout"), human_bytes(r.size_bytes)),
+        };
+        let i = match memory.iter().position(|(l, _)| *l == label) {
+            Some(i) => i,
+            None => {
+                memory.push((label, vec![None; ORDER.len()]));
+                memory.len() - 1
+            }
+        };
+        if let Some(s) = ORDER.iter().position(|s| *s == r.strategy) {
+            memory[i].1[s] = r.value.map(|v| v / r.size_bytes as f64);
+        }
+    }
+    if !memory.is_empty() {
+        let path = dir.join("fork_memory.svg");
+        let groups: Vec<(&str, Vec<Option<f64>>)> =
+            memory.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+        bar_chart(
+            &path,
+            "Memory of a source and its idle clones / forks",
+            "× one guest's size",
+            &groups,
+            false,
+        )?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+type Series = [(String, Vec<(u64, f64)>)];
+
+fn latency_chart(path: &Path, clone: &Series, pause: &Series) -> Result<(), BenchError> {
+    // x is log2 of the size, so that every power of two gets a plain label.
+    let log2 = |b: u64| (b as f64).log2();
+    let all = clone.iter().chain(pause).flat_map(|(_, p)| p.iter().map(|&(x, y)| (log2(x), y)));
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, 0f64, f64::MAX, 0f64);
+    for (x, y) in all {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    // Room on the right for the legend.
+    let (x0, x1) = (x0.floor() - 0.5, x1.ceil() + 2.0);
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Clone time (solid) and fork parent pause (dashed) vs guest size", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, (y0 / 2.0..y1 * 20.0).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("guest memory")
+        .y_desc("time")
+        .x_labels((x1 - x0) as usize + 1)
+        .x_label_formatter(&|x| {
+            if x.fract().abs() < 1e-9 { human_bytes(2f64.powf(*x) as u64) } else { String::new() }
+        })
+        .y_label_formatter(&|ns| super::human_value(*ns, "ns"))
+        .draw()
+        .map_err(err)?;
+    for (dashed, set) in [(false, clone), (true, pause)] {
+        for (name, points) in set {
+            let c = colour(name);
+            let style = c.stroke_width(2);
+            let pts: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (log2(x), y)).collect();
+            // One legend entry per strategy: the caption tells solid from dashed.
+            let labelled = !dashed || !clone.iter().any(|(n, _)| n == name);
+            let drawn = if dashed {
+                chart.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style)).map_err(err)?
+            } else {
+                chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(err)?
+            };
+            if labelled {
+                let name = name.clone();
+                drawn
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+            }
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled()))).map_err(err)?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::MiddleRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// Grouped bars: one group per label, one bar per strategy of [`ORDER`] with a value.
+fn bar_chart(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    groups: &[(&str, Vec<Option<f64>>)],
+    log: bool,
+) -> Result<(), BenchError> {
+    let values = groups.iter().flat_map(|(_, v)| v.iter().flatten().copied()).filter(|v| *v > 0.0);
+    let (lo, hi) = values.fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if hi <= 0.0 {
+        return Ok(());
+    }
+    let present: Vec<usize> =
+        (0..ORDER.len()).filter(|&s| groups.iter().any(|(_, v)| v[s].is_some())).collect();
+    let width = present.len() as f64 + 1.0;
+    let x_max = groups.len() as f64 * width;
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.caption(title, ("sans-serif", 18)).margin(12).x_label_area_size(40).y_label_area_size(70);
+    let bars = groups.iter().enumerate().flat_map(|(g, (_, v))| {
+        present.iter().enumerate().filter_map(move |(k, &s)| {
+            let x = g as f64 * width + 0.5 + k as f64;
+            v[s].map(|y| (x, y, s))
+        })
+    });
+    let bars: Vec<(f64, f64, usize)> = bars.collect();
+    macro_rules! draw {
+        ($chart:expr, $floor:expr, $top:expr) => {{
+            let mut chart = $chart;
+            chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc(y_desc).draw().map_err(err)?;
+            for &s in &present {
+                let c = colour(ORDER[s]);
+                let mine = bars.iter().filter(|b| b.2 == s);
+                chart
+                    .draw_series(
+                        mine.map(|&(x, y, _)| Rectangle::new([(x, $floor), (x + 0.9, y)], c.filled())),
+                    )
+                    .map_err(err)?
+                    .label(ORDER[s])
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+            }
+            // Group names inside the plot, under its top edge.
+            let names = groups.iter().enumerate().map(|(g, (label, _))| {
+                let style =
+                    ("sans-serif", 14).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
+                Text::new(label.to_string(), ((g as f64 + 0.5) * width, $top), style)
+            });
+            chart.draw_series(names).map_err(err)?;
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::MiddleRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }};
+    }
+    if log {
+        let floor = lo / 2.0;
+        let top = hi * 8.0;
+        draw!(
+            builder.build_cartesian_2d(0.0..x_max + 2.0, (floor..top).log_scale()).map_err(err)?,
+            floor,
+            top
+        );
+    } else {
+        let top = hi * 1.15;
+        draw!(builder.build_cartesian_2d(0.0..x_max + 2.0, 0.0..top).map_err(err)?, 0.0, top);
+    }
+    root.present().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_drawn_from_records_and_name_each_strategy() {
+        let mut records = Vec::new();
+        for (i, s) in ["copy", "cow", "uffd"].into_iter().enumerate() {
+            for size in [64u64 << 20, 256 << 20] {
+                let v = (i as f64 + 1.0) * size as f64 / 1e3;
+                records.push(Record::value("clone", "clone_ns", s, size, "clone_ns", v, "ns"));
+                records.push(Record::value("clone", "x", s, size, "first_read_ns_per_page", 10.0 + v, "ns"));
+                let bytes = size as f64 * (i as f64 + 1.0);
+                records.push(Record::value("clone", "x", s, size, "fanout16_total_bytes", bytes, "bytes"));
+            }
+        }
+        records.push(Record::skipped("clone", "clone_ns", "reflink", 64 << 20, "clone_ns", "no reflink"));
+        let dir = std::env::temp_dir().join(format!("vmfork-plot-test-{}", std::process::id()));
+        let written = write_all(&records, &dir).unwrap();
+        let names: Vec<_> =
+            written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["clone_latency.svg", "first_touch.svg", "fork_memory.svg"]);
+        for p in &written {
+            let svg = std::fs::read_to_string(p).unwrap();
+            assert!(svg.starts_with("<svg"), "{} is an SVG", p.display());
+            for s in ["copy", "cow", "uffd"] {
+                assert!(svg.contains(&format!(">\n{s}\n<")), "{} has a legend entry for {s}", p.display());
+            }
+            assert!(!svg.contains(">\nreflink\n<"), "a skipped strategy has no entry");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
