@@ -283,7 +283,13 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
     let first_report = match reports.recv_timeout(FIRST_REPORT_WAIT) {
         Ok(_) => Some(t0.elapsed().as_nanos() as u64),
         Err(_) => match vm.state() {
-            RunState::Running => None,
+            RunState::Running => {
+                eprintln!(
+                    "vmfork: no guest report within {FIRST_REPORT_WAIT:?} of the resume; vCPUs: {}",
+                    vm.describe_vcpus()
+                );
+                None
+            }
             state => return Err(fail(sock, format!("the guest did not run: {state}"))),
         },
     };

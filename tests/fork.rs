@@ -240,3 +240,32 @@ fn a_uffd_child_whose_parent_dies_stops_with_a_clear_error() {
     eprintln!("uffd child stopped {took:?} after its parent died");
     assert!(took < Duration::from_secs(1), "took {took:?}");
 }
+
+/// Sends one request line to VM `name`'s control socket and returns the answer.
+fn request(rt: &Runtime, name: &str, json: &str) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(rt.socket(name)).unwrap();
+    writeln!(s, "{json}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Forks back to back, each child the moment its parent has answered (as `vmfork bench`
+/// does): a fork then catches a child right after its first report. Every link must
+/// still run: its first report arrives, and its parent reports again after the pause.
+#[test]
+fn a_fast_chain_of_idle_forks_keeps_every_link_running() {
+    let Some(_lock) = kvm_available("a_fast_chain_of_idle_forks_keeps_every_link_running") else {
+        return;
+    };
+    let rt = Runtime::new("fastchain");
+    rt.ok(&["run", "--detach", "--name", "c0", "--mem", "256M", "--huge-pages", "--workload", "idle"]);
+    for i in 1..=32 {
+        let json = format!(r#"{{"cmd":"fork","strategy":"cow","name":"c{i}"}}"#);
+        let answer = request(&rt, &format!("c{}", i - 1), &json);
+        assert_eq!(answer["ok"], true, "fork {i}: {answer}");
+        let child = &answer["children"][0];
+        assert!(child["timings"]["child_first_report_ns"].is_u64(), "link {i} never reported: {answer}");
+    }
+}

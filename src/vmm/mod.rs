@@ -416,6 +416,16 @@ impl Vm {
         }
     }
 
+    /// What the vCPU threads are doing, for a diagnostic: the VM's wish, and per vCPU
+    /// whether it is parked idle and whether it owes a report.
+    pub fn describe_vcpus(&self) -> String {
+        let ctl = self.shared.ctl();
+        let vcpus: Vec<String> = (0..ctl.idle.len())
+            .map(|i| format!("vcpu{i} idle={} owes_report={}", ctl.idle[i], ctl.owes_report[i]))
+            .collect();
+        format!("want={:?} parked={} alive={}: {}", ctl.want, ctl.parked, ctl.alive, vcpus.join(", "))
+    }
+
     /// The latest report of each vCPU.
     pub fn latest_reports(&self) -> Vec<Option<Report>> {
         self.shared.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
