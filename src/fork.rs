@@ -32,14 +32,8 @@ use crate::api::{Identity, Server};
 use crate::memory::transfer::{recv_with_fds, send_with_fds};
 use crate::memory::uffd::{RemoteSource, sys::Uffd};
 use crate::memory::{GuestMemory, Strategy};
-use crate::vmm::{RunState, Vm, VmState, guest};
-
-/// Where the child's fresh entropy goes: 32 random bytes beside the generation id, for a
-/// guest to reseed from. (The built-in guest does not read it yet; a Linux guest gets its
-/// reseed through VMGenID, issue 7.)
-pub const ENTROPY_GPA: u64 = guest::GENID_GPA + 0x100;
-/// Bytes of fresh entropy written at [`ENTROPY_GPA`].
-pub const ENTROPY_LEN: usize = 32;
+use crate::vmm::guest::{self, ENTROPY_GPA, ENTROPY_LEN};
+use crate::vmm::{RunState, Vm, VmState};
 
 /// Errors of a fork.
 #[derive(Debug, thiserror::Error)]

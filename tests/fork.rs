@@ -269,3 +269,52 @@ fn a_fast_chain_of_idle_forks_keeps_every_link_running() {
         assert!(child["timings"]["child_first_report_ns"].is_u64(), "link {i} never reported: {answer}");
     }
 }
+
+/// The reports of `name` (vCPU 0) in its log: counter → (checksum, reseeds).
+fn reseed_reports(rt: &Runtime, name: &str) -> std::collections::BTreeMap<u64, (String, u64)> {
+    let field =
+        |line: &str, key: &str| line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string);
+    rt.log(name)
+        .lines()
+        .filter(|l| l.starts_with("report vcpu=0 "))
+        .filter_map(|l| {
+            let counter = field(l, "counter=")?.parse().ok()?;
+            Some((counter, (field(l, "checksum=")?, field(l, "reseeds=")?.parse().ok()?)))
+        })
+        .collect()
+}
+
+/// A fork gives the child fresh entropy with its new generation id, and the built-in
+/// guest reseeds from it (as Linux's vmgenid driver does): a parent and child that would
+/// otherwise draw the same random page sequence forever go different ways.
+#[test]
+fn a_forked_child_reseeds_its_random_stream_from_fresh_entropy() {
+    let Some(_lock) = kvm_available("a_forked_child_reseeds_its_random_stream_from_fresh_entropy") else {
+        return;
+    };
+    let rt = Runtime::new("reseed");
+    rt.ok(&["run", "--detach", "--name", "r", "--mem", "64M", "--workload", "touch:8:rand:20000"]);
+    rt.wait_report("r");
+    rt.fork("r", "cow", &["--name", "r1"]);
+    let t = Instant::now();
+    let (parent, child) = loop {
+        let (p, c) = (reseed_reports(&rt, "r"), reseed_reports(&rt, "r1"));
+        let after: Vec<u64> =
+            c.iter().filter(|(k, v)| v.1 == 1 && p.contains_key(k)).map(|(k, _)| *k).collect();
+        if after.len() >= 3 {
+            break (p, c);
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no common counters after the fork");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(parent.values().all(|v| v.1 == 0), "the parent never reseeds: its generation id is unchanged");
+    let (&first, (first_sum, first_reseeds)) = child.iter().next().unwrap();
+    assert_eq!(*first_reseeds, 1, "the child's first report already saw the new generation");
+    // The guest looks at the generation id when it reports: up to the child's first
+    // report it drew from the parent's stream (same checksum), from there on its own.
+    assert_eq!(parent.get(&first), Some(&(first_sum.clone(), 0)), "the same guest until the reseed");
+    for (k, (sum, reseeds)) in child.iter().skip(1).filter(|(k, _)| parent.contains_key(k)) {
+        assert_eq!(*reseeds, 1);
+        assert_ne!(parent[k].0, *sum, "at counter {k} the child still touches the parent's random pages");
+    }
+}

@@ -17,9 +17,15 @@
  * +16 area pages, +24 iterations between reports, +32 random seed.
  * Modes: 0 count, 1 touch sequential, 2 touch random, 3 idle, 4 exit (i8042 reset).
  *
- * Report (one at entry, then every N iterations): the guest fills its mailbox (+0 counter, +8 checksum, +16/+24 generation id
- * read from GENID_GPA at that moment, +32 report sequence number) and writes its vCPU
- * index to REPORT_PORT: one VM exit per report, the VMM reads the mailbox.
+ * Report (one at entry, then every N iterations): the guest fills its mailbox (+0 counter,
+ * +8 checksum, +16/+24 generation id read from GENID_GPA at that moment, +32 report
+ * sequence number, +40 reseeds) and writes its vCPU index to REPORT_PORT: one VM exit
+ * per report, the VMM reads the mailbox.
+ *
+ * Reseed: when the generation id differs from the one of the previous report, the VM
+ * was forked (or restored as a new VM): like Linux's vmgenid driver, the guest mixes the
+ * fresh entropy the VMM wrote at ENTROPY_GPA into its random state, so a parent and its
+ * children never go on drawing the same random numbers (touch_rand's page choice).
  * Idle: the guest reports, then writes to IDLE_PORT; the VMM parks the vCPU until it is
  * paused, resumed or stopped, and the guest then reports and idles again.
  *
@@ -33,6 +39,7 @@
         .text
 
         .set GENID_GPA,   0x4000
+        .set ENTROPY_GPA, 0x4100
         .set REPORT_PORT, 0x0700
         .set IDLE_PORT,   0x0701
         .set SERIAL_PORT, 0x03f8
@@ -149,15 +156,32 @@ report:
         mov     [rbp + 0], r13
         mov     [rbp + 8], r14
         mov     rax, [GENID_GPA]
-        mov     [rbp + 16], rax
-        mov     rax, [GENID_GPA + 8]
-        mov     [rbp + 24], rax
+        mov     rdx, [GENID_GPA + 8]
+        cmp     rax, [rbp + 16]
+        jne     8f
+        cmp     rdx, [rbp + 24]
+        je      9f
+8:      call    reseed
+9:      mov     [rbp + 16], rax
+        mov     [rbp + 24], rdx
         inc     qword ptr [rbp + 32]
         mov     dx, REPORT_PORT
         mov     eax, edi
         call    pio_out
         pop     rdx
         pop     rax
+        ret
+
+/* A new generation: r12 ^= this vCPU's quarter of the entropy (never leaving 0). */
+reseed:
+        push    rcx
+        mov     ecx, edi
+        and     ecx, 3
+        xor     r12, [ENTROPY_GPA + rcx * 8]
+        jnz     1f
+        inc     r12
+1:      inc     qword ptr [rbp + 40]
+        pop     rcx
         ret
 
 /*

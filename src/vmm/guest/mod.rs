@@ -16,6 +16,7 @@
 //! | `0x1000` [`GDT_GPA`] | GDT: null, kernel code/data, user data, user code, TSS |
 //! | `0x3000` [`TSS_GPA`] | TSS (unused, but TR must point somewhere valid) |
 //! | `0x4000` [`GENID_GPA`] | VM generation id (16 bytes), read by the guest at every report |
+//! | `0x4100` [`ENTROPY_GPA`] | fresh entropy a fork writes; the guest reseeds from it on a new generation id |
 //! | `0x5000` [`MAILBOX_GPA`] | per-vCPU report mailboxes, 64 bytes each |
 //! | `0x6000` [`PARAMS_GPA`] | per-vCPU workload parameters, 64 bytes each |
 //! | `0x8000` [`PML4_GPA`] | page tables: PML4 and PDPT |
@@ -44,6 +45,10 @@ pub const TSS_GPA: u64 = 0x3000;
 /// Guest-physical address of the 16-byte VM generation id. The guest reads it at every
 /// report; a fork writes a new id here so the child's reports show it.
 pub const GENID_GPA: u64 = 0x4000;
+/// Where a fork writes fresh entropy ([`ENTROPY_LEN`] bytes) beside the new generation id;
+/// the guest mixes it into its random state when it sees a new generation id.
+pub const ENTROPY_GPA: u64 = GENID_GPA + 0x100;
+pub const ENTROPY_LEN: usize = 32;
 pub const MAILBOX_GPA: u64 = 0x5000;
 pub const PARAMS_GPA: u64 = 0x6000;
 pub const PML4_GPA: u64 = 0x8000;
@@ -197,15 +202,18 @@ pub struct Report {
     pub genid: [u64; 2],
     /// Reports this vCPU made so far, this one included.
     pub seq: u64,
+    /// Times the guest saw a new generation id and reseeded its random state.
+    #[serde(default)]
+    pub reseeds: u64,
 }
 
 impl Report {
     /// Reads vCPU `vcpu`'s mailbox.
     pub fn read(mem: &GuestMemory, vcpu: u32) -> crate::memory::Result<Report> {
-        let mut b = [0u8; 40];
+        let mut b = [0u8; 48];
         mem.read(MAILBOX_GPA + 64 * vcpu as u64, &mut b)?;
         let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        Ok(Report { vcpu, counter: w(0), checksum: w(1), genid: [w(2), w(3)], seq: w(4) })
+        Ok(Report { vcpu, counter: w(0), checksum: w(1), genid: [w(2), w(3)], seq: w(4), reseeds: w(5) })
     }
 }
 
@@ -213,8 +221,8 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "report vcpu={} seq={} counter={} checksum={:#018x} genid={:016x}{:016x}",
-            self.vcpu, self.seq, self.counter, self.checksum, self.genid[1], self.genid[0]
+            "report vcpu={} seq={} counter={} checksum={:#018x} genid={:016x}{:016x} reseeds={}",
+            self.vcpu, self.seq, self.counter, self.checksum, self.genid[1], self.genid[0], self.reseeds
         )
     }
 }
@@ -437,6 +445,8 @@ mod tests {
         assert!((GUEST_BIN.len() as u64) < STACKS_GPA - CODE_GPA);
         let window = PIO_MMIO_VA.to_le_bytes();
         assert!(GUEST_BIN.windows(8).any(|w| w == window), "guest.S's PIO_MMIO_VA matches");
+        let entropy = (ENTROPY_GPA as u32).to_le_bytes();
+        assert!(GUEST_BIN.windows(4).any(|w| w == entropy), "guest.S's ENTROPY_GPA matches");
     }
 
     #[test]
