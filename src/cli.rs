@@ -115,6 +115,18 @@ fn free_name() -> Result<String, api::Error> {
     Ok((1..).map(|i| format!("vm{i}")).find(|n| !taken.contains(n)).expect("some name is free"))
 }
 
+/// `--huge-pages` asks with MADV_HUGEPAGE, which shmem honours only in some modes.
+fn warn_if_shmem_thp_is_off() {
+    const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+    let mode = std::fs::read_to_string(KNOB).unwrap_or_default();
+    let active = mode.split_whitespace().find(|w| w.starts_with('[')).unwrap_or("[unknown]");
+    if !matches!(active, "[advise]" | "[always]" | "[within_size]" | "[force]") {
+        eprintln!(
+            "vmfork: warning: --huge-pages has no effect while {KNOB} is {active}; as root: echo advise > {KNOB}"
+        );
+    }
+}
+
 fn run_foreground(args: RunArgs) -> CliResult {
     let name = match args.name {
         Some(n) => n,
@@ -127,6 +139,9 @@ fn run_foreground(args: RunArgs) -> CliResult {
     signals.add(nix::sys::signal::SIGTERM);
     signals.thread_block()?;
     let (server, listener) = Server::bind(&name)?;
+    if args.huge_pages {
+        warn_if_shmem_thp_is_off();
+    }
     let memory = Arc::new(guest::memory(args.mem, &MemoryOptions { huge_pages: args.huge_pages })?);
     let config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
     let vm = Arc::new(Vm::create(memory, &config)?);
