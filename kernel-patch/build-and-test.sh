@@ -175,7 +175,7 @@ trap 'rm -rf "$ROOT"' EXIT
 mkdir -p "$ROOT"/{bin,sbin,proc,sys,dev,tmp,mnt,usr/bin}
 cp /bin/busybox "$ROOT/bin/busybox"
 for a in sh mount mkdir cat echo dmesg grep reboot sleep ls free cp uname date sync head tail \
-	mkswap swapon swapoff tr cmp umount; do
+	mkswap swapon swapoff tr cmp umount pidof cut; do
 	ln -sf busybox "$ROOT/bin/$a"
 done
 cp "$BIN"/* "$ROOT/bin/" 2>/dev/null || true
@@ -238,7 +238,14 @@ for t in $TESTS; do
 			echo +memory > /sys/fs/cgroup/cgroup.subtree_control &&
 			mkdir -p /sys/fs/cgroup/fsx && echo 8M > /sys/fs/cgroup/fsx/memory.high &&
 			echo \$\$ > /sys/fs/cgroup/fsx/cgroup.procs || echo "VMFORK-INFO no memcg"
+		# every 30 s: swap left, memcg over-high events, what the checker waits on
+		( while sleep 30; do
+			p=\$(pidof memfd_reflink_fsx)
+			echo "VMFORK-MON \$(grep -E '^(SwapFree|Shmem):' /proc/meminfo | tr -s ' ' | tr '\n' ' ')memcg current \$(cat /sys/fs/cgroup/fsx/memory.current) swap \$(cat /sys/fs/cgroup/fsx/memory.swap.current) \$(grep -E '^(high|max|oom) ' /sys/fs/cgroup/fsx/memory.events | tr '\n' ' ')fsx state \$(cut -d' ' -f3 /proc/\$p/stat 2>/dev/null) wchan \$(cat /proc/\$p/wchan 2>/dev/null)"
+		  done ) &
+		mon=\$!
 		run fsx-swap memfd_reflink_fsx -n $FSX_OPS -s $SEED -p 512 -c 500
+		kill \$mon
 		echo \$\$ > /sys/fs/cgroup/cgroup.procs
 		echo "VMFORK-INFO swap: memcg swap peak \$(cat /sys/fs/cgroup/fsx/memory.swap.peak 2>/dev/null) bytes, zram mm_stat \$(cat /sys/block/zram0/mm_stat 2>/dev/null)" ;;
 	bench) run bench memfd_reflink -b ;;
