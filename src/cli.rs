@@ -16,7 +16,8 @@ use crate::vmm::{ExitReason, Vm, VmConfig, Workload};
 /// VM subcommands (flattened into the `vmfork` command line).
 #[derive(clap::Subcommand, Debug)]
 pub enum VmCommand {
-    /// Run a VM with the built-in guest (in the foreground unless --detach).
+    /// Run a VM with the built-in guest, or a Linux guest with --kernel (in the foreground
+    /// unless --detach).
     Run(RunArgs),
     /// List the VMs of this user.
     Ls {
@@ -79,6 +80,18 @@ pub struct RunArgs {
     /// Never fork this VM (it may hold secrets): fork requests are refused.
     #[arg(long)]
     pub private: bool,
+    /// Boot this Linux kernel (bzImage or ELF vmlinux) instead of the built-in guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", default_value = crate::vmm::linux::DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Also append the console (serial output) to this file.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
 }
 
 /// Runs a VM subcommand.
@@ -123,15 +136,37 @@ fn run_foreground(args: RunArgs) -> CliResult {
     signals.thread_block()?;
     let (server, listener) = Server::bind(&name)?;
     let memory = Arc::new(GuestMemory::with_size(args.mem, &MemoryOptions::default())?);
-    let config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
-    let vm = Arc::new(Vm::create(memory, &config)?);
+    let mut config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
+    let t0 = Instant::now();
+    let vm = match &args.kernel {
+        Some(kernel) => {
+            if let Err(why) = crate::vmm::linux::host_can_boot_linux() {
+                eprintln!("vmfork: warning: {why}; trying anyway");
+            }
+            config.linux = Some(Default::default());
+            let boot = crate::vmm::linux::LinuxBoot {
+                kernel: kernel.clone(),
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone(),
+            };
+            Vm::create_linux(memory, &config, &boot)?
+        }
+        None => Vm::create(memory, &config)?,
+    };
+    let vm = Arc::new(vm);
+    if let Some(path) = &args.console {
+        vm.console().set_file(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    }
     vm.console().set_echo(true);
+    let what = match &args.kernel {
+        Some(k) => format!("Linux {} (set up in {:.1} ms)", k.display(), t0.elapsed().as_secs_f64() * 1e3),
+        None => format!("workload {}", args.workload),
+    };
     eprintln!(
-        "vmfork: VM {name} running (pid {}), {} vCPU(s), {} MiB, workload {}{}",
+        "vmfork: VM {name} running (pid {}), {} vCPU(s), {} MiB, {what}{}",
         std::process::id(),
         args.vcpus,
         args.mem >> 20,
-        args.workload,
         if args.private { ", private (never forked)" } else { "" }
     );
     let who = api::Identity { name, private: args.private, ..Default::default() };
@@ -204,6 +239,10 @@ fn run_detached(args: RunArgs) -> CliResult {
         .args(["run", "--name", &name, "--mem", &args.mem.to_string()])
         .args(["--vcpus", &args.vcpus.to_string(), "--workload", &args.workload.to_string()])
         .args(args.private.then_some("--private"))
+        .args(args.kernel.iter().flat_map(|k| [std::ffi::OsStr::new("--kernel"), k.as_os_str()]))
+        .args(args.initrd.iter().flat_map(|k| [std::ffi::OsStr::new("--initrd"), k.as_os_str()]))
+        .args(args.kernel.as_ref().map(|_| format!("--cmdline={}", args.cmdline)))
+        .args(args.console.iter().flat_map(|k| [std::ffi::OsStr::new("--console"), k.as_os_str()]))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -11,8 +11,11 @@
 //!    strategies the child registers its memory and hands the userfaultfds back, and the
 //!    parent's page servers fill it from then on;
 //! 6. the child restores the VM, writes a **new generation id and fresh entropy** into
-//!    guest memory before any vCPU runs, resumes, binds its own control socket, and
-//!    reports back when the guest's first report arrives.
+//!    guest memory before any vCPU runs (for a Linux guest it also raises the ACPI
+//!    Generic Event Device's interrupt, still before any vCPU runs, so the first thing
+//!    the guest does is take it: its vmgenid driver rereads the id and reseeds the
+//!    kernel's RNG), resumes, binds its own control socket, and reports back when the
+//!    guest's first report (a Linux guest: its first console line) arrives.
 //!
 //! Failure anywhere before step 4 resumes the parent and reports what failed; after it,
 //! the parent is already running and only the child is lost. A VM started with
@@ -34,10 +37,12 @@ use crate::memory::uffd::{RemoteSource, sys::Uffd};
 use crate::memory::{GuestMemory, Strategy};
 use crate::vmm::{Vm, VmState, guest};
 
-/// Where the child's fresh entropy goes: 32 random bytes beside the generation id, for a
-/// guest to reseed from. (The built-in guest does not read it yet; a Linux guest gets its
-/// reseed through VMGenID, issue 7.)
-pub const ENTROPY_GPA: u64 = guest::GENID_GPA + 0x100;
+/// Where the child's fresh entropy goes, relative to the generation id: 32 random bytes
+/// for a guest to reseed from. (The built-in guest does not read it yet; a Linux guest
+/// reseeds from the new generation id through its vmgenid driver.)
+pub const ENTROPY_OFFSET: u64 = 0x100;
+/// The built-in guest's entropy address.
+pub const ENTROPY_GPA: u64 = guest::GENID_GPA + ENTROPY_OFFSET;
 /// Bytes of fresh entropy written at [`ENTROPY_GPA`].
 pub const ENTROPY_LEN: usize = 32;
 
@@ -266,15 +271,25 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
     }
     let memory = Arc::new(memory);
     // A new identity before any vCPU runs.
-    refresh_identity(&memory).map_err(|e| fail(sock, e))?;
+    refresh_identity(&memory, hello.state.config.genid_gpa()).map_err(|e| fail(sock, e))?;
     let (server, listener) = Server::bind(&hello.name).map_err(|e| fail(sock, e.to_string()))?;
     let vm = Vm::restore(memory, &hello.state).map_err(|e| fail(sock, format!("restoring the VM: {e}")))?;
+    // A Linux guest learns of it through an interrupt, pending before its vCPUs run.
+    vm.notify_generation_changed()
+        .map_err(|e| fail(sock, format!("announcing the new generation id: {e}")))?;
     let restored = t0.elapsed();
     let reports = vm.subscribe();
+    let (_, lines) = vm.console().subscribe();
     vm.resume().map_err(|e| fail(sock, format!("resuming: {e}")))?;
-    reports
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| fail(sock, "the guest sent no report within 10 s".into()))?;
+    if hello.state.config.linux.is_some() {
+        lines
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| fail(sock, "the Linux guest printed no console line within 30 s".into()))?;
+    } else {
+        reports
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| fail(sock, "the guest sent no report within 10 s".into()))?;
+    }
     let ready = Ready {
         ok: true,
         error: None,
@@ -292,12 +307,13 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
     Ok((Arc::new(vm), who, server, listener))
 }
 
-/// Writes a fresh random VM generation id, and fresh entropy, into guest memory.
-fn refresh_identity(memory: &GuestMemory) -> std::result::Result<(), String> {
+/// Writes a fresh random VM generation id at `genid_gpa`, and fresh entropy beside it,
+/// into guest memory.
+fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), String> {
     let mut bytes = [0u8; 16 + ENTROPY_LEN];
     getrandom(&mut bytes)?;
-    memory.write(guest::GENID_GPA, &bytes[..16]).map_err(|e| e.to_string())?;
-    memory.write(ENTROPY_GPA, &bytes[16..]).map_err(|e| e.to_string())
+    memory.write(genid_gpa, &bytes[..16]).map_err(|e| e.to_string())?;
+    memory.write(genid_gpa + ENTROPY_OFFSET, &bytes[16..]).map_err(|e| e.to_string())
 }
 
 fn getrandom(buf: &mut [u8]) -> std::result::Result<(), String> {
