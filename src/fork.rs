@@ -280,6 +280,9 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
     let restored = t0.elapsed();
     let reports = vm.subscribe();
     let (_, lines) = vm.console().subscribe();
+    // The child's log must hold everything the guest prints once it runs: a Linux
+    // guest's first lines are its kernel's reaction to the new generation id.
+    vm.console().set_echo(true);
     vm.resume().map_err(|e| fail(sock, format!("resuming: {e}")))?;
     if hello.state.config.linux.is_some() {
         lines
