@@ -2,7 +2,7 @@
 //!
 //! The guest is the reference one of `qemu-testbed/linux-guest` (Debian's 6.1 kernel and
 //! a busybox initramfs whose /init prints `VMFORK-LINUX-READY`, then every half second
-//! `VMFORK-TICK <n> rand=<hash of 16 bytes of /dev/urandom>`). Its files come from
+//! `VMFORK-TICK <n> rand=<hash of 16 bytes of /dev/urandom> ged=<notifications taken>`). Its files come from
 //! `$VMFORK_LINUX_KERNEL` / `$VMFORK_LINUX_INITRD`, else from the testbed cache.
 //!
 //! These tests need hardware-assisted KVM: on a PVM-based host (this project's
@@ -79,7 +79,7 @@ impl Runtime {
             .filter_map(|l| {
                 let rest = l.trim_end_matches('\r').strip_prefix("VMFORK-TICK ")?;
                 let (n, r) = rest.split_once(" rand=")?;
-                Some((n.parse().ok()?, r.to_string()))
+                Some((n.parse().ok()?, r.split_whitespace().next()?.to_string()))
             })
             .collect()
     }
@@ -183,11 +183,23 @@ fn fork_with(strategy: &str) {
             "tick {k}: parent and child read the same /dev/urandom bytes: no reseed"
         );
     }
-    let child_log = rt.console("c");
-    assert!(child_log.contains(RESEED), "the child's kernel did not report a VM-fork reseed");
+    // The reseed runs from an ACPI notify work item; give it time, then show why not.
+    let t = Instant::now();
+    while !rt.console("c").contains(RESEED) {
+        if t.elapsed() > Duration::from_secs(30) {
+            let log = rt.console("c");
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "the child's kernel did not report a VM-fork reseed within 30 s; child console tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(!rt.console("p").contains(RESEED), "the parent's kernel reseeded as if it were forked");
+    let reseed = rt.console("c").lines().find(|l| l.contains(RESEED)).unwrap_or_default().to_string();
     eprintln!(
-        "{test}: child continued at tick {first} (parent was at {before}), {} common ticks all differ",
+        "{test}: child continued at tick {first} (parent was at {before}), {} common ticks all differ; child: {reseed}",
         common.len()
     );
     rt.ok(&["stop", "c"]);

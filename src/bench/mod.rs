@@ -7,6 +7,7 @@
 
 mod clone;
 mod fork;
+mod linux_fork;
 pub mod vm;
 
 use std::io::Write;
@@ -143,6 +144,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     clone::run(opts, &mut records)?;
     vm::run(&mut records)?;
     fork::run(opts, &mut records)?;
+    linux_fork::run(&mut records)?;
     let ratios = clone::ratios(&records);
     let report = Report { run, records, ratios };
     print_report(&report, &mut std::io::stdout().lock())?;
