@@ -106,14 +106,21 @@ impl Runtime {
     }
 
     /// Boots the reference guest as `name` and waits for its first ticks.
-    fn boot(&self, name: &str, kernel: &std::path::Path, initrd: &std::path::Path) -> Duration {
+    fn boot(&self, name: &str, kernel: &std::path::Path, initrd: &std::path::Path, vcpus: u32) -> Duration {
         let t = Instant::now();
         let k = kernel.to_str().unwrap();
         let i = initrd.to_str().unwrap();
-        self.ok(&["run", "--name", name, "--mem", "256M", "--kernel", k, "--initrd", i, "--detach"]);
+        let n = vcpus.to_string();
+        self.ok(&[
+            "run", "--name", name, "--mem", "256M", "--vcpus", &n, "--kernel", k, "--initrd", i, "--detach",
+        ]);
         self.wait_ticks(name, 0, 2, BOOT_TIMEOUT);
         let took = t.elapsed();
-        assert!(self.console(name).contains("VMFORK-LINUX-READY"), "{name}: no ready marker");
+        let ready = format!("cpus={vcpus}");
+        assert!(
+            self.console(name).lines().any(|l| l.contains("VMFORK-LINUX-READY") && l.contains(&ready)),
+            "{name}: no ready marker with {ready}"
+        );
         eprintln!("{name}: booted to its second tick in {took:?}");
         took
     }
@@ -125,7 +132,7 @@ fn linux_guest_boots_to_its_init_and_runs() {
     let Some((kernel, initrd)) = guest_or_skip(test) else { return };
     let Some(_lock) = kvm_available(test) else { return };
     let rt = Runtime::new("linux-boot");
-    rt.boot("p", &kernel, &initrd);
+    rt.boot("p", &kernel, &initrd, 1);
     let log = rt.console("p");
     assert!(log.contains("Linux version"), "no kernel banner");
     // The ACPI devices the fork relies on were found and bound.
@@ -138,10 +145,10 @@ fn linux_guest_boots_to_its_init_and_runs() {
     rt.ok(&["stop", "p"]);
 }
 
-/// Boots a parent, forks it with `strategy`, and checks the child continued the
-/// parent's guest with a reseeded RNG while both keep running.
-fn fork_with(strategy: &str) {
-    let test = format!("linux_guest_forks_with_{strategy}");
+/// Boots a parent with `vcpus` vCPUs, forks it with `strategy`, and checks the child
+/// continued the parent's guest with a reseeded RNG while both keep running.
+fn fork_with(strategy: &str, vcpus: u32) {
+    let test = format!("linux_guest_{vcpus}_vcpu_forks_with_{strategy}");
     let Some((kernel, initrd)) = guest_or_skip(&test) else { return };
     if strategy == "reflink" {
         if let Err(e) = vmfork::memory::reflink::probe() {
@@ -155,8 +162,8 @@ fn fork_with(strategy: &str) {
         }
     }
     let Some(_lock) = kvm_available(&test) else { return };
-    let rt = Runtime::new(&format!("linux-fork-{strategy}"));
-    rt.boot("p", &kernel, &initrd);
+    let rt = Runtime::new(&format!("linux-fork-{strategy}-{vcpus}"));
+    rt.boot("p", &kernel, &initrd, vcpus);
     let before = *rt.ticks("p").keys().last().unwrap();
     let t = Instant::now();
     let out: serde_json::Value =
@@ -211,20 +218,25 @@ fn fork_with(strategy: &str) {
 
 #[test]
 fn linux_guest_forks_with_copy() {
-    fork_with("copy");
+    fork_with("copy", 1);
 }
 
 #[test]
 fn linux_guest_forks_with_cow() {
-    fork_with("cow");
+    fork_with("cow", 1);
 }
 
 #[test]
 fn linux_guest_forks_with_uffd() {
-    fork_with("uffd");
+    fork_with("uffd", 1);
 }
 
 #[test]
 fn linux_guest_forks_with_reflink() {
-    fork_with("reflink");
+    fork_with("reflink", 1);
+}
+
+#[test]
+fn linux_guest_with_two_vcpus_forks_with_cow() {
+    fork_with("cow", 2);
 }

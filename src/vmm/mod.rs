@@ -184,6 +184,8 @@ pub(crate) struct Shared {
     /// A Linux guest: the built-in guest's report and idle ports and its MMIO port
     /// window do not exist.
     pub linux: bool,
+    /// A vCPU left `KVM_RUN` with an exit of the guest's (not a kick): it has run.
+    pub guest_exited: std::sync::atomic::AtomicBool,
     kicks: OnceLock<Vec<Kick>>,
     latest: Mutex<Vec<Option<Report>>>,
     report_subscribers: Mutex<Vec<Sender<Report>>>,
@@ -310,7 +312,38 @@ impl Vm {
             // The other vCPUs wait for INIT/SIPI from the first, as on hardware.
         }
         vm.start(Want::Run)?;
+        vm.nudge_until_running();
         Ok(vm)
+    }
+
+    /// Under nested KVM in QEMU TCG (the testbed), a freshly booted Linux vCPU
+    /// sometimes never gets past its first instruction until it leaves `KVM_RUN` and
+    /// enters again. So until the guest's first exit of its own (its first port I/O,
+    /// within seconds of boot), kick the boot vCPU every 100 ms, for at most a minute.
+    /// A kick costs a round trip to the VMM and changes nothing in the guest.
+    fn nudge_until_running(&self) {
+        use std::sync::atomic::Ordering;
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new().name("boot-nudge".into()).spawn(move || {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(60) && !shared.guest_exited.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                // Under the lock with `want == Run`, no stop has begun, so the vCPU
+                // threads are not joined yet and their ids are valid to signal.
+                let ctl = shared.ctl();
+                match ctl.want {
+                    Want::Stop => break,
+                    Want::Pause => continue,
+                    Want::Run => {
+                        if let Some(k) = shared.kicks.get().and_then(|k| k.first()) {
+                            k.kick();
+                        }
+                    }
+                }
+            }
+        });
+        // Without the nudge the guest still boots, just not reliably under TCG.
+        drop(spawned);
     }
 
     /// Raises the Generic Event Device's interrupt of a Linux guest: its `_EVT` notifies
@@ -403,6 +436,7 @@ impl Vm {
             memory,
             devices: Devices::new(console.clone(), serial, serial_irq, config.linux.is_some()),
             linux: config.linux.is_some(),
+            guest_exited: std::sync::atomic::AtomicBool::new(false),
             console,
             kicks: OnceLock::new(),
             latest: Mutex::new(vec![None; n]),

@@ -185,7 +185,11 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
 
 /// Runs the guest until its next exit and handles it.
 fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
-    let end = match vcpu.run() {
+    let exit = vcpu.run();
+    if exit.is_ok() && !shared.guest_exited.load(std::sync::atomic::Ordering::Relaxed) {
+        shared.guest_exited.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let end = match exit {
         Ok(VcpuExit::MmioWrite(addr, data)) if is_port(addr, shared) => {
             port_out(idx, (addr - PIO_MMIO_BASE) as u16, data, shared)
         }
