@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::{self, Request, Server, Status};
-use crate::memory::MemoryOptions;
+use crate::memory::{GuestMemory, MemoryOptions};
 use crate::vmm::{ExitReason, Vm, VmConfig, Workload, guest};
 
 /// VM subcommands (flattened into the `vmfork` command line).
 #[derive(clap::Subcommand, Debug)]
 pub enum VmCommand {
-    /// Run a VM with the built-in guest (in the foreground unless --detach).
+    /// Run a VM with the built-in guest, or a Linux guest with --kernel (in the foreground
+    /// unless --detach).
     Run(RunArgs),
     /// List the VMs of this user.
     Ls {
@@ -84,6 +85,18 @@ pub struct RunArgs {
     /// fork's pause short at multi-GiB sizes: far fewer page-table entries to zap.
     #[arg(long)]
     pub huge_pages: bool,
+    /// Boot this Linux kernel (bzImage or ELF vmlinux) instead of the built-in guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", default_value = crate::vmm::linux::DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Also append the console (serial output) to this file.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
 }
 
 /// Runs a VM subcommand.
@@ -142,16 +155,44 @@ fn run_foreground(args: RunArgs) -> CliResult {
     if args.huge_pages {
         warn_if_shmem_thp_is_off();
     }
-    let memory = Arc::new(guest::memory(args.mem, &MemoryOptions { huge_pages: args.huge_pages })?);
-    let config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
-    let vm = Arc::new(Vm::create(memory, &config)?);
+    let opts = MemoryOptions { huge_pages: args.huge_pages };
+    // The built-in guest lays its RAM out around the 3-4 GiB hole; a Linux guest's e820
+    // map describes one range (up to 3 GiB).
+    let memory = Arc::new(match args.kernel {
+        Some(_) => GuestMemory::with_size(args.mem, &opts)?,
+        None => guest::memory(args.mem, &opts)?,
+    });
+    let mut config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
+    let t0 = Instant::now();
+    let vm = match &args.kernel {
+        Some(kernel) => {
+            if let Err(why) = crate::vmm::linux::host_can_boot_linux() {
+                eprintln!("vmfork: warning: {why}; trying anyway");
+            }
+            config.linux = Some(Default::default());
+            let boot = crate::vmm::linux::LinuxBoot {
+                kernel: kernel.clone(),
+                initrd: args.initrd.clone(),
+                cmdline: args.cmdline.clone(),
+            };
+            Vm::create_linux(memory, &config, &boot)?
+        }
+        None => Vm::create(memory, &config)?,
+    };
+    let vm = Arc::new(vm);
+    if let Some(path) = &args.console {
+        vm.console().set_file(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    }
     vm.console().set_echo(true);
+    let what = match &args.kernel {
+        Some(k) => format!("Linux {} (set up in {:.1} ms)", k.display(), t0.elapsed().as_secs_f64() * 1e3),
+        None => format!("workload {}", args.workload),
+    };
     eprintln!(
-        "vmfork: VM {name} running (pid {}), {} vCPU(s), {} MiB, workload {}{}",
+        "vmfork: VM {name} running (pid {}), {} vCPU(s), {} MiB, {what}{}",
         std::process::id(),
         args.vcpus,
         args.mem >> 20,
-        args.workload,
         if args.private { ", private (never forked)" } else { "" }
     );
     let who = api::Identity { name, private: args.private, ..Default::default() };
@@ -225,6 +266,10 @@ fn run_detached(args: RunArgs) -> CliResult {
         .args(["--vcpus", &args.vcpus.to_string(), "--workload", &args.workload.to_string()])
         .args(args.private.then_some("--private"))
         .args(args.huge_pages.then_some("--huge-pages"))
+        .args(args.kernel.iter().flat_map(|k| [std::ffi::OsStr::new("--kernel"), k.as_os_str()]))
+        .args(args.initrd.iter().flat_map(|k| [std::ffi::OsStr::new("--initrd"), k.as_os_str()]))
+        .args(args.kernel.as_ref().map(|_| format!("--cmdline={}", args.cmdline)))
+        .args(args.console.iter().flat_map(|k| [std::ffi::OsStr::new("--console"), k.as_os_str()]))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -11,8 +11,11 @@
 //!    strategies the child registers its memory and hands the userfaultfds back, and the
 //!    parent's page servers fill it from then on;
 //! 6. the child restores the VM, writes a **new generation id and fresh entropy** into
-//!    guest memory before any vCPU runs, resumes, binds its own control socket, and
-//!    reports back when the guest's first report arrives.
+//!    guest memory before any vCPU runs (for a Linux guest it also raises the ACPI
+//!    Generic Event Device's interrupt, still before any vCPU runs, so the first thing
+//!    the guest does is take it: its vmgenid driver rereads the id and reseeds the
+//!    kernel's RNG), resumes, binds its own control socket, and reports back when the
+//!    guest's first report (a Linux guest: its first console line) arrives.
 //!
 //! Failure anywhere before step 4 resumes the parent and reports what failed; after it,
 //! the parent is already running and only the child is lost. A VM started with
@@ -34,6 +37,11 @@ use crate::memory::uffd::{RemoteSource, sys::Uffd};
 use crate::memory::{GuestMemory, Strategy};
 use crate::vmm::guest::{self, ENTROPY_GPA, ENTROPY_LEN};
 use crate::vmm::{RunState, Vm, VmState};
+
+/// Where the child's fresh entropy goes, relative to the generation id (the built-in
+/// guest reseeds from it; a Linux guest reseeds from the new generation id through its
+/// vmgenid driver).
+pub const ENTROPY_OFFSET: u64 = ENTROPY_GPA - guest::GENID_GPA;
 
 /// Errors of a fork.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +106,8 @@ struct Ready {
 
 /// How long a child waits for its guest's first report before it answers without one.
 pub const FIRST_REPORT_WAIT: Duration = Duration::from_secs(10);
+/// The same for a Linux guest's first console line (slow under nested TCG).
+pub const LINUX_FIRST_LINE_WAIT: Duration = Duration::from_secs(30);
 
 /// One forked child, as the parent reports it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -265,23 +275,33 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
     }
     let memory = Arc::new(memory);
     // A new identity before any vCPU runs.
-    refresh_identity(&memory).map_err(|e| fail(sock, e))?;
+    refresh_identity(&memory, hello.state.config.genid_gpa()).map_err(|e| fail(sock, e))?;
     let (server, listener) = Server::bind(&hello.name).map_err(|e| fail(sock, e.to_string()))?;
     let vm = Vm::restore(memory, &hello.state).map_err(|e| fail(sock, format!("restoring the VM: {e}")))?;
+    // A Linux guest learns of it through an interrupt, pending before its vCPUs run.
+    vm.notify_generation_changed()
+        .map_err(|e| fail(sock, format!("announcing the new generation id: {e}")))?;
     let restored = t0.elapsed();
     let reports = vm.subscribe();
+    let (_, lines) = vm.console().subscribe();
+    // The child's log must hold everything the guest prints once it runs: a Linux
+    // guest's first lines are its kernel's reaction to the new generation id.
+    vm.console().set_echo(true);
     vm.resume().map_err(|e| fail(sock, format!("resuming: {e}")))?;
-    // The guest's first report is the proof it runs. A workload may report rarely (and
-    // run slowly at first, paying for first touches), so no report within the wait is
-    // fine as long as the VM still runs; a crashed or stopped guest fails the fork.
-    let first_report = match reports.recv_timeout(FIRST_REPORT_WAIT) {
-        Ok(_) => Some(t0.elapsed().as_nanos() as u64),
+    // The guest's first sign of life (a report; a Linux guest's first console line) is
+    // the proof it runs. A workload may report rarely (and run slowly at first, paying
+    // for first touches), so no report within the wait is fine as long as the VM still
+    // runs; a crashed or stopped guest fails the fork.
+    let first = if hello.state.config.linux.is_some() {
+        lines.recv_timeout(LINUX_FIRST_LINE_WAIT).map(drop)
+    } else {
+        reports.recv_timeout(FIRST_REPORT_WAIT).map(drop)
+    };
+    let first_report = match first {
+        Ok(()) => Some(t0.elapsed().as_nanos() as u64),
         Err(_) => match vm.state() {
             RunState::Running => {
-                eprintln!(
-                    "vmfork: no guest report within {FIRST_REPORT_WAIT:?} of the resume; vCPUs: {}",
-                    vm.describe_vcpus()
-                );
+                eprintln!("vmfork: no sign of the guest since its resume; vCPUs: {}", vm.describe_vcpus());
                 None
             }
             state => return Err(fail(sock, format!("the guest did not run: {state}"))),
@@ -304,12 +324,13 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
     Ok((Arc::new(vm), who, server, listener))
 }
 
-/// Writes a fresh random VM generation id, and fresh entropy, into guest memory.
-fn refresh_identity(memory: &GuestMemory) -> std::result::Result<(), String> {
+/// Writes a fresh random VM generation id at `genid_gpa`, and fresh entropy beside it,
+/// into guest memory.
+fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), String> {
     let mut bytes = [0u8; 16 + ENTROPY_LEN];
     getrandom(&mut bytes)?;
-    memory.write(guest::GENID_GPA, &bytes[..16]).map_err(|e| e.to_string())?;
-    memory.write(ENTROPY_GPA, &bytes[16..]).map_err(|e| e.to_string())
+    memory.write(genid_gpa, &bytes[..16]).map_err(|e| e.to_string())?;
+    memory.write(genid_gpa + ENTROPY_OFFSET, &bytes[16..]).map_err(|e| e.to_string())
 }
 
 fn getrandom(buf: &mut [u8]) -> std::result::Result<(), String> {

@@ -264,7 +264,7 @@ pub fn status(who: &Identity, vm: &Vm) -> Status {
         state: state.name().to_string(),
         state_detail: state.to_string(),
         vcpus: vm.config().vcpus,
-        workload: vm.config().workload.to_string(),
+        workload: if vm.config().linux.is_some() { "linux".into() } else { vm.config().workload.to_string() },
         memory_bytes: vm.memory().size() as u64,
         private_bytes: usage.private_bytes,
         shared_bytes: usage.shared_bytes,

@@ -8,6 +8,7 @@
 mod clone;
 use clone::meminfo;
 mod fork;
+mod linux_fork;
 mod plot;
 pub mod vm;
 
@@ -85,6 +86,8 @@ pub enum Suite {
     Vm,
     /// Forking a running VM: pause, child start, child workload, fan-out, chains.
     Fork,
+    /// Booting and forking a Linux guest (where KVM can run one: the testbed).
+    Linux,
 }
 
 impl BenchOptions {
@@ -169,6 +172,9 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     }
     if opts.runs(Suite::Fork) {
         fork::run(opts, &mut records)?;
+    }
+    if opts.runs(Suite::Linux) {
+        linux_fork::run(&mut records)?;
     }
     let mut ratios = clone::ratios(&records);
     ratios.extend(fork::ratios(&records));

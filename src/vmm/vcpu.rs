@@ -147,8 +147,9 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
     shared.vcpu_exited(reason);
 }
 
-fn is_port(addr: u64) -> bool {
-    (PIO_MMIO_BASE..PIO_MMIO_BASE + PIO_MMIO_SIZE).contains(&addr)
+/// Whether `addr` is in the built-in guest's port window (a Linux guest has none).
+fn is_port(addr: u64, shared: &Shared) -> bool {
+    !shared.linux && (PIO_MMIO_BASE..PIO_MMIO_BASE + PIO_MMIO_SIZE).contains(&addr)
 }
 
 /// What one `KVM_RUN` came to.
@@ -164,7 +165,7 @@ enum Step {
 /// A guest port write (real or through the MMIO window). `Some` ends the VM.
 fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitReason> {
     match port {
-        REPORT_PORT => {
+        REPORT_PORT if !shared.linux => {
             shared.ctl().owes_report[idx] = false;
             match Report::read(&shared.memory, idx as u32) {
                 Ok(r) => shared.report(r),
@@ -172,7 +173,7 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
             }
             None
         }
-        IDLE_PORT => {
+        IDLE_PORT if !shared.linux => {
             let mut ctl = shared.ctl();
             ctl.idle[idx] = !ctl.owes_report[idx];
             None
@@ -186,11 +187,15 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
 
 /// Runs the guest until its next exit and handles it.
 fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
-    let end = match vcpu.run() {
-        Ok(VcpuExit::MmioWrite(addr, data)) if is_port(addr) => {
+    let exit = vcpu.run();
+    if exit.is_ok() && !shared.guest_exited.load(std::sync::atomic::Ordering::Relaxed) {
+        shared.guest_exited.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let end = match exit {
+        Ok(VcpuExit::MmioWrite(addr, data)) if is_port(addr, shared) => {
             port_out(idx, (addr - PIO_MMIO_BASE) as u16, data, shared)
         }
-        Ok(VcpuExit::MmioRead(addr, data)) if is_port(addr) => {
+        Ok(VcpuExit::MmioRead(addr, data)) if is_port(addr, shared) => {
             shared.devices.port_read((addr - PIO_MMIO_BASE) as u16, data);
             None
         }
@@ -205,6 +210,8 @@ fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
         }
         Ok(VcpuExit::MmioWrite(..)) => None,
         Ok(VcpuExit::Hlt) => Some(ExitReason::Halt),
+        // Shutdown or reset asked of KVM (e.g. PSCI-like system events): the VM ends.
+        Ok(VcpuExit::SystemEvent(..)) => Some(ExitReason::Reset),
         Ok(VcpuExit::Shutdown) => {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
             let (cs, cr2) = vcpu.get_sregs().map(|s| (s.cs.selector, s.cr2)).unwrap_or_default();

@@ -1,5 +1,8 @@
-//! Devices of the built-in guest's machine: an 8250 serial port (vm-superio) whose output
-//! goes to the VM's [`Console`], and the i8042 controller's reset line, which ends the VM.
+//! Legacy devices: an 8250 serial port (vm-superio) whose output goes to the VM's
+//! [`Console`], and the i8042 controller's reset line, which ends the VM. For the
+//! built-in guest the serial port raises no interrupt; for a Linux guest it raises IRQ 4
+//! through an irqfd, and the CMOS index/data ports read as zero (no RTC update in
+//! progress, so nothing polls them forever).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -8,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
 /// First port of COM1.
 pub const SERIAL_BASE: u16 = 0x3f8;
@@ -33,6 +37,7 @@ struct ConsoleInner {
     backlog: VecDeque<String>,
     subscribers: Vec<Sender<String>>,
     echo: bool,
+    file: Option<std::fs::File>,
 }
 
 impl Console {
@@ -45,12 +50,20 @@ impl Console {
         self.lock().echo = echo;
     }
 
+    /// Also append every line to `file`.
+    pub fn set_file(&self, file: std::fs::File) {
+        self.lock().file = Some(file);
+    }
+
     /// Adds a complete line.
     pub fn line(&self, line: String) {
         let mut c = self.lock();
         if c.echo {
             // A closed stdout must not take the VM down (println! would panic).
             let _ = writeln!(io::stdout().lock(), "{line}");
+        }
+        if let Some(f) = &mut c.file {
+            let _ = writeln!(f, "{line}");
         }
         c.subscribers.retain(|s| s.send(line.clone()).is_ok());
         if c.backlog.len() == BACKLOG_LINES {
@@ -87,14 +100,17 @@ impl Console {
     }
 }
 
-/// The serial port raises no interrupt: the built-in guest polls nothing and runs with
-/// interrupts disabled.
-pub struct NoIrq;
+/// The serial port's interrupt line: none for the built-in guest (it polls nothing and
+/// runs with interrupts disabled), an irqfd for a Linux guest.
+pub struct IrqLine(pub Option<EventFd>);
 
-impl Trigger for NoIrq {
+impl Trigger for IrqLine {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        Ok(())
+        match &self.0 {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
     }
 }
 
@@ -122,8 +138,14 @@ pub enum PortAction {
 
 /// The legacy devices on the I/O port bus.
 pub struct Devices {
-    serial: Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleWriter>>,
+    serial: Mutex<Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>>,
+    /// A Linux guest's machine: CMOS ports answer.
+    linux: bool,
 }
+
+/// CMOS index and data ports.
+pub const CMOS_INDEX: u16 = 0x70;
+pub const CMOS_DATA: u16 = 0x71;
 
 /// The serial port's registers, serializable (vm-superio's `SerialState` is not).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -175,16 +197,28 @@ impl From<&SerialSnapshot> for SerialState {
 }
 
 impl Devices {
-    /// Devices in their reset state, or with the serial port of `serial`.
-    pub fn new(console: Arc<Console>, serial: Option<&SerialSnapshot>) -> Self {
+    /// Devices in their reset state, or with the serial port of `serial`; the serial
+    /// port raises `irq` (if any). `linux` adds what a Linux guest's machine has.
+    pub fn new(
+        console: Arc<Console>,
+        serial: Option<&SerialSnapshot>,
+        irq: Option<EventFd>,
+        linux: bool,
+    ) -> Self {
+        let irq = IrqLine(irq);
         let port = match serial {
             Some(s) => {
-                Serial::from_state(&s.into(), NoIrq, vm_superio::serial::NoEvents, ConsoleWriter(console))
-                    .unwrap_or_else(|_| unreachable!("NoIrq never fails"))
+                let state = s.into();
+                let events = vm_superio::serial::NoEvents;
+                match Serial::from_state(&state, irq, events, ConsoleWriter(console.clone())) {
+                    Ok(p) => p,
+                    // Only a failing interrupt on a pending THRE: start it without one.
+                    Err(_) => Serial::new(IrqLine(None), ConsoleWriter(console)),
+                }
             }
-            None => Serial::new(NoIrq, ConsoleWriter(console)),
+            None => Serial::new(irq, ConsoleWriter(console)),
         };
-        Devices { serial: Mutex::new(port) }
+        Devices { serial: Mutex::new(port), linux }
     }
 
     /// The serial port's state.
@@ -192,7 +226,7 @@ impl Devices {
         self.serial().state().into()
     }
 
-    fn serial(&self) -> MutexGuard<'_, Serial<NoIrq, vm_superio::serial::NoEvents, ConsoleWriter>> {
+    fn serial(&self) -> MutexGuard<'_, Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>> {
         self.serial.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -208,6 +242,7 @@ impl Devices {
             }
             I8042_CMD if data.first() == Some(&I8042_RESET) => PortAction::Reset,
             I8042_DATA | I8042_CMD => PortAction::Handled,
+            CMOS_INDEX | CMOS_DATA if self.linux => PortAction::Handled,
             _ => PortAction::Unhandled,
         }
     }
@@ -222,6 +257,10 @@ impl Devices {
             }
             // i8042: output buffer empty, input buffer empty.
             I8042_DATA | I8042_CMD => {
+                data.fill(0);
+                PortAction::Handled
+            }
+            CMOS_INDEX | CMOS_DATA if self.linux => {
                 data.fill(0);
                 PortAction::Handled
             }
@@ -240,7 +279,7 @@ mod tests {
     #[test]
     fn serial_output_reaches_console_subscribers_as_lines() {
         let console = Arc::new(Console::default());
-        let dev = Devices::new(console.clone(), None);
+        let dev = Devices::new(console.clone(), None, None, false);
         let (backlog, rx) = console.subscribe();
         assert!(backlog.is_empty());
         for b in b"hello\nwor" {
@@ -254,13 +293,13 @@ mod tests {
 
     #[test]
     fn serial_state_round_trips_through_json() {
-        let dev = Devices::new(Arc::new(Console::default()), None);
+        let dev = Devices::new(Arc::new(Console::default()), None, None, false);
         dev.port_write(SERIAL_BASE + 7, &[0x5a]); // scratch register
         dev.port_write(SERIAL_BASE + 3, &[0x03]); // line control: 8 bits
         let snap = dev.serial_state();
         let json = serde_json::to_string(&snap).unwrap();
         let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
-        let restored = Devices::new(Arc::new(Console::default()), Some(&back));
+        let restored = Devices::new(Arc::new(Console::default()), Some(&back), None, false);
         assert_eq!(restored.serial_state(), snap);
         let mut b = [0u8];
         restored.port_read(SERIAL_BASE + 7, &mut b);
@@ -269,7 +308,7 @@ mod tests {
 
     #[test]
     fn i8042_reset_is_reported() {
-        let dev = Devices::new(Arc::new(Console::default()), None);
+        let dev = Devices::new(Arc::new(Console::default()), None, None, false);
         assert_eq!(dev.port_write(I8042_CMD, &[I8042_RESET]), PortAction::Reset);
         assert_eq!(dev.port_write(I8042_CMD, &[0x20]), PortAction::Handled);
         let mut b = [1u8];
