@@ -166,9 +166,22 @@ fn fork_with(strategy: &str, vcpus: u32) {
     rt.boot("p", &kernel, &initrd, vcpus);
     let before = *rt.ticks("p").keys().last().unwrap();
     let t = Instant::now();
-    let out: serde_json::Value =
-        serde_json::from_str(&rt.ok(&["fork", "p", "--strategy", strategy, "--name", "c", "--json"]))
-            .unwrap();
+    let fork = rt.vmfork(&["fork", "p", "--strategy", strategy, "--name", "c", "--json"]);
+    if !fork.status.success() {
+        // The parent's and child's logs say what broke (a parent that died answers nothing).
+        let tail = |name: &str| {
+            let log = rt.console(name);
+            let lines: Vec<&str> = log.lines().rev().take(25).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        panic!(
+            "{test}: vmfork fork failed: {}\nparent log tail:\n{}\nchild log tail:\n{}",
+            String::from_utf8_lossy(&fork.stderr),
+            tail("p"),
+            tail("c")
+        );
+    }
+    let out: serde_json::Value = serde_json::from_slice(&fork.stdout).unwrap();
     eprintln!("{test}: fork took {:?}: {out}", t.elapsed());
     assert_eq!(out[0]["strategy"], strategy);
 
