@@ -30,27 +30,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// Kernel and initrd, or why the test cannot run.
 fn guest() -> Result<(PathBuf, PathBuf), String> {
     vmfork::vmm::linux::host_can_boot_linux()?;
-    let cache =
-        PathBuf::from(std::env::var_os("VMFORK_CACHE").unwrap_or_else(|| "/var/cache/vmfork-testbed".into()))
-            .join("linux-guest");
-    let kernel = std::env::var_os("VMFORK_LINUX_KERNEL").map_or_else(|| cache.join("vmlinuz"), PathBuf::from);
-    let initrd = match std::env::var_os("VMFORK_LINUX_INITRD") {
-        Some(p) => PathBuf::from(p),
-        None => std::fs::read_dir(&cache)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("initramfs-"))
-            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-            .map(|e| e.path())
-            .unwrap_or_else(|| cache.join("initramfs.cpio.gz")),
-    };
-    for f in [&kernel, &initrd] {
-        if !f.exists() {
-            return Err(format!("{} is missing (run qemu-testbed/linux-guest)", f.display()));
-        }
-    }
-    Ok((kernel, initrd))
+    vmfork::vmm::linux::reference_guest_files()
 }
 
 /// The guest files, or `None` after printing why the test is skipped.

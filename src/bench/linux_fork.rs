@@ -10,13 +10,14 @@
 //! boot (hardware-assisted KVM) and its files exist (`$VMFORK_LINUX_KERNEL`,
 //! `$VMFORK_LINUX_INITRD`, else the testbed cache); otherwise every record says why not.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{BenchError, Record};
 use crate::memory::{GuestMemory, MemoryOptions, Strategy, reflink};
-use crate::vmm::linux::{DEFAULT_CMDLINE, LinuxBoot, LinuxMachine, host_can_boot_linux};
+use crate::vmm::linux::{
+    DEFAULT_CMDLINE, LinuxBoot, LinuxMachine, host_can_boot_linux, reference_guest_files,
+};
 use crate::vmm::{Vm, VmConfig};
 
 const SUITE: &str = "linux";
@@ -30,38 +31,13 @@ fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("linux fork bench: {e}"))
 }
 
-/// Kernel and initrd of the reference guest.
-fn guest_files() -> Result<(PathBuf, PathBuf), String> {
-    let cache =
-        PathBuf::from(std::env::var_os("VMFORK_CACHE").unwrap_or_else(|| "/var/cache/vmfork-testbed".into()))
-            .join("linux-guest");
-    let kernel = std::env::var_os("VMFORK_LINUX_KERNEL").map_or_else(|| cache.join("vmlinuz"), PathBuf::from);
-    let initrd = match std::env::var_os("VMFORK_LINUX_INITRD") {
-        Some(p) => PathBuf::from(p),
-        None => std::fs::read_dir(&cache)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("initramfs-"))
-            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-            .map(|e| e.path())
-            .ok_or_else(|| format!("no initramfs in {} (run qemu-testbed/linux-guest)", cache.display()))?,
-    };
-    for f in [&kernel, &initrd] {
-        if !f.exists() {
-            return Err(format!("{} is missing (run qemu-testbed/linux-guest)", f.display()));
-        }
-    }
-    Ok((kernel, initrd))
-}
-
 pub(super) fn run(out: &mut Vec<Record>) -> Result<(), BenchError> {
     let skip_all = |out: &mut Vec<Record>, why: &str| {
         for s in STRATEGIES {
             out.push(Record::skipped(SUITE, "fork", s.name(), SIZE as u64, "fork_parent_pause_ns", why));
         }
     };
-    let files = host_can_boot_linux().and_then(|()| guest_files());
+    let files = host_can_boot_linux().and_then(|()| reference_guest_files());
     let (kernel, initrd) = match files {
         Ok(f) => f,
         Err(why) => {

@@ -124,3 +124,30 @@ pub fn host_can_boot_linux() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Kernel and initrd of the reference guest that `qemu-testbed/linux-guest` builds:
+/// `$VMFORK_LINUX_KERNEL` / `$VMFORK_LINUX_INITRD`, else the newest in its cache
+/// (`$VMFORK_CACHE/linux-guest`), or why they are missing.
+pub fn reference_guest_files() -> Result<(PathBuf, PathBuf), String> {
+    let cache =
+        PathBuf::from(std::env::var_os("VMFORK_CACHE").unwrap_or_else(|| "/var/cache/vmfork-testbed".into()))
+            .join("linux-guest");
+    let kernel = std::env::var_os("VMFORK_LINUX_KERNEL").map_or_else(|| cache.join("vmlinuz"), PathBuf::from);
+    let initrd = match std::env::var_os("VMFORK_LINUX_INITRD") {
+        Some(p) => PathBuf::from(p),
+        None => std::fs::read_dir(&cache)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("initramfs-"))
+            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+            .map(|e| e.path())
+            .ok_or_else(|| format!("no initramfs in {} (run qemu-testbed/linux-guest)", cache.display()))?,
+    };
+    for f in [&kernel, &initrd] {
+        if !f.exists() {
+            return Err(format!("{} is missing (run qemu-testbed/linux-guest)", f.display()));
+        }
+    }
+    Ok((kernel, initrd))
+}
