@@ -60,6 +60,11 @@ pub enum Error {
     Child(String),
     #[error("lost contact with the child: {0}")]
     Handoff(#[source] std::io::Error),
+    #[error(
+        "the child did not answer within {} s and was stopped; its log: {log}",
+        HANDOFF_WAIT.as_secs()
+    )]
+    Unresponsive { log: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -108,6 +113,11 @@ struct Ready {
 pub const FIRST_REPORT_WAIT: Duration = Duration::from_secs(10);
 /// The same for a Linux guest's first console line (slow under nested TCG).
 pub const LINUX_FIRST_LINE_WAIT: Duration = Duration::from_secs(30);
+/// How long the parent waits on the child during the handoff, at most: its longest wait
+/// for a first sign of life, plus ample time to receive and restore the VM. A child that
+/// takes longer is stuck; it is stopped, and the fork fails instead of hanging the parent's
+/// control connection for good.
+pub const HANDOFF_WAIT: Duration = Duration::from_secs(LINUX_FIRST_LINE_WAIT.as_secs() + 90);
 
 /// One forked child, as the parent reports it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -147,6 +157,7 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
 
     // 5: the child process, and everything it needs.
     let (ours, theirs) = UnixStream::pair().map_err(Error::Spawn)?;
+    ours.set_read_timeout(Some(HANDOFF_WAIT)).map_err(Error::Spawn)?;
     let process = spawn_child(child, theirs)?;
     let hello =
         Hello { name: child.to_string(), parent: parent.to_string(), strategy, state, sent_ns: ns(t0) };
@@ -179,7 +190,12 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
         let _ = process.kill();
     }
     std::thread::spawn(move || process.wait());
-    let ready = outcome.map_err(Error::Handoff)?;
+    let ready = outcome.map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Unresponsive {
+            log: child_log(child).map_or_else(|e| e.to_string(), |p| p.display().to_string()),
+        },
+        _ => Error::Handoff(e),
+    })?;
     if !ready.ok {
         return Err(Error::Child(ready.error.unwrap_or_default()));
     }
@@ -218,10 +234,7 @@ fn capture_and_clone(
 
 /// Starts `vmfork __child` with `sock` as its fd 3.
 fn spawn_child(name: &str, sock: UnixStream) -> Result<std::process::Child> {
-    let log = crate::api::runtime_dir()
-        .map_err(|e| Error::Spawn(std::io::Error::other(e.to_string())))?
-        .join(format!("{name}.log"));
-    let log = std::fs::File::create(&log).map_err(Error::Spawn)?;
+    let log = std::fs::File::create(child_log(name)?).map_err(Error::Spawn)?;
     let fd: OwnedFd = sock.into();
     let raw = fd.as_raw_fd();
     let mut cmd = Command::new(std::env::current_exe().map_err(Error::Spawn)?);
@@ -240,6 +253,12 @@ fn spawn_child(name: &str, sock: UnixStream) -> Result<std::process::Child> {
     let child = cmd.spawn().map_err(Error::Spawn)?;
     drop(fd);
     Ok(child)
+}
+
+/// Where a child's stdout and stderr (its guest's console echo included) go.
+fn child_log(name: &str) -> Result<std::path::PathBuf> {
+    let dir = crate::api::runtime_dir().map_err(|e| Error::Spawn(std::io::Error::other(e.to_string())))?;
+    Ok(dir.join(format!("{name}.log")))
 }
 
 /// What a forked child runs on: its VM, who it is, and its bound control socket.
