@@ -259,7 +259,7 @@ fn fan_out(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<f64,
 }
 
 /// Anonymous (copied-on-write) bytes in process `pid`'s mappings of vmfork memfds.
-fn guest_anon_bytes(pid: &str) -> u64 {
+pub(super) fn guest_anon_bytes(pid: &str) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     let mut guest = false;
     let mut bytes = 0;

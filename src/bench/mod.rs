@@ -174,10 +174,11 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         fork::run(opts, &mut records)?;
     }
     if opts.runs(Suite::Linux) {
-        linux_fork::run(&mut records)?;
+        linux_fork::run(opts, &mut records)?;
     }
     let mut ratios = clone::ratios(&records);
     ratios.extend(fork::ratios(&records));
+    ratios.extend(linux_fork::ratios(&records));
     let report = Report { run, records, ratios };
     print_report(&report, &mut std::io::stdout().lock())?;
     if let Some(path) = &opts.json {

@@ -6,7 +6,7 @@
 //! * `first_touch.svg`: cost of the first read and the first write of a page after a
 //!   clone, per strategy, at the largest size measured;
 //! * `fork_memory.svg`: memory held by a source and its idle clones or forks, as a
-//!   multiple of one guest's size.
+//!   multiple of one guest's size (clone suite, fork suite, and idle Linux forks).
 
 use std::path::{Path, PathBuf};
 
@@ -94,10 +94,18 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
     let fanouts = records.iter().filter(|r| {
         (r.suite == "clone" && r.metric == "fanout16_total_bytes")
             || (r.suite == "fork" && r.scenario.starts_with("fanout") && r.metric == "total_bytes")
+            || (r.suite == "linux" && r.scenario.starts_with("idle") && r.metric == "total_bytes")
     });
     for r in fanouts {
         let label = match r.suite.as_str() {
             "clone" => format!("16 clones, {}", human_bytes(r.size_bytes)),
+            "linux" => {
+                format!(
+                    "{} Linux forks, {}",
+                    r.scenario.trim_start_matches("idle"),
+                    human_bytes(r.size_bytes)
+                )
+            }
             _ => format!("{} forks, {}", r.scenario.trim_start_matches("fanout"), human_bytes(r.size_bytes)),
         };
         let i = match memory.iter().position(|(l, _)| *l == label) {

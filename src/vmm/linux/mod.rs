@@ -47,7 +47,8 @@ pub const SERIAL_GSI: u32 = 4;
 /// The Generic Event Device's interrupt: raising it makes Linux run the GED's `_EVT`,
 /// which notifies the VMGenID device (0x80), so the vmgenid driver rereads the id.
 pub const GED_GSI: u32 = 5;
-/// Most guest memory (as for the built-in guest).
+/// Most guest memory: RAM below the 3 GiB hole (the e820 map does not describe RAM
+/// above it yet).
 pub const MAX_MEM: usize = 3 << 30;
 /// Least guest memory worth trying.
 pub const MIN_MEM: usize = 64 << 20;
