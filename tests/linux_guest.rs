@@ -125,6 +125,73 @@ fn linux_guest_boots_to_its_init_and_runs() {
     rt.ok(&["stop", "p"]);
 }
 
+#[test]
+fn an_elf_vmlinux_boots_like_the_bzimage() {
+    let test = "an_elf_vmlinux_boots_like_the_bzimage";
+    let Some((_, initrd)) = guest_or_skip(test) else { return };
+    let vmlinux = match vmfork::vmm::linux::reference_vmlinux() {
+        Ok(p) => p,
+        Err(why) if std::env::var_os("VMFORK_LINUX_REQUIRED").is_some() => panic!("{test}: {why}"),
+        Err(why) => {
+            eprintln!("{test}: skipped: {why}");
+            return;
+        }
+    };
+    let Some(_lock) = kvm_available(test) else { return };
+    let rt = Runtime::new("linux-elf");
+    rt.boot("p", &vmlinux, &initrd, 1);
+    assert!(rt.console("p").contains("Linux version"), "no kernel banner");
+    rt.ok(&["stop", "p"]);
+}
+
+#[test]
+fn a_guest_reboot_with_reboot_k_ends_the_vm_cleanly() {
+    let test = "a_guest_reboot_with_reboot_k_ends_the_vm_cleanly";
+    let Some((kernel, initrd)) = guest_or_skip(test) else { return };
+    let Some(_lock) = kvm_available(test) else { return };
+    let rt = Runtime::new("linux-reboot");
+    let console = rt.dir.join("reboot-console.log");
+    // The reference /init runs `reboot -f` after this tick; `reboot=k` (in the default
+    // command line) makes the kernel reset through the i8042, which ends the VM.
+    let cmdline = format!("{} vmfork.reboot_after=2", vmfork::vmm::linux::DEFAULT_CMDLINE);
+    let bin = std::env::var_os("VMFORK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vmfork").into());
+    let mut run = std::process::Command::new(bin)
+        .args(["run", "--name", "r", "--mem", "256M", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", &cmdline, "--console"])
+        .arg(&console)
+        .env("XDG_RUNTIME_DIR", &rt.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > BOOT_TIMEOUT {
+            let _ = run.kill();
+            let log = std::fs::read_to_string(&console).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "{test}: the VM did not end within {BOOT_TIMEOUT:?}; console tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut stderr).unwrap();
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(log.contains("VMFORK-REBOOTING"), "{test}: the guest never asked to reboot; stderr: {stderr}");
+    assert!(status.success(), "{test}: vmfork run failed after the guest's reboot: {stderr}");
+    assert!(stderr.contains("guest reset (i8042)"), "{test}: the VM did not end by an i8042 reset: {stderr}");
+    eprintln!("{test}: the VM ended {:?} after start: {}", t.elapsed(), stderr.trim());
+}
+
 /// Boots a parent with `vcpus` vCPUs, forks it with `strategy`, and checks the child
 /// continued the parent's guest with a reseeded RNG while both keep running.
 fn fork_with(strategy: &str, vcpus: u32) {

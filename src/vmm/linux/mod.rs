@@ -130,9 +130,7 @@ pub fn host_can_boot_linux() -> Result<(), String> {
 /// `$VMFORK_LINUX_KERNEL` / `$VMFORK_LINUX_INITRD`, else the newest in its cache
 /// (`$VMFORK_CACHE/linux-guest`), or why they are missing.
 pub fn reference_guest_files() -> Result<(PathBuf, PathBuf), String> {
-    let cache =
-        PathBuf::from(std::env::var_os("VMFORK_CACHE").unwrap_or_else(|| "/var/cache/vmfork-testbed".into()))
-            .join("linux-guest");
+    let cache = reference_guest_cache();
     let kernel = std::env::var_os("VMFORK_LINUX_KERNEL").map_or_else(|| cache.join("vmlinuz"), PathBuf::from);
     let initrd = match std::env::var_os("VMFORK_LINUX_INITRD") {
         Some(p) => PathBuf::from(p),
@@ -151,4 +149,22 @@ pub fn reference_guest_files() -> Result<(PathBuf, PathBuf), String> {
         }
     }
     Ok((kernel, initrd))
+}
+
+/// Where `qemu-testbed/linux-guest` keeps the reference guest.
+fn reference_guest_cache() -> PathBuf {
+    PathBuf::from(std::env::var_os("VMFORK_CACHE").unwrap_or_else(|| "/var/cache/vmfork-testbed".into()))
+        .join("linux-guest")
+}
+
+/// The reference guest's kernel as an ELF `vmlinux` (unpacked from its bzImage by
+/// `qemu-testbed/linux-guest`): `$VMFORK_LINUX_VMLINUX`, else the testbed cache.
+pub fn reference_vmlinux() -> Result<PathBuf, String> {
+    let path = std::env::var_os("VMFORK_LINUX_VMLINUX")
+        .map_or_else(|| reference_guest_cache().join("vmlinux"), PathBuf::from);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing (run qemu-testbed/linux-guest)", path.display()))
+    }
 }
