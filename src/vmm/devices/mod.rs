@@ -45,14 +45,26 @@ impl Console {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Also print every line on the VMM's standard output.
+    /// Also print every line on the VMM's standard output, starting with the backlog:
+    /// the guest runs before its VMM can set this, and its first lines must not be lost.
     pub fn set_echo(&self, echo: bool) {
-        self.lock().echo = echo;
+        let mut c = self.lock();
+        if echo && !c.echo {
+            let mut out = io::stdout().lock();
+            for line in &c.backlog {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        c.echo = echo;
     }
 
-    /// Also append every line to `file`.
-    pub fn set_file(&self, file: std::fs::File) {
-        self.lock().file = Some(file);
+    /// Also append every line to `file`, starting with the backlog (as for the echo).
+    pub fn set_file(&self, mut file: std::fs::File) {
+        let mut c = self.lock();
+        for line in &c.backlog {
+            let _ = writeln!(file, "{line}");
+        }
+        c.file = Some(file);
     }
 
     /// Adds a complete line.
@@ -289,6 +301,19 @@ mod tests {
         assert!(rx.try_recv().is_err(), "partial line held back");
         let (backlog, _) = console.subscribe();
         assert_eq!(backlog, vec!["hello".to_string()]);
+    }
+
+    #[test]
+    fn a_console_file_set_after_the_guest_started_still_gets_its_first_lines() {
+        let console = Console::default();
+        console.bytes(b"Linux version 6.1\nearly\n");
+        let path = std::env::temp_dir().join(format!("vmfork-console-{}.log", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        console.set_file(file);
+        console.line("later".into());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text, "Linux version 6.1\nearly\nlater\n");
     }
 
     #[test]
