@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::{self, Request, Server, Status};
-use crate::memory::{GuestMemory, MemoryOptions};
+use crate::memory::MemoryOptions;
 use crate::vmm::{ExitReason, Vm, VmConfig, Workload, guest};
 
 /// VM subcommands (flattened into the `vmfork` command line).
@@ -156,12 +156,8 @@ fn run_foreground(args: RunArgs) -> CliResult {
         warn_if_shmem_thp_is_off();
     }
     let opts = MemoryOptions { huge_pages: args.huge_pages };
-    // The built-in guest lays its RAM out around the 3-4 GiB hole; a Linux guest's e820
-    // map describes one range (up to 3 GiB).
-    let memory = Arc::new(match args.kernel {
-        Some(_) => GuestMemory::with_size(args.mem, &opts)?,
-        None => guest::memory(args.mem, &opts)?,
-    });
+    // RAM laid out around the 3-4 GiB hole, as on a PC, for either guest.
+    let memory = Arc::new(guest::memory(args.mem, &opts)?);
     let mut config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
     let t0 = Instant::now();
     let vm = match &args.kernel {

@@ -87,12 +87,23 @@ impl Runtime {
 
     /// Boots the reference guest as `name` and waits for its first ticks.
     fn boot(&self, name: &str, kernel: &std::path::Path, initrd: &std::path::Path, vcpus: u32) -> Duration {
+        self.boot_with_mem(name, kernel, initrd, vcpus, "256M")
+    }
+
+    fn boot_with_mem(
+        &self,
+        name: &str,
+        kernel: &std::path::Path,
+        initrd: &std::path::Path,
+        vcpus: u32,
+        mem: &str,
+    ) -> Duration {
         let t = Instant::now();
         let k = kernel.to_str().unwrap();
         let i = initrd.to_str().unwrap();
         let n = vcpus.to_string();
         self.ok(&[
-            "run", "--name", name, "--mem", "256M", "--vcpus", &n, "--kernel", k, "--initrd", i, "--detach",
+            "run", "--name", name, "--mem", mem, "--vcpus", &n, "--kernel", k, "--initrd", i, "--detach",
         ]);
         self.wait_ticks(name, 0, 2, BOOT_TIMEOUT);
         let took = t.elapsed();
@@ -141,6 +152,29 @@ fn an_elf_vmlinux_boots_like_the_bzimage() {
     let rt = Runtime::new("linux-elf");
     rt.boot("p", &vmlinux, &initrd, 1);
     assert!(rt.console("p").contains("Linux version"), "no kernel banner");
+    rt.ok(&["stop", "p"]);
+}
+
+#[test]
+fn a_linux_guest_of_5_gib_gets_its_ram_above_the_hole_and_forks() {
+    let test = "a_linux_guest_of_5_gib_gets_its_ram_above_the_hole_and_forks";
+    let Some((kernel, initrd)) = guest_or_skip(test) else { return };
+    let Some(_lock) = kvm_available(test) else { return };
+    let rt = Runtime::new("linux-5g");
+    rt.boot_with_mem("p", &kernel, &initrd, 1, "5G");
+    // 3 GiB below the hole, the other 2 GiB from 4 GiB on, as the kernel read its e820 map.
+    let above = "[mem 0x0000000100000000-0x000000017fffffff] usable";
+    let log = rt.console("p");
+    assert!(
+        log.lines().any(|l| l.contains("BIOS-e820") && l.contains(above)),
+        "the guest's e820 map lacks {above}:\n{}",
+        log.lines().filter(|l| l.contains("e820")).collect::<Vec<_>>().join("\n")
+    );
+    let before = *rt.ticks("p").keys().last().unwrap();
+    rt.ok(&["fork", "p", "--strategy", "cow", "--name", "c"]);
+    let child = rt.wait_ticks("c", before, 2, Duration::from_secs(120));
+    assert!(child.keys().next().is_some_and(|&k| k > before), "the child did not continue the guest");
+    rt.ok(&["stop", "c"]);
     rt.ok(&["stop", "p"]);
 }
 

@@ -26,7 +26,7 @@ use super::fork::guest_anon_bytes;
 use super::{BenchError, BenchOptions, Record};
 use crate::api::{self, Request};
 use crate::fork::Child;
-use crate::memory::{GuestMemory, MemoryOptions, Strategy, reflink};
+use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
     DEFAULT_CMDLINE, LinuxBoot, LinuxMachine, MAX_MEM, host_can_boot_linux, reference_guest_files,
 };
@@ -68,10 +68,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     };
     for &size in &sizes {
         if size > MAX_MEM {
-            let why = format!(
-                "a Linux guest has at most {} here (RAM above the 3 GiB hole is not laid out for Linux yet)",
-                super::human_bytes(MAX_MEM as u64)
-            );
+            let why = format!("a Linux guest has at most {} here", super::human_bytes(MAX_MEM as u64));
             eprintln!("linux suite at {}: {why}", super::human_bytes(size as u64));
             skip(out, size, "all", &why);
             continue;
@@ -94,7 +91,7 @@ fn at_size(
     let sz = size as u64;
     eprintln!("linux suite: booting {} with {}", kernel.display(), super::human_bytes(sz));
     let shmem_before = meminfo("Shmem");
-    let memory = Arc::new(GuestMemory::with_size(size, &MemoryOptions::default()).map_err(err)?);
+    let memory = Arc::new(crate::vmm::guest::memory(size, &MemoryOptions::default()).map_err(err)?);
     let config = VmConfig { linux: Some(LinuxMachine::default()), ..Default::default() };
     let boot =
         LinuxBoot { kernel: kernel.clone(), initrd: Some(initrd.clone()), cmdline: DEFAULT_CMDLINE.into() };

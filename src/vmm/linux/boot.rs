@@ -56,9 +56,11 @@ fn vm_memory_view(mem: &GuestMemory) -> Result<GuestMemoryMmap, BootError> {
 /// Loads kernel, initrd, command line, zero page, page tables and GDT into `mem`.
 pub fn load(mem: &GuestMemory, boot: &LinuxBoot) -> Result<Loaded, BootError> {
     let size = mem.size();
-    if !(MIN_MEM..=MAX_MEM).contains(&size) || mem.regions().first().map(|r| r.guest_addr()) != Some(0) {
-        return Err(BootError::MemorySize(size));
-    }
+    // RAM below the 3 GiB hole: the kernel, initrd and boot data all go there.
+    let low_end = match mem.regions().first() {
+        Some(r) if r.guest_addr() == 0 && (MIN_MEM..=MAX_MEM).contains(&size) => r.size() as u64,
+        _ => return Err(BootError::MemorySize(size)),
+    };
     let read_err = |path: &std::path::Path| {
         let path = path.to_path_buf();
         move |source| BootError::Read { path, source }
@@ -104,7 +106,7 @@ pub fn load(mem: &GuestMemory, boot: &LinuxBoot) -> Result<Loaded, BootError> {
         let data = std::fs::read(path).map_err(read_err(path))?;
         let max_addr =
             if params.hdr.initrd_addr_max != 0 { params.hdr.initrd_addr_max as u64 } else { 0x37ff_ffff };
-        let top = (size as u64).min(max_addr + 1);
+        let top = low_end.min(max_addr + 1);
         let at = top.checked_sub(data.len() as u64).map(|a| a & !0xfff);
         match at {
             Some(at) if at >= kernel_end => {
@@ -116,11 +118,17 @@ pub fn load(mem: &GuestMemory, boot: &LinuxBoot) -> Result<Loaded, BootError> {
         }
     }
 
-    let e820 = [
+    // Low RAM, the legacy area (ACPI tables, the generation id page), RAM up to the hole,
+    // and every region above it.
+    let mut e820 = vec![
         (0, LOW_RAM_END, E820_RAM),
         (LOW_RAM_END, KERNEL_GPA - LOW_RAM_END, E820_RESERVED),
-        (KERNEL_GPA, size as u64 - KERNEL_GPA, E820_RAM),
+        (KERNEL_GPA, low_end - KERNEL_GPA, E820_RAM),
     ];
+    e820.extend(mem.regions().iter().skip(1).map(|r| (r.guest_addr(), r.size() as u64, E820_RAM)));
+    if e820.len() > params.e820_table.len() {
+        return Err(BootError::MemorySize(size));
+    }
     for (i, &(addr, len, type_)) in e820.iter().enumerate() {
         params.e820_table[i] = boot_e820_entry { addr, size: len, r#type: type_ };
     }
@@ -218,6 +226,58 @@ pub const BOOT_MSRS: &[(u32, u64)] = &[(0x1a0, 1), (0x2ff, (1 << 11) | 6)];
 mod tests {
     use super::*;
     use crate::memory::MemoryOptions;
+
+    /// A bzImage with a valid setup header and a page of payload: enough to load.
+    fn tiny_bzimage(path: &std::path::Path) {
+        let setup_sects = 4u8;
+        let hdr = setup_header {
+            setup_sects,
+            boot_flag: 0xaa55,
+            header: 0x5372_6448,
+            version: 0x020f,
+            loadflags: 1,
+            code32_start: 0x10_0000,
+            initrd_addr_max: 0x7fff_ffff,
+            kernel_alignment: 0x20_0000,
+            cmdline_size: 2048,
+            ..Default::default()
+        };
+        let mut image = vec![0u8; (setup_sects as usize + 1) * 512 + 4096];
+        image[0x1f1..0x1f1 + std::mem::size_of::<setup_header>()].copy_from_slice(hdr.as_slice());
+        std::fs::write(path, image).unwrap();
+    }
+
+    #[test]
+    fn ram_above_the_hole_is_in_the_e820_map_and_the_initrd_stays_below_it() {
+        let mem = crate::vmm::guest::memory(5 << 30, &MemoryOptions::default()).unwrap();
+        let dir = std::env::temp_dir().join(format!("vmfork-e820-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kernel, initrd) = (dir.join("bzImage"), dir.join("initrd"));
+        tiny_bzimage(&kernel);
+        std::fs::write(&initrd, vec![7u8; 1 << 20]).unwrap();
+        let boot = LinuxBoot { kernel, initrd: Some(initrd), cmdline: "console=ttyS0".into() };
+        let loaded = load(&mem, &boot);
+        std::fs::remove_dir_all(&dir).unwrap();
+        loaded.unwrap();
+        let mut params = boot_params::default();
+        mem.read(ZERO_PAGE_GPA, params.as_mut_slice()).unwrap();
+        let e820: Vec<(u64, u64, u32)> = params.e820_table[..params.e820_entries as usize]
+            .iter()
+            .map(|e| (e.addr, e.size, e.r#type))
+            .collect();
+        assert_eq!(
+            e820,
+            vec![
+                (0, LOW_RAM_END, E820_RAM),
+                (LOW_RAM_END, KERNEL_GPA - LOW_RAM_END, E820_RESERVED),
+                (KERNEL_GPA, (3 << 30) - KERNEL_GPA, E820_RAM),
+                (4 << 30, 2 << 30, E820_RAM),
+            ]
+        );
+        let (at, len) = (params.hdr.ramdisk_image as u64, params.hdr.ramdisk_size as u64);
+        assert_eq!(len, 1 << 20);
+        assert!(at + len <= 3 << 30, "initrd at {at:#x} crosses into the hole");
+    }
 
     #[test]
     fn rejects_a_file_that_is_no_kernel() {

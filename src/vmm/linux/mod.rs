@@ -16,9 +16,9 @@
 //! | `0xe0000` [`RSDP_GPA`] | ACPI RSDP, then XSDT, FADT, MADT, DSDT (reserved) |
 //! | `0x100000` [`KERNEL_GPA`] | the kernel; the initrd goes as high as the kernel allows |
 //!
-//! RAM is `[0, 0x9f000)` and `[1 MiB, size)`; the size is limited to the same 3 GiB as
-//! the built-in guest (the MMIO port window of the built-in guest starts at 3.25 GiB;
-//! IOAPIC and LAPIC sit at `0xfec00000` and `0xfee00000`).
+//! RAM is `[0, 0x9f000)`, `[1 MiB, min(size, 3 GiB))`, and the rest of `size` from
+//! 4 GiB up (`guest::ram_layout`, as for the built-in guest): the 3–4 GiB hole holds the
+//! IOAPIC (`0xfec00000`) and LAPIC (`0xfee00000`). The initrd stays below the hole.
 
 pub mod acpi;
 pub mod boot;
@@ -47,9 +47,9 @@ pub const SERIAL_GSI: u32 = 4;
 /// The Generic Event Device's interrupt: raising it makes Linux run the GED's `_EVT`,
 /// which notifies the VMGenID device (0x80), so the vmgenid driver rereads the id.
 pub const GED_GSI: u32 = 5;
-/// Most guest memory: RAM below the 3 GiB hole (the e820 map does not describe RAM
-/// above it yet).
-pub const MAX_MEM: usize = 3 << 30;
+/// Most guest memory (as for the built-in guest, laid out by `guest::ram_layout`: RAM
+/// up to the 3 GiB hole, the rest from 4 GiB on).
+pub const MAX_MEM: usize = crate::vmm::guest::MAX_MEM;
 /// Least guest memory worth trying.
 pub const MIN_MEM: usize = 64 << 20;
 
