@@ -2,7 +2,8 @@
 //! of touching a child's pages afterwards, and uffd fault service.
 //!
 //! Sizes: 64 MiB, 256 MiB and 1 GiB; set `VMFORK_BENCH_SIZES=64M,4G` for others and
-//! `VMFORK_BENCH_HUGE=1` for transparent huge pages. Strategies the kernel lacks
+//! `VMFORK_BENCH_HUGE=1` for transparent huge pages. The per-page benches touch a clone
+//! of 64 MiB, or `VMFORK_BENCH_TOUCH_SIZE`. Strategies the kernel lacks
 //! (reflink on stock kernels) are left out with a printed reason.
 
 use std::hint::black_box;
@@ -81,8 +82,16 @@ fn clone_latency(c: &mut Criterion) {
     }
 }
 
+/// Size of the clones whose pages `first_touch` and `uffd_fault_service` touch:
+/// `VMFORK_BENCH_TOUCH_SIZE`, else 64 MiB.
+fn touch_size() -> usize {
+    std::env::var("VMFORK_BENCH_TOUCH_SIZE").map_or(64 << 20, |s| {
+        vmfork::units::parse_size(&s).unwrap_or_else(|e| panic!("VMFORK_BENCH_TOUCH_SIZE: {e}"))
+    })
+}
+
 fn first_touch(c: &mut Criterion) {
-    let size = 64 << 20;
+    let size = touch_size();
     let pages = (size / PAGE_SIZE) as u32;
     for (name, write) in [("first_read_per_page", false), ("first_write_per_page", true)] {
         let mut g = c.benchmark_group(name);
@@ -108,7 +117,7 @@ fn first_touch(c: &mut Criterion) {
 fn uffd_fault_service(c: &mut Criterion) {
     let mut g = c.benchmark_group("uffd_fault_service");
     g.sample_size(10).warm_up_time(Duration::from_millis(100));
-    let src = populated(64 << 20);
+    let src = populated(touch_size());
     g.bench_function("per_fault", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;

@@ -74,7 +74,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             continue;
         }
         // A guest that does not boot fails this size, not the whole report.
-        if let Err(e) = at_size(size, &files, out) {
+        if let Err(e) = at_size(size, opts.huge_pages, &files, out) {
             eprintln!("linux suite at {}: FAILED: {e}", super::human_bytes(size as u64));
             skip(out, size, "all", &format!("FAILED: {e}"));
         }
@@ -82,16 +82,18 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     Ok(())
 }
 
-/// Boots one parent of `size` and measures every strategy on it.
+/// Boots one parent of `size` (with transparent huge pages if asked) and measures every
+/// strategy on it.
 fn at_size(
     size: usize,
+    huge_pages: bool,
     (kernel, initrd): &(PathBuf, PathBuf),
     out: &mut Vec<Record>,
 ) -> Result<(), BenchError> {
     let sz = size as u64;
     eprintln!("linux suite: booting {} with {}", kernel.display(), super::human_bytes(sz));
     let shmem_before = meminfo("Shmem");
-    let memory = Arc::new(crate::vmm::guest::memory(size, &MemoryOptions::default()).map_err(err)?);
+    let memory = Arc::new(crate::vmm::guest::memory(size, &MemoryOptions { huge_pages }).map_err(err)?);
     let config = VmConfig { linux: Some(LinuxMachine::default()), ..Default::default() };
     let boot =
         LinuxBoot { kernel: kernel.clone(), initrd: Some(initrd.clone()), cmdline: DEFAULT_CMDLINE.into() };
