@@ -80,7 +80,7 @@ fn one_strategy(
         }
     }
     let pages = size / PAGE_SIZE;
-    let baseline = system_bytes();
+    let baseline = settled_meminfo("Shmem") + meminfo("AnonPages");
     let source = populated(size, opts)?;
 
     // First clone, then read every page of that child.
@@ -239,6 +239,24 @@ pub(super) fn meminfo(field: &str) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// `meminfo(field)` once it has stopped falling: memory an earlier scenario freed may
+/// still be on its way back (a reflink base is released after its last clone, a child
+/// process's memfds after it exits), and a baseline taken meanwhile makes the next
+/// measurement read too low. Waits at most 10 s.
+pub(super) fn settled_meminfo(field: &str) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = meminfo(field);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = meminfo(field);
+        // Settled: it fell by less than 1 MiB in 200 ms.
+        if now + (1 << 20) > last || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 fn mem_available() -> u64 {

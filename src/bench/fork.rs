@@ -229,7 +229,7 @@ fn child_workload(
 /// reflink base is shmem, mapped or not) plus the anonymous copy-on-write pages in each
 /// VM's guest mappings.
 fn fan_out(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<f64, BenchError> {
-    let shmem_before = super::meminfo("Shmem");
+    let shmem_before = super::clone::settled_meminfo("Shmem");
     let vm = populated_vm(size, huge, Workload::Idle)?;
     let parent = vm_name("fanout", strategy, 0);
     let mut children = Vec::new();

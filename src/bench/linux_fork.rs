@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::clone::meminfo;
+use super::clone::{meminfo, settled_meminfo};
 use super::fork::guest_anon_bytes;
 use super::{BenchError, BenchOptions, Record};
 use crate::api::{self, Request};
@@ -92,7 +92,7 @@ fn at_size(
 ) -> Result<(), BenchError> {
     let sz = size as u64;
     eprintln!("linux suite: booting {} with {}", kernel.display(), super::human_bytes(sz));
-    let shmem_before = meminfo("Shmem");
+    let shmem_before = settled_meminfo("Shmem");
     let memory = Arc::new(crate::vmm::guest::memory(size, &MemoryOptions { huge_pages }).map_err(err)?);
     let config = VmConfig { linux: Some(LinuxMachine::default()), ..Default::default() };
     let boot =
