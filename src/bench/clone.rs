@@ -279,11 +279,8 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             })
             .and_then(|r| r.value)
     };
-    let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == SUITE).map(|r| r.size_bytes).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
     let mut out = Vec::new();
-    for size in sizes {
+    for size in super::sizes_of(records, SUITE) {
         let mut push = |name: &str, v: Option<f64>, target: &str, met: fn(f64) -> bool| {
             if let Some(v) = v.filter(|v| v.is_finite()) {
                 out.push(Ratio {

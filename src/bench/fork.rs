@@ -318,20 +318,9 @@ fn chain(size: usize, strategy: Strategy, huge: bool, depth: usize) -> Result<Ve
 /// The fork suite's targets, from one run's records.
 pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
     let value = |scenario: &str, strategy: &str, metric: &str, size: u64| {
-        records
-            .iter()
-            .find(|r| {
-                r.suite == SUITE
-                    && r.scenario == scenario
-                    && r.strategy == strategy
-                    && r.metric == metric
-                    && r.size_bytes == size
-            })
-            .and_then(|r| r.value)
+        super::find(records, SUITE, scenario, strategy, metric, size).and_then(|r| r.value)
     };
-    let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == SUITE).map(|r| r.size_bytes).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
+    let sizes = super::sizes_of(records, SUITE);
     let mut chains: Vec<String> = records
         .iter()
         .filter(|r| r.suite == SUITE && r.scenario.starts_with("chain"))

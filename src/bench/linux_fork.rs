@@ -215,20 +215,9 @@ fn stop_and_wait(children: &[Child]) {
 /// two parents' worth.
 pub(super) fn ratios(records: &[Record]) -> Vec<super::Ratio> {
     let value = |scenario: &str, strategy: &str, metric: &str, size: u64| {
-        records
-            .iter()
-            .find(|r| {
-                r.suite == SUITE
-                    && r.scenario == scenario
-                    && r.strategy == strategy
-                    && r.metric == metric
-                    && r.size_bytes == size
-            })
-            .and_then(|r| r.value)
+        super::find(records, SUITE, scenario, strategy, metric, size).and_then(|r| r.value)
     };
-    let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == SUITE).map(|r| r.size_bytes).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
+    let sizes = super::sizes_of(records, SUITE);
     let idle = format!("idle{IDLE_FORKS}");
     let mut out = Vec::new();
     for &size in &sizes {

@@ -153,6 +153,32 @@ pub struct Ratio {
     pub met: bool,
 }
 
+/// The record of one measurement in `records`, if any.
+fn find<'a>(
+    records: &'a [Record],
+    suite: &str,
+    scenario: &str,
+    strategy: &str,
+    metric: &str,
+    size: u64,
+) -> Option<&'a Record> {
+    records.iter().find(|r| {
+        r.suite == suite
+            && r.scenario == scenario
+            && r.strategy == strategy
+            && r.metric == metric
+            && r.size_bytes == size
+    })
+}
+
+/// The sizes `suite` has records for, smallest first.
+fn sizes_of(records: &[Record], suite: &str) -> Vec<u64> {
+    let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == suite).map(|r| r.size_bytes).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
+}
+
 /// Runs the suites and prints a table; writes JSON when asked.
 pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let run = RunInfo::collect(opts);
@@ -276,16 +302,8 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
         let label = if scenario == metric { metric.to_string() } else { format!("{scenario}/{metric}") };
         write!(out, "{suite:<8} {label:<26} {:>9}", human_bytes(size))?;
         for s in &strategies {
-            let cell = records
-                .iter()
-                .find(|r| {
-                    r.suite == suite
-                        && r.scenario == scenario
-                        && r.metric == metric
-                        && r.size_bytes == size
-                        && r.strategy == *s
-                })
-                .map_or(String::new(), |r| match r.value {
+            let cell =
+                find(records, suite, scenario, s, metric, size).map_or(String::new(), |r| match r.value {
                     Some(v) => human_value(v, &r.unit),
                     None => "skipped".into(),
                 });
