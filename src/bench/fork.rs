@@ -235,6 +235,10 @@ fn fan_out(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<f64,
     let mut children = Vec::new();
     let mut total = Ok(0.0);
     for i in 1..=n {
+        if let Err(e) = room_for_fork(size, strategy, i - 1) {
+            total = Err(e);
+            break;
+        }
         match crate::fork::fork(&vm, &parent, false, &vm_name("fanout", strategy, i), strategy) {
             Ok(c) => children.push(c),
             Err(e) => {
@@ -274,12 +278,36 @@ pub(super) fn guest_anon_bytes(pid: &str) -> u64 {
     bytes
 }
 
+/// Whether the machine has room for one more child of `size` after `made` of them: a
+/// `copy` child holds all of its memory at once, and so does a `uffd` child once it is
+/// forked again (which first fetches everything). Running out would have the kernel's
+/// OOM killer end a VM halfway through the scenario (as it did in an 8 GiB testbed).
+fn room_for_fork(size: usize, strategy: Strategy, made: usize) -> Result<(), BenchError> {
+    let needs = match strategy {
+        Strategy::Copy | Strategy::Uffd => size as u64,
+        _ => 0,
+    } + (256 << 20);
+    let available = super::clone::meminfo("MemAvailable");
+    if available < needs {
+        return Err(err(format!(
+            "stopped after {made} forks: {} of memory left, the next needs about {}",
+            human_bytes(available),
+            human_bytes(needs)
+        )));
+    }
+    Ok(())
+}
+
 /// Forks a chain `depth` deep: this VM, its child, the child's child, ...
 fn chain(size: usize, strategy: Strategy, huge: bool, depth: usize) -> Result<Vec<Child>, BenchError> {
     let vm = populated_vm(size, huge, Workload::Idle)?;
     let mut links: Vec<Child> = Vec::new();
     let mut result = Ok(());
     for i in 1..=depth {
+        if let Err(e) = room_for_fork(size, strategy, i - 1) {
+            result = Err(e);
+            break;
+        }
         let name = vm_name("chain", strategy, i);
         let link = match links.last() {
             None => {
