@@ -188,14 +188,21 @@ fn latency_chart(path: &Path, clone: &Series, pause: &Series) -> Result<(), Benc
             chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled()))).map_err(err)?;
         }
     }
+    legend(&mut chart)?;
+    root.present().map_err(err)
+}
+
+/// Every chart's legend: on the right, boxed, over a faded background.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), BenchError> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::MiddleRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+        .map_err(err)
 }
 
 /// Grouped bars: one group per label, one bar per strategy of [`ORDER`] with a value.
@@ -248,13 +255,7 @@ fn bar_chart(
                 Text::new(label.to_string(), ((g as f64 + 0.5) * width, $top), style)
             });
             chart.draw_series(names).map_err(err)?;
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::MiddleRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
+            legend(&mut chart)?;
         }};
     }
     if log {
