@@ -287,7 +287,7 @@ fn room_for_fork(size: usize, strategy: Strategy, made: usize) -> Result<(), Ben
         Strategy::Copy | Strategy::Uffd => size as u64,
         _ => 0,
     } + (256 << 20);
-    let available = super::clone::meminfo("MemAvailable");
+    let available = super::meminfo("MemAvailable");
     if available < needs {
         return Err(err(format!(
             "stopped after {made} forks: {} of memory left, the next needs about {}",

@@ -217,35 +217,29 @@ pub(super) fn ratios(records: &[Record]) -> Vec<super::Ratio> {
     let value = |scenario: &str, strategy: &str, metric: &str, size: u64| {
         super::find(records, SUITE, scenario, strategy, metric, size).and_then(|r| r.value)
     };
-    let sizes = super::sizes_of(records, SUITE);
     let idle = format!("idle{IDLE_FORKS}");
     let mut out = Vec::new();
-    for &size in &sizes {
+    for size in super::sizes_of(records, SUITE) {
+        let mut push = |name: String, value: Option<f64>, target: &str, met: fn(f64) -> bool| {
+            if let Some(value) = value {
+                out.push(super::Ratio {
+                    name,
+                    size_bytes: size,
+                    value,
+                    target: target.into(),
+                    met: met(value),
+                });
+            }
+        };
         let pause = |s: &str| value("fork_parent_pause_ns", s, "fork_parent_pause_ns", size);
         let parent = value("idle", "native", "parent_bytes", size);
         for s in STRATEGIES.map(Strategy::name) {
             if s != "copy" {
-                if let Some(v) = pause("copy").zip(pause(s)).map(|(c, x)| c / x) {
-                    let name = format!("linux copy/{s} fork_parent_pause_ns");
-                    out.push(super::Ratio {
-                        name,
-                        size_bytes: size,
-                        value: v,
-                        target: ">= 1".into(),
-                        met: v >= 1.0,
-                    });
-                }
+                let v = pause("copy").zip(pause(s)).map(|(c, x)| c / x);
+                push(format!("linux copy/{s} fork_parent_pause_ns"), v, ">= 1", |v| v >= 1.0);
             }
-            if let Some(v) = value(&idle, s, "total_bytes", size).zip(parent).map(|(t, p)| t / p) {
-                let name = format!("linux {s} {idle}/parent memory");
-                out.push(super::Ratio {
-                    name,
-                    size_bytes: size,
-                    value: v,
-                    target: "<= 2".into(),
-                    met: v <= 2.0,
-                });
-            }
+            let v = value(&idle, s, "total_bytes", size).zip(parent).map(|(t, p)| t / p);
+            push(format!("linux {s} {idle}/parent memory"), v, "<= 2", |v| v <= 2.0);
         }
     }
     out
