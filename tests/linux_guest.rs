@@ -27,6 +27,12 @@ const RESEED: &str = "crng reseeded due to virtual machine fork";
 /// Boot to the ready marker; generous, for nested KVM under QEMU TCG.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// The last `n` lines of `log`, for a failure message.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Kernel and initrd, or why the test cannot run.
 fn guest() -> Result<(PathBuf, PathBuf), String> {
     vmfork::vmm::linux::host_can_boot_linux()?;
@@ -74,11 +80,9 @@ impl Runtime {
                 return ticks;
             }
             if t.elapsed() > timeout {
-                let log = self.console(name);
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 panic!(
                     "{name}: fewer than {n} ticks after tick {after} within {timeout:?}; console tail:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    tail(&self.console(name), 40)
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -188,15 +192,14 @@ fn a_guest_reboot_with_reboot_k_ends_the_vm_cleanly() {
     // The reference /init runs `reboot -f` after this tick; `reboot=k` (in the default
     // command line) makes the kernel reset through the i8042, which ends the VM.
     let cmdline = format!("{} vmfork.reboot_after=2", vmfork::vmm::linux::DEFAULT_CMDLINE);
-    let bin = std::env::var_os("VMFORK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vmfork").into());
-    let mut run = std::process::Command::new(bin)
+    let mut run = rt
+        .command()
         .args(["run", "--name", "r", "--mem", "256M", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
         .args(["--cmdline", &cmdline, "--console"])
         .arg(&console)
-        .env("XDG_RUNTIME_DIR", &rt.dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -209,11 +212,7 @@ fn a_guest_reboot_with_reboot_k_ends_the_vm_cleanly() {
         if t.elapsed() > BOOT_TIMEOUT {
             let _ = run.kill();
             let log = std::fs::read_to_string(&console).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            panic!(
-                "{test}: the VM did not end within {BOOT_TIMEOUT:?}; console tail:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            panic!("{test}: the VM did not end within {BOOT_TIMEOUT:?}; console tail:\n{}", tail(&log, 30));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -250,16 +249,11 @@ fn fork_with(strategy: &str, vcpus: u32) {
     let fork = rt.vmfork(&["fork", "p", "--strategy", strategy, "--name", "c", "--json"]);
     if !fork.status.success() {
         // The parent's and child's logs say what broke (a parent that died answers nothing).
-        let tail = |name: &str| {
-            let log = rt.console(name);
-            let lines: Vec<&str> = log.lines().rev().take(25).collect();
-            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-        };
         panic!(
             "{test}: vmfork fork failed: {}\nparent log tail:\n{}\nchild log tail:\n{}",
             String::from_utf8_lossy(&fork.stderr),
-            tail("p"),
-            tail("c")
+            tail(&rt.console("p"), 25),
+            tail(&rt.console("c"), 25)
         );
     }
     let out: serde_json::Value = serde_json::from_slice(&fork.stdout).unwrap();
@@ -288,11 +282,9 @@ fn fork_with(strategy: &str, vcpus: u32) {
     let t = Instant::now();
     while !rt.console("c").contains(RESEED) {
         if t.elapsed() > Duration::from_secs(30) {
-            let log = rt.console("c");
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
             panic!(
                 "the child's kernel did not report a VM-fork reseed within 30 s; child console tail:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                tail(&rt.console("c"), 30)
             );
         }
         std::thread::sleep(Duration::from_millis(200));

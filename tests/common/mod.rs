@@ -36,8 +36,15 @@ impl Runtime {
     /// Runs `vmfork ARGS` against this runtime directory (the binary is `$VMFORK_BIN`
     /// where set, as in the testbed, where the build's path does not exist).
     pub fn vmfork(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// A `vmfork` command against this runtime directory, for a test that runs it itself.
+    pub fn command(&self) -> Command {
         let bin = std::env::var_os("VMFORK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vmfork").into());
-        Command::new(bin).args(args).env("XDG_RUNTIME_DIR", &self.dir).output().unwrap()
+        let mut cmd = Command::new(bin);
+        cmd.env("XDG_RUNTIME_DIR", &self.dir);
+        cmd
     }
 
     /// Runs `vmfork ARGS`, which must succeed; returns its stdout.
