@@ -20,7 +20,7 @@ struct Cli {
 enum Command {
     /// Compare the clone strategies side by side and print a table (and JSON).
     Bench {
-        /// Small sizes only (64M, 256M): a few seconds.
+        /// A smoke run: each suite's smallest size (64M; 256M for Linux), fewer forks.
         #[arg(long)]
         quick: bool,
         /// Write every measurement as JSON records to FILE.
@@ -32,7 +32,7 @@ enum Command {
         /// Ask for transparent huge pages (MADV_HUGEPAGE) on guest memory.
         #[arg(long)]
         huge_pages: bool,
-        /// Run only these suites (repeatable): clone, vm, fork. Default: all.
+        /// Run only these suites (repeatable): clone, vm, fork, linux. Default: all.
         #[arg(long = "suite", value_enum)]
         suites: Vec<vmfork::bench::Suite>,
     },

@@ -25,7 +25,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     let sizes = if !opts.sizes.is_empty() {
         opts.sizes.clone()
     } else if opts.quick {
-        vec![64 << 20, 256 << 20]
+        vec![64 << 20]
     } else {
         vec![64 << 20, 256 << 20, 1 << 30]
     };

@@ -36,6 +36,8 @@ const SUITE: &str = "fork";
 pub const FORKS: usize = 5;
 /// Guest memory of the fan-out and chain VMs.
 const SMALL: usize = 256 << 20;
+/// `--quick`'s only size (fan-out and chain included): a smoke run.
+const QUICK: usize = 64 << 20;
 /// Every strategy, in table order.
 const STRATEGIES: [Strategy; 5] =
     [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
@@ -46,7 +48,7 @@ fn err(e: impl std::fmt::Display) -> BenchError {
 
 pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
     let sizes = match (&opts.sizes[..], opts.quick) {
-        ([], true) => vec![SMALL],
+        ([], true) => vec![QUICK],
         ([], false) => vec![SMALL, 1 << 30, 4 << 30],
         (sizes, _) => sizes.to_vec(),
     };

@@ -65,7 +65,8 @@ impl Record {
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
-    /// Small sizes only (64 MiB and 256 MiB), for CI and a first look.
+    /// A smoke run, for CI and a first look: the smallest size of each suite (64 MiB;
+    /// 256 MiB for a Linux guest), fewer forks.
     pub quick: bool,
     /// Sizes in bytes; empty means the default for `quick`.
     pub sizes: Vec<usize>,
@@ -179,6 +180,8 @@ fn sizes_of(records: &[Record], suite: &str) -> Vec<u64> {
     sizes
 }
 
+type SuiteFn = fn(&BenchOptions, &mut Vec<Record>) -> Result<(), BenchError>;
+
 /// Runs the suites and prints a table; writes JSON when asked.
 pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let run = RunInfo::collect(opts);
@@ -190,17 +193,21 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         if opts.huge_pages { "requested" } else { "not requested" }
     );
     let mut records = Vec::new();
-    if opts.runs(Suite::Clone) {
-        clone::run(opts, &mut records)?;
-    }
-    if opts.runs(Suite::Vm) {
-        vm::run(&mut records)?;
-    }
-    if opts.runs(Suite::Fork) {
-        fork::run(opts, &mut records)?;
-    }
-    if opts.runs(Suite::Linux) {
-        linux_fork::run(opts, &mut records)?;
+    // Each suite says how long it took: under TCG a suite can run for many minutes, and
+    // whoever trims a run needs to know which.
+    let suites: [(Suite, SuiteFn); 4] = [
+        (Suite::Clone, clone::run),
+        (Suite::Vm, |_, out| vm::run(out)),
+        (Suite::Fork, fork::run),
+        (Suite::Linux, linux_fork::run),
+    ];
+    for (suite, run_suite) in suites {
+        if opts.runs(suite) {
+            let t0 = std::time::Instant::now();
+            run_suite(opts, &mut records)?;
+            let name = format!("{suite:?}").to_lowercase();
+            eprintln!("{name} suite done in {:.1} s", t0.elapsed().as_secs_f64());
+        }
     }
     let mut ratios = clone::ratios(&records);
     ratios.extend(fork::ratios(&records));
