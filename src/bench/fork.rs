@@ -2,8 +2,9 @@
 //! strategy and guest size, as `vmfork fork` does it.
 //!
 //! * `fork_parent_pause_ns`: the parent's vCPUs stopped, from the pause to the resume
-//!   (state capture and the memory clone happen in between); median of [`FORKS`] forks
-//!   of one parent running the `count` workload, whose every page was written first;
+//!   (state capture and the memory clone happen in between); median of several forks
+//!   ([`Plan`]) of one parent running the `count` workload, whose every page was
+//!   written first;
 //! * `fork_to_child_running_ns`: from the fork request to the child guest's first report;
 //! * `child_workload_ns` (scenarios `touch10pct`, `touch100pct`): a forked child's guest
 //!   touches (increments a word of) every page of 10% / 100% of its memory; from the
@@ -32,8 +33,26 @@ use crate::memory::{MemoryOptions, PAGE_SIZE, Strategy, reflink};
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
 const SUITE: &str = "fork";
-/// Forks per pause/running measurement.
-pub const FORKS: usize = 5;
+/// How much one run measures.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Forks per pause/running measurement.
+    pub forks: usize,
+    /// The child workloads timed: (scenario, percent of memory touched).
+    pub workloads: &'static [(&'static str, usize)],
+    /// Idle children of the fan-out.
+    pub fanout: usize,
+    /// Depth of the chain.
+    pub chain: usize,
+}
+
+impl Plan {
+    pub const FULL: Plan =
+        Plan { forks: 5, workloads: &[("touch10pct", 10), ("touch100pct", 100)], fanout: 16, chain: 32 };
+    /// `--quick`: a smoke run, each scenario once, small (under TCG every VM process
+    /// takes about a second to start).
+    pub const QUICK: Plan = Plan { forks: 3, workloads: &[("touch100pct", 100)], fanout: 2, chain: 3 };
+}
 /// Guest memory of the fan-out and chain VMs.
 const SMALL: usize = 256 << 20;
 /// `--quick`'s only size (fan-out and chain included): a smoke run.
@@ -52,7 +71,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         ([], false) => vec![SMALL, 1 << 30, 4 << 30],
         (sizes, _) => sizes.to_vec(),
     };
-    let (fanout, chain_depth) = if opts.quick { (4, 4) } else { (16, 32) };
+    let plan = if opts.quick { Plan::QUICK } else { Plan::FULL };
     let skip_all = |out: &mut Vec<Record>, why: &str| {
         for &size in &sizes {
             out.push(Record::skipped(SUITE, "fork", "all", size as u64, "fork_parent_pause_ns", why));
@@ -78,7 +97,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                     continue;
                 }
             }
-            match forks(size, strategy, huge) {
+            match forks(size, strategy, huge, plan.forks) {
                 Ok((pause, running)) => {
                     let m = "fork_parent_pause_ns";
                     out.push(Record::value(SUITE, m, name, sz, m, pause, "ns"));
@@ -87,7 +106,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                 }
                 Err(e) => skip(out, "fork", "fork_parent_pause_ns", &e.0),
             }
-            for (scenario, percent) in [("touch10pct", 10), ("touch100pct", 100)] {
+            for &(scenario, percent) in plan.workloads {
                 match child_workload(size, strategy, huge, percent) {
                     Ok((native, child)) => {
                         let m = "child_workload_ns";
@@ -102,15 +121,15 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             if size != sizes[0] {
                 continue; // fan-out and chains at the smallest size only
             }
-            let scenario = format!("fanout{fanout}");
-            match fan_out(size, strategy, huge, fanout) {
+            let scenario = format!("fanout{}", plan.fanout);
+            match fan_out(size, strategy, huge, plan.fanout) {
                 Ok(bytes) => {
                     out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, "bytes"))
                 }
                 Err(e) => skip(out, &scenario, "total_bytes", &e.0),
             }
-            let scenario = format!("chain{chain_depth}");
-            match chain(size, strategy, huge, chain_depth) {
+            let scenario = format!("chain{}", plan.chain);
+            match chain(size, strategy, huge, plan.chain) {
                 Ok(links) => {
                     let (first, last) = (&links[0], &links[links.len() - 1]);
                     let running = |c: &Child| c.timings.child_first_report_ns.unwrap_or_default() as f64;
@@ -162,13 +181,13 @@ fn stop_all(children: &[Child]) {
     }
 }
 
-/// Medians of (parent pause, fork to child running) over [`FORKS`] forks.
-fn forks(size: usize, strategy: Strategy, huge: bool) -> Result<(f64, f64), BenchError> {
+/// Medians of (parent pause, fork to child running) over `n` forks.
+fn forks(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<(f64, f64), BenchError> {
     let vm = populated_vm(size, huge, Workload::default())?;
     let parent = vm_name("parent", strategy, 0);
     let (mut pauses, mut running) = (Vec::new(), Vec::new());
     let mut result = Ok(());
-    for i in 0..FORKS {
+    for i in 0..n {
         let child = match crate::fork::fork(&vm, &parent, false, &vm_name("fork", strategy, i), strategy) {
             Ok(c) => c,
             Err(e) => {
