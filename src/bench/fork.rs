@@ -87,6 +87,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         let sz = size as u64;
         for strategy in STRATEGIES {
             let name = strategy.name();
+            eprintln!("  {name}");
             let skip = |out: &mut Vec<Record>, scenario: &str, metric: &str, why: &str| {
                 eprintln!("  {strategy} {scenario}: {why}");
                 out.push(Record::skipped(SUITE, scenario, name, sz, metric, why));
@@ -174,10 +175,19 @@ fn vm_name(what: &str, strategy: Strategy, i: usize) -> String {
     format!("bench-{}-{what}-{}-{i}", std::process::id(), strategy.name())
 }
 
-/// Stops the named children (best effort: a child that already died is gone anyway).
-fn stop_all(children: &[Child]) {
+/// Stops `children` (best effort: a child that already died is gone anyway) and waits,
+/// a few seconds at most, until their processes are gone: the next fork must not find
+/// their memory still held (a 12 GiB testbed ran out of memory in the 4 GiB fork suite)
+/// nor the next measurement count it.
+pub(super) fn stop_all(children: &[Child]) {
     for c in children {
         let _ = api::call(&c.name, &Request::Stop);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && children.iter().any(|c| std::path::Path::new(&format!("/proc/{}", c.pid)).exists())
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -188,6 +198,10 @@ fn forks(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<(f64, 
     let (mut pauses, mut running) = (Vec::new(), Vec::new());
     let mut result = Ok(());
     for i in 0..n {
+        if let Err(e) = room_for_fork(size, strategy, i) {
+            result = Err(e);
+            break;
+        }
         let child = match crate::fork::fork(&vm, &parent, false, &vm_name("fork", strategy, i), strategy) {
             Ok(c) => c,
             Err(e) => {
@@ -231,6 +245,8 @@ fn child_workload(
     next(&parent_reports)?;
     let t = next(&parent_reports)?;
     let native = next(&parent_reports)?.duration_since(t);
+    // The child will hold a private copy of every page it touches, whatever the strategy.
+    ensure_room(pages * PAGE_SIZE as u64 + (256 << 20), "the child's pass")?;
     // The fork, in this process; the parent stays paused.
     vm.pause().map_err(err)?;
     let state = vm.capture().map_err(err)?;
@@ -308,10 +324,16 @@ fn room_for_fork(size: usize, strategy: Strategy, made: usize) -> Result<(), Ben
         Strategy::Copy | Strategy::Uffd => size as u64,
         _ => 0,
     } + (256 << 20);
+    ensure_room(needs, &format!("after {made} forks, the next"))
+}
+
+/// An error, instead of the OOM killer later, when `what` needs more than the memory
+/// the kernel says is available.
+fn ensure_room(needs: u64, what: &str) -> Result<(), BenchError> {
     let available = super::meminfo("MemAvailable");
     if available < needs {
         return Err(err(format!(
-            "stopped after {made} forks: {} of memory left, the next needs about {}",
+            "stopped: {} of memory left, {what} needs about {}",
             human_bytes(available),
             human_bytes(needs)
         )));

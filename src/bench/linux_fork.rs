@@ -23,9 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::clone::{meminfo, settled_meminfo};
-use super::fork::guest_anon_bytes;
+use super::fork::{guest_anon_bytes, stop_all};
 use super::{BenchError, BenchOptions, Record};
-use crate::api::{self, Request};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
@@ -178,7 +177,7 @@ fn at_size(
             std::thread::sleep(IDLE_TIME);
             out.push(value(&scenario, name, "total_bytes", bytes_now(&children), "bytes"));
         }
-        stop_and_wait(&children);
+        stop_all(&children);
         if let Some(why) = failed {
             eprintln!("  {name} {scenario}: {why}");
             out.push(Record::skipped(SUITE, &scenario, name, sz, "total_bytes", &why));
@@ -195,7 +194,7 @@ fn timings(vm: &Vm, parent: &str, strategy: Strategy, forks: usize) -> Result<(f
         let child =
             crate::fork::fork(vm, parent, false, &format!("{parent}-{}-{i}", strategy.name()), strategy)
                 .map_err(|e| e.to_string())?;
-        stop_and_wait(std::slice::from_ref(&child));
+        stop_all(std::slice::from_ref(&child));
         pauses.push(child.timings.parent_resumed_ns);
         consoles.push(
             child.timings.child_first_report_ns.ok_or("a child's guest printed nothing within the wait")?,
@@ -206,20 +205,6 @@ fn timings(vm: &Vm, parent: &str, strategy: Strategy, forks: usize) -> Result<(f
         v[v.len() / 2] as f64
     };
     Ok((median(pauses), median(consoles)))
-}
-
-/// Stops `children` and waits (a few seconds at most) until their processes are gone, so
-/// that the next measurement does not count their memory.
-fn stop_and_wait(children: &[Child]) {
-    for c in children {
-        let _ = api::call(&c.name, &Request::Stop);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline
-        && children.iter().any(|c| std::path::Path::new(&format!("/proc/{}", c.pid)).exists())
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Ratios of the linux suite, per size: each strategy's parent pause against copy's, and
