@@ -30,7 +30,7 @@ use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
     DEFAULT_CMDLINE, LinuxBoot, LinuxMachine, MAX_MEM, host_can_boot_linux, reference_guest_files,
 };
-use crate::vmm::{Vm, VmConfig};
+use crate::vmm::{RunState, Vm, VmConfig};
 
 const SUITE: &str = "linux";
 /// How much one size measures.
@@ -144,6 +144,17 @@ fn at_size(
     out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), "bytes"));
     for strategy in STRATEGIES {
         let name = strategy.name();
+        // A parent that died leaves nothing to fork: say why once, with its last words.
+        if let RunState::Stopped(why) = vm.state() {
+            let (lines, _) = vm.console().subscribe();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("  the parent guest stopped ({why}); its console's last lines:\n{tail}");
+            for s in STRATEGIES.iter().skip_while(|s| **s != strategy) {
+                let note = format!("the parent guest stopped before this strategy: {why}");
+                out.push(Record::skipped(SUITE, "fork", s.name(), sz, "fork_parent_pause_ns", &note));
+            }
+            break;
+        }
         if strategy == Strategy::Reflink {
             if let Err(e) = reflink::probe() {
                 out.push(Record::skipped(SUITE, "fork", name, sz, "fork_parent_pause_ns", &e.to_string()));
