@@ -13,7 +13,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Runtime, kvm_available};
+use common::{Runtime, kvm_available, tail};
 
 const WORKLOAD: &str = "touch:4:seq:20000";
 
@@ -32,8 +32,13 @@ impl Runtime {
         serde_json::from_str(&self.ok(&args)).unwrap()
     }
 
+    /// `name`'s entry in `vmfork ls`; a VM that has gone fails the test with the end of
+    /// its log, which says why it stopped.
     fn status(&self, name: &str) -> Value {
-        self.ls().into_iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("{name} not in ls"))
+        self.ls()
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in ls; the end of its log:\n{}", tail(&self.log(name), 30)))
     }
 
     /// The latest report of vCPU 0, waiting for one.
@@ -132,6 +137,7 @@ fn every_strategy_forks_a_running_vm_into_an_independent_one() {
     rt.run("p", &[]);
     let parent_genid = genid(&rt.report("p"));
     for strategy in strategies() {
+        eprintln!("forking p with {strategy}");
         let before = counter(&rt.report("p"));
         let children = rt.fork("p", strategy, &[]);
         assert_eq!(children.len(), 1);

@@ -21,17 +21,11 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Runtime, kvm_available};
+use common::{Runtime, kvm_available, tail};
 
 const RESEED: &str = "crng reseeded due to virtual machine fork";
 /// Boot to the ready marker; generous, for nested KVM under QEMU TCG.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// The last `n` lines of `log`, for a failure message.
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// Kernel and initrd, or why the test cannot run.
 fn guest() -> Result<(PathBuf, PathBuf), String> {

@@ -79,3 +79,9 @@ impl Drop for Runtime {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The last `n` lines of `log`, for a failure message.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
