@@ -194,33 +194,33 @@ pub(super) fn stop_all(children: &[Child]) {
 /// Medians of (parent pause, fork to child running) over `n` forks.
 fn forks(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<(f64, f64), BenchError> {
     let vm = populated_vm(size, huge, Workload::default())?;
-    let parent = vm_name("parent", strategy, 0);
+    let result = fork_timings(&vm, &vm_name("parent", strategy, 0), size, strategy, n);
+    vm.stop();
+    result
+}
+
+/// Medians of (parent pause, fork request to the child guest's first report or console
+/// line) over `n` forks of the running `vm` of `size` bytes, each child stopped and gone
+/// before the next fork.
+pub(super) fn fork_timings(
+    vm: &Vm,
+    parent: &str,
+    size: usize,
+    strategy: Strategy,
+    n: usize,
+) -> Result<(f64, f64), BenchError> {
     let (mut pauses, mut running) = (Vec::new(), Vec::new());
-    let mut result = Ok(());
     for i in 0..n {
-        if let Err(e) = room_for_fork(size, strategy, i) {
-            result = Err(e);
-            break;
-        }
-        let child = match crate::fork::fork(&vm, &parent, false, &vm_name("fork", strategy, i), strategy) {
-            Ok(c) => c,
-            Err(e) => {
-                result = Err(err(e));
-                break;
-            }
-        };
+        room_for_fork(size, strategy, i)?;
+        let child =
+            crate::fork::fork(vm, parent, false, &format!("{parent}-{}-fork{i}", strategy.name()), strategy)
+                .map_err(err)?;
         stop_all(std::slice::from_ref(&child));
         pauses.push(child.timings.parent_resumed_ns);
-        match child.timings.child_first_report_ns {
-            Some(ns) => running.push(ns),
-            None => {
-                result = Err(err("a child's guest did not report within the wait"));
-                break;
-            }
-        }
+        let first = child.timings.child_first_report_ns;
+        running.push(first.ok_or_else(|| err("a child's guest did not report within the wait"))?);
     }
-    vm.stop();
-    result.map(|()| (median(pauses), median(running)))
+    Ok((median(pauses), median(running)))
 }
 
 /// (native pass, child's first pass) in ns over `percent`% of the guest's memory.
@@ -287,20 +287,26 @@ fn fan_out(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<f64,
     if total.is_ok() {
         // Idle children report once and park; give the last one a moment to settle.
         std::thread::sleep(Duration::from_millis(200));
-        let anon: u64 = std::iter::once("self".to_string())
-            .chain(children.iter().map(|c| c.pid.to_string()))
-            .map(|pid| guest_anon_bytes(&pid))
-            .sum();
-        let shmem = super::meminfo("Shmem").saturating_sub(shmem_before);
-        total = Ok((shmem + anon) as f64);
+        total = Ok(held_bytes(shmem_before, &children) as f64);
     }
     stop_all(&children);
     vm.stop();
     total
 }
 
+/// Memory held by this process's VMs and `children` since the system's shmem was
+/// `shmem_before`: the growth of shmem (every guest memory file, layer and reflink base)
+/// plus the anonymous copy-on-write pages in every VM's guest mappings.
+pub(super) fn held_bytes(shmem_before: u64, children: &[Child]) -> u64 {
+    let anon: u64 = std::iter::once("self".to_string())
+        .chain(children.iter().map(|c| c.pid.to_string()))
+        .map(|pid| guest_anon_bytes(&pid))
+        .sum();
+    super::meminfo("Shmem").saturating_sub(shmem_before) + anon
+}
+
 /// Anonymous (copied-on-write) bytes in process `pid`'s mappings of vmfork memfds.
-pub(super) fn guest_anon_bytes(pid: &str) -> u64 {
+fn guest_anon_bytes(pid: &str) -> u64 {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     let mut guest = false;
     let mut bytes = 0;

@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::clone::{meminfo, settled_meminfo};
-use super::fork::{guest_anon_bytes, stop_all};
+use super::clone::settled_meminfo;
+use super::fork::{fork_timings, held_bytes, stop_all};
 use super::{BenchError, BenchOptions, Record};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, Strategy, reflink};
@@ -134,13 +134,7 @@ fn at_size(
         "ns",
     ));
     let parent = format!("bench-linux-{}-{}", std::process::id(), sz >> 20);
-    let bytes_now = |children: &[Child]| {
-        let anon: u64 = std::iter::once("self".to_string())
-            .chain(children.iter().map(|c| c.pid.to_string()))
-            .map(|pid| guest_anon_bytes(&pid))
-            .sum();
-        (meminfo("Shmem").saturating_sub(shmem_before) + anon) as f64
-    };
+    let bytes_now = |children: &[Child]| held_bytes(shmem_before, children) as f64;
     out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), "bytes"));
     for strategy in STRATEGIES {
         let name = strategy.name();
@@ -162,12 +156,12 @@ fn at_size(
             }
         }
         eprintln!("  {name}");
-        match timings(&vm, &parent, strategy, plan.forks) {
+        match fork_timings(&vm, &parent, size, strategy, plan.forks) {
             Ok((pause, console)) => {
                 out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", pause, "ns"));
                 out.push(value("fork_to_child_console_ns", name, "fork_to_child_console_ns", console, "ns"));
             }
-            Err(why) => {
+            Err(BenchError(why)) => {
                 eprintln!("  {name}: {why}");
                 out.push(Record::skipped(SUITE, "fork", name, sz, "fork_parent_pause_ns", &why));
             }
@@ -196,26 +190,6 @@ fn at_size(
     }
     vm.stop();
     Ok(())
-}
-
-/// Medians of (parent pause, fork to the child's first console line) over `forks` forks.
-fn timings(vm: &Vm, parent: &str, strategy: Strategy, forks: usize) -> Result<(f64, f64), String> {
-    let (mut pauses, mut consoles) = (Vec::new(), Vec::new());
-    for i in 0..forks {
-        let child =
-            crate::fork::fork(vm, parent, false, &format!("{parent}-{}-{i}", strategy.name()), strategy)
-                .map_err(|e| e.to_string())?;
-        stop_all(std::slice::from_ref(&child));
-        pauses.push(child.timings.parent_resumed_ns);
-        consoles.push(
-            child.timings.child_first_report_ns.ok_or("a child's guest printed nothing within the wait")?,
-        );
-    }
-    let median = |mut v: Vec<u64>| {
-        v.sort_unstable();
-        v[v.len() / 2] as f64
-    };
-    Ok((median(pauses), median(consoles)))
 }
 
 /// Ratios of the linux suite, per size: each strategy's parent pause against copy's, and
