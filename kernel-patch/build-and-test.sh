@@ -8,7 +8,7 @@
 #   --kasan        debug variant plus KASAN
 #   --pristine     do not apply the series (baseline kernel)
 #   --tests LIST   space separated guest tests (default: "selftest fsx")
-#                  known: selftest fsx fsx-thp fsx-swap cp-reflink bench
+#                  known: selftest fsx fsx-thp fsx-swap cp-reflink bench bench-sealed
 #                  fsx-thp: shmem THP forced, 4 MiB files; fsx-swap: zram swap and
 #                  memory.high of 8 MiB so that bases and clones get swapped
 #   --fsx-ops N    operations for the randomized checker (default 20000)
@@ -249,6 +249,7 @@ for t in $TESTS; do
 		echo \$\$ > /sys/fs/cgroup/cgroup.procs
 		echo "VMFORK-INFO swap: memcg swap peak \$(cat /sys/fs/cgroup/fsx/memory.swap.peak 2>/dev/null) bytes, zram mm_stat \$(cat /sys/block/zram0/mm_stat 2>/dev/null)" ;;
 	bench) run bench memfd_reflink -b ;;
+	bench-sealed) run bench-sealed memfd_reflink -s ;;
 	cp-reflink)
 		# GNU cp --reflink=always must work on tmpfs -o reflink, and fail
 		# without the option (so it really cloned instead of copying)
