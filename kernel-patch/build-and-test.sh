@@ -1,6 +1,7 @@
 #!/bin/bash
-# Build a minimal Linux 6.12.117 with the tmpfs/memfd reflink series and run
-# the selftests inside QEMU TCG.  Idempotent: every step is cached under
+# Build a minimal Linux 6.12 (the Debian linux-source-6.12 version named in
+# kernel-patch/BASE) with the tmpfs/memfd reflink series and run the
+# selftests inside QEMU TCG.  Idempotent: every step is cached under
 # $VMFORK_CACHE (default /var/cache/vmfork), keyed by what it depends on.
 #
 # Usage: kernel-patch/build-and-test.sh [options]
@@ -21,8 +22,6 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VMFORK_CACHE:-/var/cache/vmfork}
-TARBALL=/usr/src/linux-source-6.12.tar.xz
-SRC=$CACHE/linux-6.12
 VARIANT=testbed
 PRISTINE=0
 TESTS="selftest fsx"
@@ -56,7 +55,7 @@ die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 
 # 1. Packages --------------------------------------------------------------
 step "checking Debian packages"
-PKGS="linux-source-6.12 qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils git"
+PKGS="qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils git"
 missing=""
 for p in $PKGS; do
 	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
@@ -69,19 +68,14 @@ else
 	echo "all present"
 fi
 
-# 2. Pristine tree as a git repository ------------------------------------
+# 2. Pristine tree of the base, as a git repository -------------------------
 mkdir -p "$CACHE"
-if ! git -C "$SRC" rev-parse -q --verify refs/tags/base >/dev/null 2>&1; then
-	step "unpacking $TARBALL into $SRC"
-	rm -rf "$SRC" "$CACHE/linux-source-6.12"
-	tar -C "$CACHE" -xf "$TARBALL"
-	mv "$CACHE/linux-source-6.12" "$SRC"
-	git -C "$SRC" init -q
-	# Debian's .gitignore ignores the whole top level: force-add.
-	git -C "$SRC" add -A -f >/dev/null
-	git -C "$SRC" "${GIT_ID[@]}" commit -q -m "Linux 6.12.117 (Debian linux-source-6.12, pristine)"
-	git -C "$SRC" tag base
-fi
+. "$HERE/base.sh"
+step "kernel base: $BASE_PKG $(base_wanted) ($(base_origin))"
+base_resolve || die "no kernel base to build on"
+SRC=$CACHE/linux-$BASE_VERSION
+base_tree "$BASE_VERSION" "$SRC"
+echo "tree: $SRC (Linux $(base_upstream "$SRC"), Debian $BASE_VERSION)"
 
 # 3. Apply the series -------------------------------------------------------
 shopt -s nullglob
@@ -99,29 +93,21 @@ case "$VARIANT" in
 debug) CONFIGS+=("$HERE/config/debug.config") ;;
 kasan) CONFIGS+=("$HERE/config/debug.config" "$HERE/config/kasan.config") ;;
 esac
-SERIES_HASH=$( (echo "pristine=$PRISTINE"; for p in "${PATCHES[@]}"; do cat "$p"; done) | sha256sum | cut -c1-16)
+# The cache key: the base version, the patches and the config.
+SERIES_HASH=$( (echo "base=$BASE_VERSION pristine=$PRISTINE"; for p in "${PATCHES[@]}"; do cat "$p"; done) | sha256sum | cut -c1-16)
 KEY=$( (echo "$SERIES_HASH $VARIANT"; cat "${CONFIGS[@]}") | sha256sum | cut -c1-16)
 
-step "applying ${#PATCHES[@]} patches (series $SERIES_HASH)"
+step "applying ${#PATCHES[@]} patches to $BASE_VERSION (series $SERIES_HASH)"
 applied=$(cat "$SRC/.git/vmfork-series" 2>/dev/null || true)
 if [ "$applied" = "$SERIES_HASH" ] && git -C "$SRC" diff --quiet HEAD; then
 	echo "already applied"
 else
-	git -C "$SRC" am --abort >/dev/null 2>&1 || true
-	git -C "$SRC" checkout -q -f -B series base
-	for p in "${PATCHES[@]}"; do
-		echo "  $(basename "$p")"
-		if ! git -C "$SRC" "${GIT_ID[@]}" am -q --keep-cr "$p" >"$CACHE/am.log" 2>&1; then
-			cat "$CACHE/am.log" >&2
-			git -C "$SRC" am --abort >/dev/null 2>&1 || true
-			die "patch does not apply: $(basename "$p")"
-		fi
-	done
+	base_apply_series "${PATCHES[@]}" || exit 1
 	echo "$SERIES_HASH" >"$SRC/.git/vmfork-series"
 fi
 
 # 4. Configure and build ---------------------------------------------------
-OUT=$CACHE/build-$VARIANT
+OUT=$CACHE/build-$BASE_VERSION-$VARIANT
 IMG=$CACHE/images/bzImage-$KEY
 mkdir -p "$CACHE/images" "$OUT"
 if [ -f "$IMG" ]; then
@@ -148,7 +134,8 @@ else
 	echo "built in $(( $(date +%s) - start )) s"
 	cp "$OUT/arch/x86/boot/bzImage" "$IMG"
 fi
-[ "$BUILD_ONLY" = 1 ] && { echo "kernel: $IMG"; exit 0; }
+[ "$BASE_FALLBACK" = 1 ] && echo "WARNING: built on $BASE_VERSION, not on $BASE_WANTED ($(base_origin)), which the archive no longer has: an untested base"
+[ "$BUILD_ONLY" = 1 ] && { echo "base: $BASE_VERSION"; echo "kernel: $IMG"; exit 0; }
 
 # 5. Guest programs, linked statically against this tree's UAPI headers ----
 step "building guest test programs"
@@ -319,5 +306,5 @@ for t in $TESTS; do
 	fi
 done
 grep -q VMFORK-DONE "$LOG" || { echo "guest did not finish (timeout ${TIMEOUT}s or crash)"; fail=1; }
-[ "$fail" = 0 ] && echo "ALL PASSED ($VARIANT, seed $SEED)" || echo "FAILED ($VARIANT, seed $SEED)"
+[ "$fail" = 0 ] && echo "ALL PASSED ($VARIANT, base $BASE_VERSION, seed $SEED)" || echo "FAILED ($VARIANT, base $BASE_VERSION, seed $SEED)"
 exit $fail

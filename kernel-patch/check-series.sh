@@ -2,17 +2,45 @@
 # Check the series the way a maintainer would: checkpatch --strict on every
 # patch, then build the testbed kernel after each patch in turn (bisectable),
 # with W=1 on the files the series touches.  Uses the tree and object
-# directory that build-and-test.sh set up (run that once first).
-# Leaves the source tree with the whole series applied.
+# directory that build-and-test.sh set up for the base in kernel-patch/BASE
+# (it runs that first if needed). Leaves the source tree with the whole series applied.
+#
+#   --newest   instead: does the series still apply to, and build on, the newest
+#              linux-source-6.12 the package archive offers? (drift, before it
+#              reaches users). Exit 0 when it does, or when that is BASE itself.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${VMFORK_CACHE:-/var/cache/vmfork}
-SRC=$CACHE/linux-6.12
-OUT=$CACHE/build-testbed
 GIT_ID=(-c user.name="vmfork developers" -c user.email="$(git -C "$HERE" config user.email || echo vmfork@localhost)")
+. "$HERE/base.sh"
 
-[ -f "$OUT/.config" ] || { echo "run build-and-test.sh first" >&2; exit 1; }
+if [ "${1:-}" = --newest ]; then
+	wanted=$(base_wanted)
+	newest=$(base_newest)
+	[ -n "$newest" ] || { echo "check-series: the archive offers no $BASE_PKG" >&2; exit 1; }
+	if [ "$newest" = "$wanted" ]; then
+		echo "check-series: the archive's newest $BASE_PKG is $newest, the base in BASE: no drift"
+		exit 0
+	fi
+	echo "check-series: BASE is $wanted; the archive's newest is $newest: applying and building there"
+	if VMFORK_KERNEL_BASE=$newest "$HERE/build-and-test.sh" --build-only; then
+		echo "check-series: the series applies to and builds on $newest; to move the base: kernel-patch/rebase.sh $newest"
+		exit 0
+	fi
+	echo "check-series: the series does NOT apply to or build on $newest (above); kernel-patch/rebase.sh $newest moves it" >&2
+	exit 1
+fi
+[ $# = 0 ] || { echo "usage: $0 [--newest]" >&2; exit 2; }
+
+BASE_VERSION=$(base_wanted)
+SRC=$CACHE/linux-$BASE_VERSION
+OUT=$CACHE/build-$BASE_VERSION-testbed
+if [ ! -f "$OUT/.config" ]; then
+	echo "==> no configured tree for $BASE_VERSION yet: build-and-test.sh --build-only"
+	"$HERE/build-and-test.sh" --build-only
+fi
+echo "==> checking the series on $BASE_PKG $BASE_VERSION (Linux $(base_upstream "$SRC"))"
 PATCHES=()
 for p in "$HERE"/*.patch; do
 	case "$(basename "$p")" in 0000-*) continue ;; esac
