@@ -132,11 +132,13 @@ base_resolve() {
 	cat >&2 <<EOF
 
 ################################################################################
-WARNING: the kernel base ($(base_origin)) is no longer in the package archive.
-  the series was tested on:  $BASE_PKG $BASE_WANTED
-  the archive's newest:      $BASE_PKG $BASE_VERSION
-Trying the series on $BASE_VERSION, where it was never tested. If it applies and
-the tests pass, move the base (kernel-patch/README.md, "The kernel base").
+WARNING: the package archive does not have the kernel base that was asked for.
+  asked for:             $BASE_PKG $BASE_WANTED ($(base_origin))
+  the series is tested:  $BASE_PKG $(base_file_version) (kernel-patch/BASE)
+  the archive's newest:  $BASE_PKG $BASE_VERSION
+Trying the series on $BASE_VERSION instead. If that is not the version in BASE, it
+is untested there: if it applies and the tests pass, move the base
+(kernel-patch/README.md, "The kernel base").
 ################################################################################
 
 EOF

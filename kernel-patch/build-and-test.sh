@@ -134,7 +134,7 @@ else
 	echo "built in $(( $(date +%s) - start )) s"
 	cp "$OUT/arch/x86/boot/bzImage" "$IMG"
 fi
-[ "$BASE_FALLBACK" = 1 ] && echo "WARNING: built on $BASE_VERSION, not on $BASE_WANTED ($(base_origin)), which the archive no longer has: an untested base"
+[ "$BASE_FALLBACK" = 1 ] && echo "WARNING: built on $BASE_VERSION, not on $BASE_WANTED ($(base_origin)), which the archive does not have; the series is tested on $(base_file_version)"
 [ "$BUILD_ONLY" = 1 ] && { echo "base: $BASE_VERSION"; echo "kernel: $IMG"; exit 0; }
 
 # 5. Guest programs, linked statically against this tree's UAPI headers ----
