@@ -35,6 +35,11 @@ pub enum VmCommand {
     Console { name: String },
     /// Fork a running VM into new, independent VMs (each its own process).
     Fork(ForkArgs),
+    /// Snapshot a running VM into a new directory of zstd-compressed chunks; or inspect a
+    /// snapshot, or record a restored VM's working set into it.
+    Snapshot(SnapshotArgs),
+    /// Start a new VM from a snapshot; its memory fills lazily from the chunks.
+    Restore(RestoreArgs),
     /// The child's end of a fork (started by the parent VM with its socket on fd 3).
     #[command(name = "__child", hide = true)]
     Child,
@@ -57,6 +62,83 @@ pub struct ForkArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Options of `vmfork snapshot`.
+#[derive(clap::Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub sub: Option<SnapshotSub>,
+    /// The running VM to snapshot.
+    #[arg(required = true)]
+    pub name: Option<String>,
+    /// The new directory to write (it must not exist).
+    #[arg(required = true)]
+    pub dir: Option<PathBuf>,
+    /// zstd level (1 fast; 3 a little smaller).
+    #[arg(long, default_value_t = 1)]
+    pub level: i32,
+    /// Chunk size: 4K or 8K.
+    #[arg(long, default_value = "8K", value_parser = parse_chunk)]
+    pub chunk: u32,
+    /// Stop the VM once the snapshot is written.
+    #[arg(long)]
+    pub stop: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vmfork snapshot inspect|record-ws`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum SnapshotSub {
+    /// Show a snapshot's index and working set, and with --vm what a restore of it did.
+    Inspect {
+        dir: PathBuf,
+        /// A VM restored from this snapshot: add its faults by source and prefetch figures.
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store the first-touch order of VM --from (restored from DIR) as DIR's working set,
+    /// and put those chunks first in the packs: later restores prefetch them.
+    RecordWs {
+        dir: PathBuf,
+        #[arg(long)]
+        from: String,
+    },
+}
+
+fn parse_chunk(s: &str) -> Result<u32, String> {
+    match crate::units::parse_size(s)? {
+        4096 => Ok(4096),
+        8192 => Ok(8192),
+        n => Err(format!("chunk size {n}: 4K or 8K")),
+    }
+}
+
+/// Options of `vmfork restore`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Name of the new VM (default: the first free vmN).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Decode all memory before the VM runs instead of on first touch.
+    #[arg(long)]
+    pub eager: bool,
+    /// Do not prefetch the snapshot's working set.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Start the VM in a background process and return once it runs.
+    #[arg(long)]
+    pub detach: bool,
+    /// Also append the console to this file.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
 }
 
 /// Options of `vmfork run`.
@@ -110,6 +192,9 @@ pub fn run(cmd: VmCommand) -> ExitCode {
         VmCommand::Stop { name } => stop(&name),
         VmCommand::Console { name } => console(&name),
         VmCommand::Fork(args) => fork(args),
+        VmCommand::Snapshot(args) => snapshot(args),
+        VmCommand::Restore(args) if args.detach => restore_detached(args),
+        VmCommand::Restore(args) => restore_foreground(args),
         VmCommand::Child => run_child(),
     };
     match result {
@@ -206,7 +291,7 @@ fn serve(
 ) -> CliResult {
     let (name, parent) = (who.name.clone(), who.parent.clone());
     vm.console().set_echo(true);
-    server.spawn(listener, who, vm.clone());
+    server.spawn(listener, who.clone(), vm.clone());
     let stopper = vm.clone();
     std::thread::spawn(move || {
         if signals.wait().is_ok() {
@@ -221,10 +306,16 @@ fn serve(
         // pages it was never sent are gone. Stop now, loudly, rather than at the first
         // touch of one of them.
         if vm.memory().regions().iter().any(|r| r.check_served().is_err()) {
-            eprintln!(
-                "vmfork: VM {name}: its page server (the parent VM {}) died before all guest memory was served; stopping",
-                parent.as_deref().unwrap_or("?")
-            );
+            match &who.restored_from {
+                Some(dir) => eprintln!(
+                    "vmfork: VM {name}: guest memory could not be restored from the snapshot {} (the error above names the chunk); stopping",
+                    dir.display()
+                ),
+                None => eprintln!(
+                    "vmfork: VM {name}: its page server (the parent VM {}) died before all guest memory was served; stopping",
+                    parent.as_deref().unwrap_or("?")
+                ),
+            }
             vm.stop();
             drop(server);
             return Ok(ExitCode::FAILURE);
@@ -246,26 +337,51 @@ fn run_detached(args: RunArgs) -> CliResult {
         Some(n) => n.clone(),
         None => free_name()?,
     };
-    match api::connect(&name) {
-        Ok(_) => return Err(api::Error::NameTaken(name).into()),
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    let mut push = |a: &dyn AsRef<std::ffi::OsStr>| argv.push(a.as_ref().to_os_string());
+    for a in ["run", "--name", &name, "--mem", &args.mem.to_string(), "--vcpus", &args.vcpus.to_string()] {
+        push(&a);
+    }
+    push(&"--workload");
+    push(&args.workload.to_string());
+    if args.private {
+        push(&"--private");
+    }
+    if args.huge_pages {
+        push(&"--huge-pages");
+    }
+    if let Some(k) = &args.kernel {
+        push(&"--kernel");
+        push(k);
+        push(&format!("--cmdline={}", args.cmdline));
+    }
+    if let Some(i) = &args.initrd {
+        push(&"--initrd");
+        push(i);
+    }
+    if let Some(c) = &args.console {
+        push(&"--console");
+        push(c);
+    }
+    spawn_detached(&name, &argv)
+}
+
+/// Starts `vmfork ARGV` (which serves VM `name`) in a background process logging to the
+/// runtime directory, and returns once the VM answers on its socket.
+fn spawn_detached(name: &str, argv: &[std::ffi::OsString]) -> CliResult {
+    match api::connect(name) {
+        Ok(_) => return Err(api::Error::NameTaken(name.to_string()).into()),
         Err(e @ api::Error::Stale { .. }) => eprintln!("vmfork: {e}"),
         Err(e @ api::Error::BadName(_)) => return Err(e.into()),
         Err(_) => {}
     }
     let log_path: PathBuf = api::runtime_dir()?.join(format!("{name}.log"));
-    let log =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&log_path)?;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
+    let log =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&log_path)?;
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["run", "--name", &name, "--mem", &args.mem.to_string()])
-        .args(["--vcpus", &args.vcpus.to_string(), "--workload", &args.workload.to_string()])
-        .args(args.private.then_some("--private"))
-        .args(args.huge_pages.then_some("--huge-pages"))
-        .args(args.kernel.iter().flat_map(|k| [std::ffi::OsStr::new("--kernel"), k.as_os_str()]))
-        .args(args.initrd.iter().flat_map(|k| [std::ffi::OsStr::new("--initrd"), k.as_os_str()]))
-        .args(args.kernel.as_ref().map(|_| format!("--cmdline={}", args.cmdline)))
-        .args(args.console.iter().flat_map(|k| [std::ffi::OsStr::new("--console"), k.as_os_str()]))
+        .args(argv)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -277,7 +393,7 @@ fn run_detached(args: RunArgs) -> CliResult {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(format!("VM {name} did not start ({status}): {}", log.trim()).into());
         }
-        if api::call(&name, &Request::Status).is_ok() {
+        if api::call(name, &Request::Status).is_ok() {
             println!("{name} (pid {}, log {})", child.id(), log_path.display());
             return Ok(ExitCode::SUCCESS);
         }
@@ -286,6 +402,78 @@ fn run_detached(args: RunArgs) -> CliResult {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn restore_detached(args: RestoreArgs) -> CliResult {
+    kvm_ioctls::Kvm::new().map_err(crate::vmm::Error::KvmOpen)?;
+    // Refuse a bad snapshot here, with its reason, not in the background.
+    crate::snapshot::Snapshot::open(&args.dir)?.state()?;
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => free_name()?,
+    };
+    let dir = std::path::absolute(&args.dir)?;
+    let mut argv: Vec<std::ffi::OsString> =
+        vec!["restore".into(), dir.into(), "--name".into(), name.clone().into()];
+    if args.eager {
+        argv.push("--eager".into());
+    }
+    if args.no_prefetch {
+        argv.push("--no-prefetch".into());
+    }
+    if let Some(c) = &args.console {
+        argv.push("--console".into());
+        argv.push(c.into());
+    }
+    spawn_detached(&name, &argv)
+}
+
+/// `vmfork restore` in the foreground: the VM runs in this process until it stops.
+fn restore_foreground(args: RestoreArgs) -> CliResult {
+    let t0 = Instant::now();
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::SIGINT);
+    signals.add(nix::sys::signal::SIGTERM);
+    signals.thread_block()?;
+    let dir = std::path::absolute(&args.dir)?;
+    let snap = Arc::new(crate::snapshot::Snapshot::open(&dir)?);
+    let state = snap.state()?;
+    let name = match args.name {
+        Some(n) => n,
+        None => free_name()?,
+    };
+    let (server, listener) = Server::bind(&name)?;
+    let opts = crate::snapshot::RestoreOptions { eager: args.eager, no_prefetch: args.no_prefetch };
+    let (memory, stats) = crate::snapshot::restore_memory(snap.clone(), &opts)?;
+    let memory = Arc::new(memory);
+    // A VM of its own, before any vCPU runs: as a fork child.
+    crate::fork::refresh_identity(&memory, state.config.genid_gpa())?;
+    let vm = Arc::new(Vm::restore(memory, &state)?);
+    vm.notify_generation_changed()?;
+    let prefetch =
+        snap.working_set.as_ref().filter(|_| !args.no_prefetch && !args.eager).map(|w| w.chunks.len());
+    crate::snapshot::set_restored(snap, stats);
+    if let Some(path) = &args.console {
+        vm.console().set_file(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    }
+    vm.console().set_echo(true);
+    vm.resume()?;
+    eprintln!(
+        "vmfork: VM {name} restored from {} (pid {}), running {:.2} ms after the request; memory {}",
+        dir.display(),
+        std::process::id(),
+        t0.elapsed().as_secs_f64() * 1e3,
+        if args.eager {
+            "decoded before start".to_string()
+        } else {
+            match prefetch {
+                Some(n) => format!("lazy, prefetching a working set of {n} chunks"),
+                None => "lazy (no working set prefetched)".to_string(),
+            }
+        }
+    );
+    let who = api::Identity { name, restored_from: Some(dir), ..Default::default() };
+    serve(who, vm, server, listener, signals)
 }
 
 /// `vmfork __child`: becomes the VM a parent forked, on the socket it left on fd 3.
@@ -423,4 +611,69 @@ fn console(name: &str) -> CliResult {
         line.clear();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `vmfork snapshot NAME DIR`, `snapshot inspect DIR`, `snapshot record-ws DIR --from VM`.
+fn snapshot(args: SnapshotArgs) -> CliResult {
+    match args.sub {
+        Some(SnapshotSub::Inspect { dir, vm, json }) => {
+            let snap = crate::snapshot::Snapshot::open(&dir)?;
+            let stats = match &vm {
+                Some(v) => Some(api::call(v, &Request::RestoreStats)?.0),
+                None => None,
+            };
+            let idx = &snap.index.entries;
+            let count = |k| idx.iter().filter(|e| e.kind == k).count();
+            use crate::snapshot::format::Kind;
+            let v = serde_json::json!({
+                "dir": snap.dir, "manifest": snap.manifest,
+                "chunks": {"zero": count(Kind::Zero), "raw": count(Kind::Raw), "zstd": count(Kind::Zstd)},
+                "stored_bytes": idx.iter().map(|e| e.len as u64).sum::<u64>(),
+                "working_set_chunks": snap.working_set.as_ref().map(|w| w.chunks.len()),
+                "restore": stats,
+            });
+            println!("{}", if json { serde_json::to_string_pretty(&v)? } else { v.to_string() });
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(SnapshotSub::RecordWs { dir, from }) => {
+            let (v, _) = api::call(&from, &Request::RestoreStats)?;
+            let trace: Vec<(u32, u32)> = serde_json::from_value(v["stats"]["trace"].clone())?;
+            let ws = crate::snapshot::format::WorkingSet { chunks: trace };
+            let s = crate::snapshot::record_working_set(&dir, &ws)?;
+            println!("{}: working set of {} chunks recorded from {from}", s.dir.display(), ws.chunks.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let (name, dir) = (args.name.unwrap_or_default(), args.dir.unwrap_or_default());
+            let dir = std::path::absolute(&dir)?;
+            let req =
+                Request::Snapshot { dir, level: Some(args.level), chunk: Some(args.chunk), stop: args.stop };
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let v = api::call_with_progress(&name, &req, &mut |p| {
+                if tty {
+                    let mib = |k: &str| p[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+                    let secs = p["elapsed_secs"].as_f64().unwrap_or(0.0).max(1e-6);
+                    eprint!(
+                        "\r{:.0}/{:.0} MiB, {:.0} MiB/s, stored {:.1} MiB   ",
+                        mib("done_bytes"),
+                        mib("total_bytes"),
+                        mib("done_bytes") / secs,
+                        mib("stored_bytes")
+                    );
+                }
+            })?;
+            if tty {
+                eprintln!();
+            }
+            println!(
+                "{}",
+                if args.json {
+                    serde_json::to_string_pretty(&v["summary"])?
+                } else {
+                    v["summary"].to_string()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -339,13 +339,15 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
         private: false,
         parent: Some(hello.parent),
         strategy: Some(hello.strategy),
+        restored_from: None,
     };
     Ok((Arc::new(vm), who, server, listener))
 }
 
 /// Writes a fresh random VM generation id at `genid_gpa`, and fresh entropy beside it,
-/// into guest memory.
-fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), String> {
+/// into guest memory: what makes a fork child, or a VM restored from a snapshot, a VM of
+/// its own before any of its vCPUs runs.
+pub fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), String> {
     let mut bytes = [0u8; 16 + ENTROPY_LEN];
     getrandom(&mut bytes)?;
     memory.write(genid_gpa, &bytes[..16]).map_err(|e| e.to_string())?;

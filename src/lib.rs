@@ -2,12 +2,14 @@
 //!
 //! [`memory`] holds guest memory and the clone strategies (copy, cow, reflink, uffd,
 //! auto); [`vmm`] runs the built-in guest in KVM VMs over that memory; [`fork`] turns one
-//! running VM into two processes; [`bench`] compares the strategies side by side.
+//! running VM into two processes; [`snapshot`] persists one as compressed chunks and
+//! restores it lazily; [`bench`] compares the strategies side by side.
 
 pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod fork;
 pub mod memory;
+pub mod snapshot;
 pub mod units;
 pub mod vmm;

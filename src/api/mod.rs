@@ -14,6 +14,8 @@
 //! | `{"cmd":"stop"}` | `{"ok":true}`, then the VM stops, the socket is removed and the process exits |
 //! | `{"cmd":"console"}` | `{"ok":true}`, then console lines (plain text, backlog first) until the VM stops or the client hangs up |
 //! | `{"cmd":"fork","strategy":"cow","name":"child","count":1}` (all but `cmd` optional) | `{"ok":true,"children":[{name,pid,strategy,why,timings}]}` once every child's guest runs |
+//! | `{"cmd":"snapshot","dir":"/abs/path","level":1,"chunk":8192,"stop":false}` (all but `cmd` and `dir` optional) | lines `{"progress":{done_bytes,total_bytes,stored_bytes,elapsed_secs}}` while the chunks are written, then `{"ok":true,"summary":{...}}`; the VM is paused only while its memory is frozen, and stops after the answer with `"stop":true` |
+//! | `{"cmd":"restore-stats"}` | `{"ok":true,"snapshot":DIR,"stats":{zero_faults,decoded_faults,prefetched_chunks,bytes_decoded,fault_p50_us,fault_p99_us,misses,ws_precision,ws_recall,trace}}` for a VM restored from a snapshot |
 //!
 //! Anything else gets `{"ok":false,"error":"..."}` and the VM keeps running.
 
@@ -74,6 +76,21 @@ pub enum Request {
         #[serde(default = "one")]
         count: u32,
     },
+    /// Snapshot the VM into the new directory `dir` (see [`crate::snapshot`]).
+    Snapshot {
+        dir: PathBuf,
+        #[serde(default)]
+        level: Option<i32>,
+        /// Chunk size in bytes: 4096 or 8192.
+        #[serde(default)]
+        chunk: Option<u32>,
+        /// Stop the VM once the snapshot is written.
+        #[serde(default)]
+        stop: bool,
+    },
+    /// What the page servers of a VM restored from a snapshot did.
+    #[serde(rename = "restore-stats")]
+    RestoreStats,
 }
 
 fn auto() -> Strategy {
@@ -93,6 +110,9 @@ pub struct Identity {
     /// The VM this one was forked from, and how.
     pub parent: Option<String>,
     pub strategy: Option<Strategy>,
+    /// The snapshot directory this VM was restored from.
+    #[serde(default)]
+    pub restored_from: Option<PathBuf>,
 }
 
 /// What `status` reports.
@@ -107,6 +127,9 @@ pub struct Status {
     pub strategy: Option<Strategy>,
     #[serde(default)]
     pub private: bool,
+    /// Restored from this snapshot directory.
+    #[serde(default)]
+    pub restored_from: Option<PathBuf>,
     pub pid: u32,
     pub state: String,
     /// The state with its detail (the exit reason of a stopped VM).
@@ -199,6 +222,37 @@ pub fn call(name: &str, req: &Request) -> Result<(serde_json::Value, BufReader<U
     }
 }
 
+/// Sends `req` to VM `name` and hands every `{"progress": ...}` line before the answer to
+/// `progress`; returns the answer (an `ok: true` object).
+pub fn call_with_progress(
+    name: &str,
+    req: &Request,
+    progress: &mut dyn FnMut(&serde_json::Value),
+) -> Result<serde_json::Value> {
+    let mut s = connect(name)?;
+    let path = || socket_path(name).unwrap_or_default();
+    let line = serde_json::to_string(req).expect("requests serialize");
+    s.write_all(format!("{line}\n").as_bytes()).map_err(|source| Error::Socket { path: path(), source })?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut answer = String::new();
+        let n = r.read_line(&mut answer).map_err(|source| Error::Socket { path: path(), source })?;
+        if n == 0 {
+            return Err(Error::BadAnswer("the VM hung up before it answered".into()));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&answer).map_err(|e| Error::BadAnswer(format!("{e}: {answer:?}")))?;
+        if let Some(p) = v.get("progress") {
+            progress(p);
+            continue;
+        }
+        if v["ok"] == serde_json::Value::Bool(true) {
+            return Ok(v);
+        }
+        return Err(Error::Refused(v["error"].as_str().unwrap_or("unknown error").to_string()));
+    }
+}
+
 /// Serves VM `vm` under `name` until the VM stops. Removes the socket on the way out.
 pub struct Server {
     path: PathBuf,
@@ -260,6 +314,7 @@ pub fn status(who: &Identity, vm: &Vm) -> Status {
         parent: who.parent.clone(),
         strategy: who.strategy,
         private: who.private,
+        restored_from: who.restored_from.clone(),
         pid: std::process::id(),
         state: state.name().to_string(),
         state_detail: state.to_string(),
@@ -295,6 +350,37 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
         Request::Fork { strategy, name, count } => match fork_many(vm, who, strategy, name, count) {
             Ok(children) => answer(&mut w, serde_json::json!({"ok": true, "children": children})),
             Err(e) => error(&mut w, e),
+        },
+        Request::Snapshot { dir, level, chunk, stop } => {
+            let defaults = crate::snapshot::TakeOptions::default();
+            let opts = crate::snapshot::TakeOptions {
+                level: level.unwrap_or(defaults.level),
+                chunk_size: chunk.unwrap_or(defaults.chunk_size),
+            };
+            if !dir.is_absolute() {
+                return error(&mut w, format!("snapshot dir {} must be an absolute path", dir.display()));
+            }
+            // The client may hang up: the snapshot is written to the end all the same.
+            let mut out = w.try_clone()?;
+            let mut progress = |p: &crate::snapshot::Progress| {
+                let _ = answer(&mut out, serde_json::json!({"progress": p}));
+            };
+            match crate::snapshot::take(vm, &who.name, who.private, &dir, &opts, &mut progress) {
+                Ok(summary) => {
+                    let sent = answer(&mut w, serde_json::json!({"ok": true, "summary": summary}));
+                    if stop {
+                        vm.stop();
+                    }
+                    sent
+                }
+                Err(e) => error(&mut w, e),
+            }
+        }
+        Request::RestoreStats => match crate::snapshot::restored_report() {
+            Some((dir, stats)) => {
+                answer(&mut w, serde_json::json!({"ok": true, "snapshot": dir, "stats": stats}))
+            }
+            None => error(&mut w, format!("VM {} was not restored from a snapshot", who.name)),
         },
         Request::Pause => match timed(&|| vm.pause()) {
             Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "pause_ns": ns})),
@@ -373,6 +459,7 @@ pub fn parse_request(line: &str) -> std::result::Result<Request, String> {
     };
     let allowed: &[&str] = match o.get("cmd").and_then(|c| c.as_str()) {
         Some("fork") => &["cmd", "strategy", "name", "count"],
+        Some("snapshot") => &["cmd", "dir", "level", "chunk", "stop"],
         Some(_) => &["cmd"],
         None => return Err("a request needs a \"cmd\"".into()),
     };

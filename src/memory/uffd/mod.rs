@@ -95,6 +95,24 @@ pub(super) fn clone_region_minor(src: &Region) -> Result<Region> {
     serve_here(child, target, Fill::Continue)
 }
 
+/// Where a page server outside this module gets its pages (a snapshot's chunks): the
+/// run of the region around a faulting offset and its contents, decoded on demand.
+pub trait PageSource: Send + 'static {
+    /// The run to place for a fault at `offset` (page aligned, inside the region): its
+    /// start and length (page multiples containing `offset`) and its bytes, `None` for
+    /// zeros. An error means the page cannot be produced: the server stops, and the
+    /// pages it never served are fenced (module documentation), so the guest's access
+    /// fails instead of waiting for ever.
+    fn fetch(&mut self, offset: usize) -> std::io::Result<(usize, usize, Option<&[u8]>)>;
+}
+
+/// Makes `file` (mapped by `child`, all of it, `MAP_SHARED`) fill lazily: every missing
+/// page faults to a page server thread here that places what `source` gives.
+pub fn fill_from_source(child: Region, file: &Arc<MemFile>, source: Box<dyn PageSource>) -> Result<Region> {
+    let target = LazyTarget::register(file, child.host_addr() as usize)?;
+    serve_here(child, target, Fill::Source(source))
+}
+
 /// Starts a page server in this process for `child`, watched by its target.
 fn serve_here(child: Region, mut target: LazyTarget, fill: Fill) -> Result<Region> {
     let (alive_rx, alive_tx) = pipe()?;
@@ -125,6 +143,12 @@ impl LazyFill {
             let st = s.stats();
             (st.faults.load(Ordering::Relaxed), st.service_ns.load(Ordering::Relaxed))
         })
+    }
+
+    /// The userfaultfd the region is registered with, for a helper that places pages
+    /// ahead of faults (a snapshot's prefetch).
+    pub fn uffd(&self) -> Arc<Uffd> {
+        self.target.uffd.clone()
     }
 
     /// Whether the page server died before the memory was filled.
@@ -472,12 +496,23 @@ fn holes(file: &MemFile) -> Vec<(usize, usize)> {
 }
 
 /// Where served pages come from.
-#[derive(Debug)]
 enum Fill {
     /// Copied from this image of the clone instant.
     Copy(Region),
     /// Already in the page cache; only mapped.
     Continue,
+    /// Produced on demand (decoded from a snapshot).
+    Source(Box<dyn PageSource>),
+}
+
+impl std::fmt::Debug for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fill::Copy(r) => f.debug_tuple("Copy").field(r).finish(),
+            Fill::Continue => f.write_str("Continue"),
+            Fill::Source(_) => f.write_str("Source"),
+        }
+    }
 }
 
 struct Worker<'a> {
@@ -525,17 +560,28 @@ impl Worker<'_> {
                 }
             }
             let mut served = 0;
+            let mut failed = false;
             retry.retain(|&fault| match self.serve(fault) {
                 Ok(()) => {
                     served += 1;
                     false
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => true,
+                // The source cannot produce the page: stop serving, so the watchdog
+                // fences what was never served and the waiting access fails.
+                Err(e) if e.raw_os_error().is_none() => {
+                    eprintln!("vmfork: page server: {e}; pages not served yet are lost");
+                    failed = true;
+                    false
+                }
                 Err(_) => false, // ENOENT/ESRCH: the mapping or its owner went away.
             });
             if served > 0 {
                 self.stats.faults.fetch_add(served, Ordering::Relaxed);
                 self.stats.service_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            if failed {
+                return;
             }
         }
     }
@@ -543,8 +589,34 @@ impl Worker<'_> {
     /// Places the page at `fault`, and its neighbours in a [`FAULT_AROUND`] window where
     /// they are still missing, falling back to the one page when the window fails
     /// (`EEXIST`: some neighbour is there already).
-    fn serve(&self, fault: usize) -> std::io::Result<()> {
+    fn serve(&mut self, fault: usize) -> std::io::Result<()> {
         let page = (fault & !(PAGE_SIZE - 1)).clamp(self.addr, self.addr + self.len - PAGE_SIZE) - self.addr;
+        if let Fill::Source(source) = &mut self.fill {
+            if self.removed.iter().any(|&(s, e)| page < e && s < page + PAGE_SIZE) {
+                return ok_if_exists(self.uffd.zeropage(self.addr + page, PAGE_SIZE).map(|_| PAGE_SIZE))
+                    .map(|_| ());
+            }
+            let (start, len, data) = source.fetch(page)?;
+            let placed = match data {
+                None => self.uffd.zeropage(self.addr + start, len).map(|_| len),
+                // `data` is `len` bytes the source owns until the next fetch.
+                Some(bytes) => self.uffd.copy(self.addr + start, bytes.as_ptr(), len),
+            };
+            let n = match placed {
+                // Some page of the run is there already (placed by a prefetch): the
+                // faulting page alone.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && len > PAGE_SIZE => {
+                    let at = page - start;
+                    ok_if_exists(match data {
+                        None => self.uffd.zeropage(self.addr + page, PAGE_SIZE).map(|_| PAGE_SIZE),
+                        Some(bytes) => self.uffd.copy(self.addr + page, bytes[at..].as_ptr(), PAGE_SIZE),
+                    })?
+                }
+                other => ok_if_exists(other)?,
+            };
+            self.stats.pages.fetch_add((n / PAGE_SIZE) as u64, Ordering::Relaxed);
+            return Ok(());
+        }
         if self.is_removed(page, PAGE_SIZE) {
             return ok_if_exists(self.uffd.zeropage(self.addr + page, PAGE_SIZE).map(|_| PAGE_SIZE))
                 .map(|_| ());
@@ -572,6 +644,7 @@ impl Worker<'_> {
                 self.uffd.copy(self.addr + offset, image.host_addr().wrapping_add(offset), len)
             }
             Fill::Continue => self.uffd.continue_range(self.addr + offset, len),
+            Fill::Source(_) => unreachable!("serve() places source pages itself"),
         }
     }
 

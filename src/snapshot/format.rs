@@ -1,0 +1,410 @@
+//! The on-disk format of a snapshot (documented for users in `docs/snapshot-format.md`).
+//!
+//! A snapshot is a directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `snapshot.json` | [`Manifest`]: format version, chunk size, codec, guest layout, packs; written last |
+//! | `state.json` | the VM's state (vCPUs, devices), as a fork hands it to a child |
+//! | `index.bin` | [`Index`]: one 16-byte entry per chunk, zstd-compressed behind a 32-byte header |
+//! | `ws.bin` | optional [`WorkingSet`]: chunk indices in first-touch order |
+//! | `pack-NNNN.bin` | the chunks' bytes, several MiB per pack, no chunk split across two |
+//!
+//! Every parser here takes untrusted bytes and returns an error naming the field or
+//! chunk at fault; none panics (fuzzed by `fuzz/fuzz_targets/snapshot_index.rs`).
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+/// `snapshot.json`'s `format` field.
+pub const FORMAT: &str = "vmfork-snapshot";
+/// The only version this binary reads and writes.
+pub const VERSION: u32 = 1;
+/// Magic of `index.bin`.
+pub const INDEX_MAGIC: [u8; 8] = *b"VMFKIDX1";
+/// Magic of `ws.bin`.
+pub const WS_MAGIC: [u8; 8] = *b"VMFKWS01";
+/// Bytes of one index entry.
+pub const ENTRY_LEN: usize = 16;
+/// Largest index accepted (a 64 GiB guest at 4 KiB chunks).
+pub const MAX_CHUNKS: u64 = 16 << 20;
+
+/// How a chunk is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// All zero: nothing stored.
+    Zero = 0,
+    /// Stored as is (zstd would not make it smaller by 5 %).
+    Raw = 1,
+    /// One zstd frame.
+    Zstd = 2,
+}
+
+/// One chunk of guest memory in the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    /// Offset of the stored bytes in the concatenation of all packs.
+    pub offset: u64,
+    /// Stored length in bytes (0 for `Zero`).
+    pub len: u32,
+    /// crc32c of the chunk's uncompressed bytes.
+    pub crc: u32,
+}
+
+impl Entry {
+    /// A zero chunk.
+    pub const ZERO: Entry = Entry { kind: Kind::Zero, offset: 0, len: 0, crc: 0 };
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&((self.offset << 4) | self.kind as u64).to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.crc.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Option<Entry> {
+        let word = u64::from_le_bytes(b[0..8].try_into().ok()?);
+        let kind = match word & 0xf {
+            0 => Kind::Zero,
+            1 => Kind::Raw,
+            2 => Kind::Zstd,
+            _ => return None,
+        };
+        let len = u32::from_le_bytes(b[8..12].try_into().ok()?);
+        let crc = u32::from_le_bytes(b[12..16].try_into().ok()?);
+        Some(Entry { kind, offset: word >> 4, len, crc })
+    }
+}
+
+/// A region of guest-physical memory and where its chunks start in the index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionInfo {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub first_chunk: u64,
+}
+
+/// `snapshot.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    /// The VM it was taken of.
+    pub source_vm: String,
+    /// Seconds since the epoch.
+    pub created_unix: u64,
+    pub page_size: u32,
+    pub chunk_size: u32,
+    pub codec: String,
+    pub level: i32,
+    pub regions: Vec<RegionInfo>,
+    /// Byte sizes of `pack-0000.bin`, `pack-0001.bin`, ...
+    pub packs: Vec<u64>,
+    /// Whether the packs start with the working set's chunks, in its order.
+    #[serde(default)]
+    pub working_set_first: bool,
+}
+
+impl Manifest {
+    /// Checks what the rest of the code relies on.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |what: String| Err(Error::Format { file: "snapshot.json", what });
+        if self.format != FORMAT {
+            return bad(format!("format is {:?}, not {FORMAT:?}: not a vmfork snapshot", self.format));
+        }
+        if self.version != VERSION {
+            return Err(Error::Version(self.version));
+        }
+        if self.page_size != 4096 {
+            return bad(format!("page_size {} (only 4096 is supported)", self.page_size));
+        }
+        if !matches!(self.chunk_size, 4096 | 8192) {
+            return bad(format!("chunk_size {} (4096 or 8192)", self.chunk_size));
+        }
+        if self.codec != "zstd" {
+            return bad(format!("codec {:?} (only zstd)", self.codec));
+        }
+        let mut next = 0u64;
+        let mut end_addr = 0u64;
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.size == 0 || r.size % self.chunk_size as u64 != 0 || r.guest_addr % 4096 != 0 {
+                return bad(format!(
+                    "region {i}: size {:#x} at {:#x} is not whole chunks",
+                    r.size, r.guest_addr
+                ));
+            }
+            if r.guest_addr < end_addr || r.first_chunk != next {
+                return bad(format!("region {i} overlaps or is out of order"));
+            }
+            end_addr = r.guest_addr.checked_add(r.size).ok_or_else(|| Error::Format {
+                file: "snapshot.json",
+                what: format!("region {i} ends past 2^64"),
+            })?;
+            next += r.size / self.chunk_size as u64;
+        }
+        if self.regions.is_empty() || next > MAX_CHUNKS {
+            return bad(format!("{} regions with {next} chunks", self.regions.len()));
+        }
+        Ok(())
+    }
+
+    /// Chunks in all regions.
+    pub fn chunks(&self) -> u64 {
+        self.regions.iter().map(|r| r.size / self.chunk_size as u64).sum()
+    }
+
+    /// Guest bytes in all regions.
+    pub fn guest_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// The file name of pack `i`.
+    pub fn pack_name(i: usize) -> String {
+        format!("pack-{i:04}.bin")
+    }
+}
+
+/// The chunk index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Index {
+    pub entries: Vec<Entry>,
+}
+
+impl Index {
+    /// `index.bin`: magic, version u32, entry count u64, crc32c of the raw entries u32,
+    /// compressed length u32, padding to 32 bytes; then the entries, zstd-compressed.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
+        for e in &self.entries {
+            e.encode(&mut raw);
+        }
+        let packed = zstd::bulk::compress(&raw, 3).expect("compressing into a Vec cannot fail");
+        let mut out = Vec::with_capacity(32 + packed.len());
+        out.extend_from_slice(&INDEX_MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&raw).to_le_bytes());
+        out.extend_from_slice(&(packed.len() as u32).to_le_bytes());
+        out.resize(32, 0);
+        out.extend_from_slice(&packed);
+        out
+    }
+
+    /// Parses `index.bin`, which must hold `expect` entries whose stored bytes lie within
+    /// `data_len` bytes of packs.
+    pub fn decode(b: &[u8], expect: u64, data_len: u64) -> Result<Index, Error> {
+        let bad = |what: String| Error::Format { file: "index.bin", what };
+        if b.len() < 32 || b[..8] != INDEX_MAGIC {
+            return Err(bad("no index header (magic VMFKIDX1)".into()));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(Error::Version(version));
+        }
+        let n = u64::from_le_bytes(b[12..20].try_into().expect("8 bytes"));
+        let (crc, clen) = (u32_at(20), u32_at(24) as usize);
+        if n != expect || n > MAX_CHUNKS {
+            return Err(bad(format!("{n} entries, the manifest says {expect}")));
+        }
+        if b[28..32] != [0; 4] {
+            return Err(bad("header padding is not zero".into()));
+        }
+        if b.len() != 32 + clen {
+            return Err(bad(format!("{} bytes of entries, the header says {clen}", b.len() - 32)));
+        }
+        let raw_len = n as usize * ENTRY_LEN;
+        let raw = zstd::bulk::decompress(&b[32..], raw_len).map_err(|e| bad(format!("entries: {e}")))?;
+        if raw.len() != raw_len || crc32c::crc32c(&raw) != crc {
+            return Err(bad("entries do not match their checksum".into()));
+        }
+        let mut entries = Vec::with_capacity(n as usize);
+        for (i, e) in raw.chunks_exact(ENTRY_LEN).enumerate() {
+            let e = Entry::decode(e).ok_or_else(|| bad(format!("chunk {i}: unknown kind")))?;
+            let end = e.offset.checked_add(e.len as u64);
+            if e.kind != Kind::Zero && (e.len == 0 || end.is_none_or(|end| end > data_len)) {
+                return Err(bad(format!("chunk {i}: {} bytes at {} lie outside the packs", e.len, e.offset)));
+            }
+            entries.push(e);
+        }
+        Ok(Index { entries })
+    }
+}
+
+/// The chunks a restored VM touched first, in that order, with microseconds since its
+/// resume.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkingSet {
+    pub chunks: Vec<(u32, u32)>,
+}
+
+impl WorkingSet {
+    /// `ws.bin`: magic, count u32, crc32c of the pairs u32, then (chunk u32, µs u32) pairs.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut pairs = Vec::with_capacity(self.chunks.len() * 8);
+        for &(c, us) in &self.chunks {
+            pairs.extend_from_slice(&c.to_le_bytes());
+            pairs.extend_from_slice(&us.to_le_bytes());
+        }
+        let mut out = WS_MAGIC.to_vec();
+        out.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&pairs).to_le_bytes());
+        out.extend_from_slice(&pairs);
+        out
+    }
+
+    /// Parses `ws.bin` for an index of `chunks` entries.
+    pub fn decode(b: &[u8], chunks: u64) -> Result<WorkingSet, Error> {
+        let bad = |what: String| Error::Format { file: "ws.bin", what };
+        if b.len() < 16 || b[..8] != WS_MAGIC {
+            return Err(bad("no working-set header (magic VMFKWS01)".into()));
+        }
+        let n = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
+        let pairs = &b[16..];
+        if pairs.len() != n.saturating_mul(8) || crc32c::crc32c(pairs) != crc {
+            return Err(bad(format!("{} bytes for {n} entries, or a bad checksum", pairs.len())));
+        }
+        let mut out = Vec::with_capacity(n);
+        for p in pairs.chunks_exact(8) {
+            let c = u32::from_le_bytes(p[0..4].try_into().expect("4 bytes"));
+            if c as u64 >= chunks {
+                return Err(bad(format!("chunk {c} is past the index's {chunks}")));
+            }
+            out.push((c, u32::from_le_bytes(p[4..8].try_into().expect("4 bytes"))));
+        }
+        Ok(WorkingSet { chunks: out })
+    }
+}
+
+/// Compresses one chunk: its entry (with `offset` still 0) and the bytes to store.
+pub fn encode_chunk(
+    data: &[u8],
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Entry> {
+    out.clear();
+    if is_zero(data) {
+        return Ok(Entry::ZERO);
+    }
+    let crc = crc32c::crc32c(data);
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    compressor.compress_to_buffer(data, out)?;
+    // Not worth a decode: keep it raw.
+    if out.len() * 20 > data.len() * 19 {
+        out.clear();
+        out.extend_from_slice(data);
+        return Ok(Entry { kind: Kind::Raw, offset: 0, len: data.len() as u32, crc });
+    }
+    Ok(Entry { kind: Kind::Zstd, offset: 0, len: out.len() as u32, crc })
+}
+
+/// Decodes the stored bytes of chunk `chunk` (entry `e`) into `out` (one chunk long) and
+/// checks them against the entry's checksum.
+pub fn decode_chunk(
+    chunk: u64,
+    e: &Entry,
+    stored: &[u8],
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    out: &mut [u8],
+) -> Result<(), Error> {
+    let corrupt = |what: String| Error::CorruptChunk { chunk, what };
+    match e.kind {
+        Kind::Zero => out.fill(0),
+        Kind::Raw => {
+            if stored.len() != out.len() {
+                return Err(corrupt(format!("{} raw bytes for a {}-byte chunk", stored.len(), out.len())));
+            }
+            out.copy_from_slice(stored);
+        }
+        Kind::Zstd => {
+            let n =
+                decompressor.decompress_to_buffer(stored, out).map_err(|e| corrupt(format!("zstd: {e}")))?;
+            if n != out.len() {
+                return Err(corrupt(format!("decodes to {n} bytes, not {}", out.len())));
+            }
+        }
+    }
+    if e.kind != Kind::Zero && crc32c::crc32c(out) != e.crc {
+        return Err(corrupt("its bytes do not match their checksum".into()));
+    }
+    Ok(())
+}
+
+/// Whether every byte is zero (a word at a time).
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any initialized bytes are valid u64s; align_to puts only whole aligned
+        // words in the middle slice.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().fold(0, |a, &w| a | w) == 0 && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_round_trips_and_a_flipped_byte_is_refused() {
+        let entries = vec![
+            Entry::ZERO,
+            Entry { kind: Kind::Zstd, offset: 0, len: 100, crc: 7 },
+            Entry { kind: Kind::Raw, offset: 100, len: 4096, crc: 9 },
+        ];
+        let idx = Index { entries };
+        let b = idx.encode();
+        assert_eq!(Index::decode(&b, 3, 4196).unwrap(), idx);
+        assert!(Index::decode(&b, 4, 4196).is_err(), "wrong count accepted");
+        assert!(Index::decode(&b, 3, 4000).is_err(), "chunk past the packs accepted");
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(Index::decode(&c, 3, 4196).is_err(), "flipped byte {i} accepted");
+        }
+        assert!(Index::decode(&b[..b.len() - 1], 3, 4196).is_err());
+    }
+
+    #[test]
+    fn chunks_round_trip_and_corruption_is_named() {
+        let mut comp = zstd::bulk::Compressor::new(1).unwrap();
+        let mut dec = zstd::bulk::Decompressor::new().unwrap();
+        let text: Vec<u8> = (0..8192u32).map(|i| b"vmfork snapshot "[i as usize % 16]).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (data, kind) in [(&text, Kind::Zstd), (&noise, Kind::Raw), (&vec![0u8; 8192], Kind::Zero)] {
+            let e = encode_chunk(data, &mut comp, &mut out).unwrap();
+            assert_eq!(e.kind, kind);
+            let mut back = vec![1u8; 8192];
+            decode_chunk(5, &e, &out, &mut dec, &mut back).unwrap();
+            assert_eq!(&back, data);
+            if kind != Kind::Zero {
+                let mut bad = out.clone();
+                let mid = bad.len() / 2;
+                bad[mid] ^= 1;
+                let err = decode_chunk(5, &e, &bad, &mut dec, &mut back).unwrap_err();
+                assert!(err.to_string().contains("chunk 5"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_working_set_round_trips_and_is_bounded_by_the_index() {
+        let ws = WorkingSet { chunks: vec![(3, 0), (1, 20), (7, 99)] };
+        let b = ws.encode();
+        assert_eq!(WorkingSet::decode(&b, 8).unwrap(), ws);
+        assert!(WorkingSet::decode(&b, 7).is_err());
+        assert!(WorkingSet::decode(&b[..b.len() - 2], 8).is_err());
+    }
+}

@@ -1,0 +1,371 @@
+//! Reading a snapshot back: opening it, and memory that fills from its chunks.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::format::{self, Entry, Index, Kind, Manifest, WorkingSet};
+use super::{Error, Result, io_err};
+use crate::memory::uffd::{self, PageSource};
+use crate::memory::{GuestMemory, MemFile, Region};
+use crate::vmm::VmState;
+
+/// An open snapshot: manifest, state, index and working set read and checked, packs open.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub index: Index,
+    pub working_set: Option<WorkingSet>,
+    state_json: String,
+    packs: Vec<File>,
+    /// Where each pack starts in the concatenation of all packs.
+    pack_starts: Vec<u64>,
+}
+
+impl Snapshot {
+    /// Opens the snapshot in `dir`, checking everything but the chunks themselves (each
+    /// is checked when it is decoded).
+    pub fn open(dir: &Path) -> Result<Snapshot> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| Error::Missing { path, source })
+        };
+        let manifest: Manifest = serde_json::from_slice(&read("snapshot.json")?)
+            .map_err(|e| Error::Format { file: "snapshot.json", what: e.to_string() })?;
+        manifest.validate()?;
+        let mut packs = Vec::new();
+        let mut pack_starts = Vec::new();
+        let mut total = 0u64;
+        for (i, &size) in manifest.packs.iter().enumerate() {
+            let path = dir.join(Manifest::pack_name(i));
+            let f = File::open(&path).map_err(|source| Error::Missing { path: path.clone(), source })?;
+            let len = f.metadata().map_err(io_err(&path))?.len();
+            if len != size {
+                return Err(Error::Format {
+                    file: "snapshot.json",
+                    what: format!("{} is {len} bytes, the manifest says {size} (truncated?)", path.display()),
+                });
+            }
+            pack_starts.push(total);
+            total += size;
+            packs.push(f);
+        }
+        let index = Index::decode(&read("index.bin")?, manifest.chunks(), total)?;
+        // A chunk lies in one pack.
+        for (i, e) in index.entries.iter().enumerate() {
+            if e.kind != Kind::Zero {
+                let p = pack_starts.partition_point(|&s| s <= e.offset) - 1;
+                if e.offset + e.len as u64 > pack_starts[p] + manifest.packs[p] {
+                    return Err(Error::Format {
+                        file: "index.bin",
+                        what: format!("chunk {i} spans two packs"),
+                    });
+                }
+            }
+        }
+        let working_set = match std::fs::read(dir.join("ws.bin")) {
+            Ok(b) => Some(WorkingSet::decode(&b, manifest.chunks())?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(dir.join("ws.bin"))(e)),
+        };
+        let state_json = String::from_utf8(read("state.json")?)
+            .map_err(|e| Error::Format { file: "state.json", what: e.to_string() })?;
+        Ok(Snapshot { dir: dir.to_path_buf(), manifest, index, working_set, state_json, packs, pack_starts })
+    }
+
+    /// The VM state stored beside the memory.
+    pub fn state(&self) -> Result<VmState> {
+        let state = VmState::from_json(&self.state_json).map_err(|e| Error::State(e.to_string()))?;
+        if state.memory_size != self.manifest.guest_size() {
+            return Err(Error::State(format!(
+                "the state is of a {}-byte guest, the memory of {} bytes",
+                state.memory_size,
+                self.manifest.guest_size()
+            )));
+        }
+        Ok(state)
+    }
+
+    /// Reads chunk `chunk`'s stored bytes into `buf`.
+    pub(super) fn read_stored(&self, chunk: u64, e: &Entry, buf: &mut Vec<u8>) -> Result<()> {
+        let p = self.pack_starts.partition_point(|&s| s <= e.offset) - 1;
+        buf.resize(e.len as usize, 0);
+        self.packs[p].read_exact_at(buf, e.offset - self.pack_starts[p]).map_err(|source| Error::Io {
+            path: self.dir.join(format!("{} (chunk {chunk})", Manifest::pack_name(p))),
+            source,
+        })
+    }
+
+    /// Decodes chunk `chunk` into `out`, checking it.
+    fn decode(
+        &self,
+        chunk: u64,
+        dec: &mut zstd::bulk::Decompressor<'_>,
+        buf: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let e = self.index.entries[chunk as usize];
+        if e.kind != Kind::Zero {
+            self.read_stored(chunk, &e, buf)?;
+        }
+        format::decode_chunk(chunk, &e, buf, dec, out)
+    }
+
+    /// The guest-physical address of chunk `chunk`.
+    fn guest_addr(&self, chunk: u64) -> u64 {
+        let m = &self.manifest;
+        let r = m.regions.iter().rev().find(|r| r.first_chunk <= chunk).expect("chunk 0 is in region 0");
+        r.guest_addr + (chunk - r.first_chunk) * m.chunk_size as u64
+    }
+}
+
+/// Options of [`restore_memory`].
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Decode every chunk before the VM runs (no userfaultfd).
+    pub eager: bool,
+    /// Do not prefetch the working set.
+    pub no_prefetch: bool,
+}
+
+/// What a restore's page servers did, for `vmfork snapshot inspect`.
+#[derive(Debug)]
+pub struct RestoreStats {
+    t0: Instant,
+    zero_faults: AtomicU64,
+    decoded_faults: AtomicU64,
+    prefetched: AtomicU64,
+    bytes_decoded: AtomicU64,
+    /// First touches by demand fault: (chunk, µs since the memory was made).
+    trace: Mutex<Vec<(u32, u32)>>,
+    /// Service time of each demand fault that decoded, in ns (the first million).
+    fault_ns: Mutex<Vec<u32>>,
+    /// The working set this restore prefetched.
+    prefetch_set: Vec<u32>,
+    eager: bool,
+}
+
+/// [`RestoreStats`] as numbers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub eager: bool,
+    pub zero_faults: u64,
+    pub decoded_faults: u64,
+    pub prefetched_chunks: u64,
+    pub bytes_decoded: u64,
+    pub fault_p50_us: Option<f64>,
+    pub fault_p99_us: Option<f64>,
+    /// Demand faults on chunks outside the prefetched working set.
+    pub misses: u64,
+    /// Of the recorded working set, the share this run touched by demand (meaningful for
+    /// a restore without prefetch: one with prefetch does not see touches of prefetched
+    /// chunks).
+    pub ws_precision: Option<f64>,
+    /// Of the chunks this run touched by demand, the share in the working set.
+    pub ws_recall: Option<f64>,
+    /// The first touches, (chunk, µs since the restore began).
+    pub trace: Vec<(u32, u32)>,
+}
+
+impl RestoreStats {
+    /// The counters now; `ws` is the snapshot's working set, for precision and recall.
+    pub fn report(&self, ws: Option<&WorkingSet>) -> StatsReport {
+        let trace = self.trace.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut ns = self.fault_ns.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        ns.sort_unstable();
+        let pct = |p: f64| (!ns.is_empty()).then(|| ns[((ns.len() - 1) as f64 * p) as usize] as f64 / 1e3);
+        let prefetched: std::collections::HashSet<u32> = self.prefetch_set.iter().copied().collect();
+        let touched: std::collections::HashSet<u32> = trace.iter().map(|t| t.0).collect();
+        let (precision, recall) = match ws {
+            Some(ws) if !ws.chunks.is_empty() && !touched.is_empty() => {
+                let set: std::collections::HashSet<u32> = ws.chunks.iter().map(|c| c.0).collect();
+                let both = set.intersection(&touched).count() as f64;
+                (Some(both / set.len() as f64), Some(both / touched.len() as f64))
+            }
+            _ => (None, None),
+        };
+        StatsReport {
+            eager: self.eager,
+            zero_faults: self.zero_faults.load(Ordering::Relaxed),
+            decoded_faults: self.decoded_faults.load(Ordering::Relaxed),
+            prefetched_chunks: self.prefetched.load(Ordering::Relaxed),
+            bytes_decoded: self.bytes_decoded.load(Ordering::Relaxed),
+            fault_p50_us: pct(0.5),
+            fault_p99_us: pct(0.99),
+            misses: touched.iter().filter(|c| !prefetched.contains(c)).count() as u64,
+            ws_precision: precision,
+            ws_recall: recall,
+            trace,
+        }
+    }
+
+    /// This run's first touches as a working set (what `record-ws` stores).
+    pub fn working_set(&self) -> WorkingSet {
+        WorkingSet { chunks: self.trace.lock().unwrap_or_else(|p| p.into_inner()).clone() }
+    }
+
+    fn touch(&self, chunk: u64) {
+        let us = self.t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        self.trace.lock().unwrap_or_else(|p| p.into_inner()).push((chunk as u32, us));
+    }
+}
+
+/// Builds guest memory for the snapshot `snap`: lazily filled through userfaultfd, or
+/// decoded whole with `opts.eager`. See the module documentation.
+pub fn restore_memory(
+    snap: Arc<Snapshot>,
+    opts: &RestoreOptions,
+) -> Result<(GuestMemory, Arc<RestoreStats>)> {
+    let m = &snap.manifest;
+    let host = host_memory_bytes();
+    if host.is_some_and(|h| m.guest_size() > h) {
+        return Err(Error::TooBig { guest_mib: m.guest_size() >> 20, host_mib: host.unwrap_or(0) >> 20 });
+    }
+    let prefetch_set: Vec<u32> = match (&snap.working_set, opts.no_prefetch || opts.eager) {
+        (Some(ws), false) => ws.chunks.iter().map(|c| c.0).collect(),
+        _ => Vec::new(),
+    };
+    let stats = Arc::new(RestoreStats {
+        t0: Instant::now(),
+        zero_faults: AtomicU64::new(0),
+        decoded_faults: AtomicU64::new(0),
+        prefetched: AtomicU64::new(0),
+        bytes_decoded: AtomicU64::new(0),
+        trace: Mutex::new(Vec::new()),
+        fault_ns: Mutex::new(Vec::new()),
+        prefetch_set,
+        eager: opts.eager,
+    });
+    let cs = m.chunk_size as usize;
+    let mut regions = Vec::with_capacity(m.regions.len());
+    for (ri, r) in m.regions.iter().enumerate() {
+        let file = Arc::new(MemFile::create("vmfork-restore", r.size as usize)?);
+        let region = Region::with_file(r.guest_addr, file.clone())?;
+        if opts.eager {
+            let mut dec = zstd::bulk::Decompressor::new().map_err(io_err(&snap.dir))?;
+            let (mut buf, mut out) = (Vec::new(), vec![0u8; cs]);
+            for c in 0..r.size / cs as u64 {
+                let chunk = r.first_chunk + c;
+                if snap.index.entries[chunk as usize].kind == Kind::Zero {
+                    continue;
+                }
+                snap.decode(chunk, &mut dec, &mut buf, &mut out)?;
+                file.write_all_at(&out, c * cs as u64)?;
+                stats.bytes_decoded.fetch_add(cs as u64, Ordering::Relaxed);
+            }
+            regions.push(region);
+            continue;
+        }
+        let source = ChunkSource::new(snap.clone(), ri, stats.clone())?;
+        let region = uffd::fill_from_source(region, &file, Box::new(source))?;
+        if !stats.prefetch_set.is_empty() {
+            let uffd = region.with_page_server(|f| f.uffd()).expect("the region was just made lazy");
+            spawn_prefetch(snap.clone(), ri, region.host_addr() as usize, uffd, stats.clone());
+        }
+        regions.push(region);
+    }
+    Ok((GuestMemory::from_regions(regions, false)?, stats))
+}
+
+/// Serves the faults of one region from the snapshot's chunks.
+struct ChunkSource {
+    snap: Arc<Snapshot>,
+    region: usize,
+    stats: Arc<RestoreStats>,
+    dec: zstd::bulk::Decompressor<'static>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl ChunkSource {
+    fn new(snap: Arc<Snapshot>, region: usize, stats: Arc<RestoreStats>) -> Result<Self> {
+        let dec = zstd::bulk::Decompressor::new().map_err(io_err(&snap.dir))?;
+        let out = vec![0u8; snap.manifest.chunk_size as usize];
+        Ok(ChunkSource { snap, region, stats, dec, buf: Vec::new(), out })
+    }
+}
+
+impl PageSource for ChunkSource {
+    fn fetch(&mut self, offset: usize) -> std::io::Result<(usize, usize, Option<&[u8]>)> {
+        let t = Instant::now();
+        let cs = self.snap.manifest.chunk_size as usize;
+        let start = offset - offset % cs;
+        let chunk = self.snap.manifest.regions[self.region].first_chunk + (start / cs) as u64;
+        self.stats.touch(chunk);
+        if self.snap.index.entries[chunk as usize].kind == Kind::Zero {
+            self.stats.zero_faults.fetch_add(1, Ordering::Relaxed);
+            return Ok((start, cs, None));
+        }
+        if let Err(e) = self.snap.decode(chunk, &mut self.dec, &mut self.buf, &mut self.out) {
+            return Err(std::io::Error::other(format!(
+                "snapshot {}: chunk {chunk} at guest address {:#x}: {e}",
+                self.snap.dir.display(),
+                self.snap.guest_addr(chunk)
+            )));
+        }
+        self.stats.decoded_faults.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_decoded.fetch_add(cs as u64, Ordering::Relaxed);
+        let mut ns = self.stats.fault_ns.lock().unwrap_or_else(|p| p.into_inner());
+        if ns.len() < 1 << 20 {
+            ns.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        }
+        Ok((start, cs, Some(&self.out)))
+    }
+}
+
+/// Places the working set's chunks of region `ri` (registered at `addr`) in recorded
+/// order, on a thread of lower priority than the demand faults' server.
+fn spawn_prefetch(
+    snap: Arc<Snapshot>,
+    ri: usize,
+    addr: usize,
+    uffd: Arc<uffd::sys::Uffd>,
+    stats: Arc<RestoreStats>,
+) {
+    let _ = std::thread::Builder::new().name("vmfork-prefetch".into()).spawn(move || {
+        // SAFETY: setpriority only changes this thread's nice value.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) };
+        let m = &snap.manifest;
+        let (r, cs) = (&m.regions[ri], m.chunk_size as usize);
+        let Ok(mut dec) = zstd::bulk::Decompressor::new() else { return };
+        let (mut buf, mut out) = (Vec::new(), vec![0u8; cs]);
+        for &c in &stats.prefetch_set {
+            let c = c as u64;
+            if c < r.first_chunk || c >= r.first_chunk + r.size / cs as u64 {
+                continue;
+            }
+            let dst = addr + (c - r.first_chunk) as usize * cs;
+            let placed = if snap.index.entries[c as usize].kind == Kind::Zero {
+                uffd.zeropage(dst, cs).map(|()| cs)
+            } else {
+                // A bad chunk stops the prefetch; the demand fault on it reports it.
+                if snap.decode(c, &mut dec, &mut buf, &mut out).is_err() {
+                    return;
+                }
+                uffd.copy(dst, out.as_ptr(), cs)
+            };
+            match placed {
+                Ok(_) => {
+                    stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                }
+                // Already there (a demand fault was first), or the region is gone.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EAGAIN)) => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// MemTotal of this host.
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 =
+        info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}
