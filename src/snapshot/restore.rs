@@ -304,7 +304,8 @@ impl PageSource for ChunkSource {
         }
         if let Err(e) = self.snap.decode(chunk, &mut self.dec, &mut self.buf, &mut self.out) {
             return Err(std::io::Error::other(format!(
-                "snapshot {}: chunk {chunk} at guest address {:#x}: {e}",
+                "snapshot {}: {e} (guest address {:#x}); the guest cannot run on without it: \
+                 restore from an intact copy of the snapshot, or take it again",
                 self.snap.dir.display(),
                 self.snap.guest_addr(chunk)
             )));

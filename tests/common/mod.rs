@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each suite uses its own part of this.
 
+pub mod guest;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
