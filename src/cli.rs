@@ -622,6 +622,12 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
                 Some(v) => Some(api::call(v, &Request::RestoreStats)?.0),
                 None => None,
             };
+            if !json {
+                let report: Option<crate::snapshot::StatsReport> =
+                    stats.as_ref().map(|s| serde_json::from_value(s["stats"].clone())).transpose()?;
+                let restore = vm.as_deref().zip(report.as_ref());
+                return print_out(&crate::snapshot::describe(&snap, restore));
+            }
             let idx = &snap.index.entries;
             let count = |k| idx.iter().filter(|e| e.kind == k).count();
             use crate::snapshot::format::Kind;
@@ -629,11 +635,10 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
                 "dir": snap.dir, "manifest": snap.manifest,
                 "chunks": {"zero": count(Kind::Zero), "raw": count(Kind::Raw), "zstd": count(Kind::Zstd)},
                 "stored_bytes": idx.iter().map(|e| e.len as u64).sum::<u64>(),
-                "working_set_chunks": snap.working_set.as_ref().map(|w| w.chunks.len()),
+                "working_set": snap.working_set.as_ref().map(|w| w.chunks.len()),
                 "restore": stats,
             });
-            println!("{}", if json { serde_json::to_string_pretty(&v)? } else { v.to_string() });
-            Ok(ExitCode::SUCCESS)
+            print_out(&format!("{}\n", serde_json::to_string_pretty(&v)?))
         }
         Some(SnapshotSub::RecordWs { dir, from }) => {
             let (v, _) = api::call(&from, &Request::RestoreStats)?;
@@ -653,27 +658,31 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
                 if tty {
                     let mib = |k: &str| p[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
                     let secs = p["elapsed_secs"].as_f64().unwrap_or(0.0).max(1e-6);
+                    let (done, stored) = (mib("done_bytes"), mib("stored_bytes"));
                     eprint!(
-                        "\r{:.0}/{:.0} MiB, {:.0} MiB/s, stored {:.1} MiB   ",
-                        mib("done_bytes"),
+                        "\r{done:.0}/{:.0} MiB, {:.0} MiB/s, stored {stored:.1} MiB (ratio {:.1} of all)   ",
                         mib("total_bytes"),
-                        mib("done_bytes") / secs,
-                        mib("stored_bytes")
+                        done / secs,
+                        done / stored.max(1e-9)
                     );
                 }
             })?;
             if tty {
                 eprintln!();
             }
-            println!(
-                "{}",
-                if args.json {
-                    serde_json::to_string_pretty(&v["summary"])?
-                } else {
-                    v["summary"].to_string()
-                }
-            );
-            Ok(ExitCode::SUCCESS)
+            if args.json {
+                return print_out(&format!("{}\n", serde_json::to_string_pretty(&v["summary"])?));
+            }
+            let summary: crate::snapshot::Summary = serde_json::from_value(v["summary"].clone())?;
+            print_out(&format!("{summary}\n"))
         }
+    }
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> CliResult {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
     }
 }

@@ -21,6 +21,18 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     n.checked_mul(1usize << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Bytes as a size to read: `64M`, `1.5G`, `512K`, `100` (binary units).
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (scale, unit) in UNITS {
+        if b >= scale {
+            let v = b as f64 / scale as f64;
+            return if v.fract() == 0.0 { format!("{v:.0}{unit}") } else { format!("{v:.1}{unit}") };
+        }
+    }
+    format!("{b}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_size;

@@ -320,3 +320,65 @@ fn linux_guest_forks_with_reflink() {
 fn linux_guest_with_two_vcpus_forks_with_cow() {
     fork_with("cow", 2);
 }
+
+/// A Linux guest snapshotted and stopped, then restored twice: each restore continues
+/// from the snapshot point (no reboot), its kernel logs the VM-fork reseed, and the two
+/// read different /dev/urandom bytes, so neither shares the other's or the source's RNG.
+#[test]
+fn linux_guest_snapshot_restores_twice_with_a_reseed_in_each() {
+    let test = "linux_guest_snapshot_restores_twice_with_a_reseed_in_each";
+    let Some((kernel, initrd)) = guest_or_skip(test) else { return };
+    let Some(_lock) = kvm_available(test) else { return };
+    let rt = Runtime::new("linux-snapshot");
+    rt.boot("p", &kernel, &initrd, 1);
+    let before = *rt.ticks("p").keys().last().unwrap();
+    let dir = rt.dir.join("snap");
+    let t = Instant::now();
+    let out = rt.ok(&["snapshot", "p", dir.to_str().unwrap(), "--stop", "--json"]);
+    eprintln!("{test}: snapshot in {:?}: {}", t.elapsed(), out.trim());
+    let t = Instant::now();
+    while rt.ls().iter().any(|s| s["name"] == "p") {
+        assert!(t.elapsed() < Duration::from_secs(30), "the source did not stop after snapshot --stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last_of_source = *rt.ticks("p").keys().last().unwrap();
+    let mut firsts = Vec::new();
+    for name in ["r1", "r2"] {
+        rt.ok(&["restore", dir.to_str().unwrap(), "--name", name, "--detach"]);
+        let ticks = rt.wait_ticks(name, 0, 3, Duration::from_secs(120));
+        let first = *ticks.keys().next().unwrap();
+        assert!(
+            first > before,
+            "{name}'s first tick {first} is not after the source's tick {before}: it rebooted?"
+        );
+        assert!(
+            first <= last_of_source + 1,
+            "{name} starts at tick {first}, past the source's last tick {last_of_source}"
+        );
+        let t = Instant::now();
+        while !rt.console(name).contains(RESEED) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{name}'s kernel did not report a VM-fork reseed within 30 s; console tail:\n{}",
+                tail(&rt.console(name), 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        firsts.push(first);
+    }
+    assert!(!rt.console("p").contains(RESEED), "the source's kernel reseeded as if it were forked");
+    let start = firsts.iter().max().unwrap() + 1;
+    let r1 = rt.wait_ticks("r1", start, 2, Duration::from_secs(60));
+    let r2 = rt.wait_ticks("r2", start, 2, Duration::from_secs(60));
+    let common: Vec<u64> = r1.keys().copied().filter(|k| *k >= start && r2.contains_key(k)).collect();
+    assert!(common.len() >= 2, "too few common ticks after the restores: {common:?}");
+    for k in &common {
+        assert_ne!(r1[k], r2[k], "tick {k}: both restores read the same /dev/urandom bytes: no reseed");
+    }
+    eprintln!(
+        "{test}: source stopped at tick {last_of_source}; restores continued at ticks {firsts:?}, {} common ticks all differ",
+        common.len()
+    );
+    rt.ok(&["stop", "r1"]);
+    rt.ok(&["stop", "r2"]);
+}

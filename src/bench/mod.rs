@@ -335,17 +335,7 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
     Ok(())
 }
 
-/// `64M`, `1G`, ...
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
-    for (scale, unit) in UNITS {
-        if b >= scale {
-            let v = b as f64 / scale as f64;
-            return if v.fract() == 0.0 { format!("{v:.0}{unit}") } else { format!("{v:.1}{unit}") };
-        }
-    }
-    format!("{b}")
-}
+pub use crate::units::human_bytes;
 
 pub(crate) fn human_value(v: f64, unit: &str) -> String {
     match unit {

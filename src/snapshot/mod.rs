@@ -28,11 +28,13 @@
 //! the snapshot directory.
 
 pub mod format;
+mod inspect;
 mod restore;
 mod write;
 
 use std::path::PathBuf;
 
+pub use inspect::describe;
 pub use restore::{RestoreOptions, RestoreStats, Snapshot, StatsReport, restore_memory};
 pub use write::{Progress, Summary, TakeOptions, record_working_set, take};
 

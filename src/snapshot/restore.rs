@@ -158,6 +158,10 @@ pub struct StatsReport {
     pub zero_faults: u64,
     pub decoded_faults: u64,
     pub prefetched_chunks: u64,
+    /// Chunks of the working set this restore set out to prefetch (0: no prefetch).
+    #[serde(default)]
+    pub prefetch_planned: u64,
+    /// Bytes decoded by demand faults and by the prefetch.
     pub bytes_decoded: u64,
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
@@ -195,6 +199,7 @@ impl RestoreStats {
             zero_faults: self.zero_faults.load(Ordering::Relaxed),
             decoded_faults: self.decoded_faults.load(Ordering::Relaxed),
             prefetched_chunks: self.prefetched.load(Ordering::Relaxed),
+            prefetch_planned: self.prefetch_set.len() as u64,
             bytes_decoded: self.bytes_decoded.load(Ordering::Relaxed),
             fault_p50_us: pct(0.5),
             fault_p99_us: pct(0.99),
@@ -354,6 +359,9 @@ fn spawn_prefetch(
             match placed {
                 Ok(_) => {
                     stats.prefetched.fetch_add(1, Ordering::Relaxed);
+                    if snap.index.entries[c as usize].kind != Kind::Zero {
+                        stats.bytes_decoded.fetch_add(cs as u64, Ordering::Relaxed);
+                    }
                 }
                 // Already there (a demand fault was first), or the region is gone.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EAGAIN)) => {}
