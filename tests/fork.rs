@@ -14,7 +14,7 @@ use serde_json::Value;
 mod common;
 
 use common::guest::{assert_progress, assert_same_guest, counter, genid};
-use common::{Runtime, kvm_available, tail};
+use common::{Runtime, kvm_available};
 
 /// What the fork tests ask of a runtime directory.
 trait Fork {

@@ -60,6 +60,7 @@ fn manifest(regions: Vec<RegionInfo>, chunk_size: u32, packs: Vec<u64>) -> Manif
         level: 1,
         regions,
         packs,
+        pack_crc32c: Vec::new(),
         working_set_first: false,
     }
 }

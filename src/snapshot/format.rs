@@ -11,7 +11,7 @@
 //! | `pack-NNNN.bin` | the chunks' bytes, several MiB per pack, no chunk split across two |
 //!
 //! Every parser here takes untrusted bytes and returns an error naming the field or
-//! chunk at fault; none panics (fuzzed by `fuzz/fuzz_targets/snapshot_index.rs`).
+//! chunk at fault; none panics (fuzzed by `fuzz/fuzz_targets/snapshot_*.rs`, see `fuzz/README.md`).
 
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +103,10 @@ pub struct Manifest {
     pub regions: Vec<RegionInfo>,
     /// Byte sizes of `pack-0000.bin`, `pack-0001.bin`, ...
     pub packs: Vec<u64>,
+    /// crc32c of each whole pack, in the same order: what a pack fetched from an object
+    /// store, or kept in the host's pack cache, is checked against.
+    #[serde(default)]
+    pub pack_crc32c: Vec<u32>,
     /// Whether the packs start with the working set's chunks, in its order.
     #[serde(default)]
     pub working_set_first: bool,
@@ -148,17 +152,27 @@ impl Manifest {
         if self.regions.is_empty() || next > MAX_CHUNKS {
             return bad(format!("{} regions with {next} chunks", self.regions.len()));
         }
+        if !self.pack_crc32c.is_empty() && self.pack_crc32c.len() != self.packs.len() {
+            return bad(format!("{} pack checksums for {} packs", self.pack_crc32c.len(), self.packs.len()));
+        }
+        // `Snapshot::open` adds them up.
+        if self.packs.iter().try_fold(0u64, |t, &p| t.checked_add(p)).is_none() {
+            return bad("packs: their sizes add up past 2^64".into());
+        }
         Ok(())
     }
 
-    /// Chunks in all regions.
+    /// Chunks in all regions (exact once [`Manifest::validate`] passed; before, a
+    /// `chunk_size` of 0 counts none and the sum saturates, rather than panicking).
     pub fn chunks(&self) -> u64 {
-        self.regions.iter().map(|r| r.size / self.chunk_size as u64).sum()
+        let cs = self.chunk_size as u64;
+        self.regions.iter().fold(0u64, |n, r| n.saturating_add(r.size.checked_div(cs).unwrap_or(0)))
     }
 
-    /// Guest bytes in all regions.
+    /// Guest bytes in all regions (exact once [`Manifest::validate`] passed; the sum
+    /// saturates before).
     pub fn guest_size(&self) -> u64 {
-        self.regions.iter().map(|r| r.size).sum()
+        self.regions.iter().fold(0u64, |n, r| n.saturating_add(r.size))
     }
 
     /// The file name of pack `i`.
@@ -217,6 +231,11 @@ impl Index {
             return Err(bad(format!("{} bytes of entries, the header says {clen}", b.len() - 32)));
         }
         let raw_len = n as usize * ENTRY_LEN;
+        // Refused before `raw_len` bytes are allocated: `encode`'s frame declares its size.
+        match zstd::zstd_safe::get_frame_content_size(&b[32..]) {
+            Ok(Some(len)) if len == raw_len as u64 => {}
+            _ => return Err(bad(format!("entries: the zstd frame does not declare {raw_len} bytes"))),
+        }
         let raw = zstd::bulk::decompress(&b[32..], raw_len).map_err(|e| bad(format!("entries: {e}")))?;
         if raw.len() != raw_len || crc32c::crc32c(&raw) != crc {
             return Err(bad("entries do not match their checksum".into()));
@@ -397,6 +416,74 @@ mod tests {
                 assert!(err.to_string().contains("chunk 5"), "{err}");
             }
         }
+    }
+
+    fn manifest(chunk_size: u32, regions: &[(u64, u64, u64)], packs: Vec<u64>) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            source_vm: "vm".into(),
+            created_unix: 0,
+            page_size: 4096,
+            chunk_size,
+            codec: "zstd".into(),
+            level: 1,
+            regions: regions
+                .iter()
+                .map(|&(guest_addr, size, first_chunk)| RegionInfo { guest_addr, size, first_chunk })
+                .collect(),
+            packs,
+            pack_crc32c: vec![],
+            working_set_first: false,
+        }
+    }
+
+    /// fuzz/corpus/snapshot_manifest/seed-chunk-size-0: `chunks` divided by zero.
+    #[test]
+    fn chunks_and_guest_size_of_an_unvalidated_manifest_do_not_panic() {
+        let m = manifest(0, &[(0, 8192, 0)], vec![]);
+        assert!(m.validate().is_err());
+        assert_eq!((m.chunks(), m.guest_size()), (0, 8192));
+        let m = manifest(4096, &[(0, 1 << 63, 0), (0, 1 << 63, 0)], vec![]);
+        assert!(m.validate().is_err());
+        assert_eq!((m.chunks(), m.guest_size()), (1 << 52, u64::MAX));
+    }
+
+    #[test]
+    fn packs_adding_up_past_2_64_are_refused() {
+        let m = manifest(4096, &[(0, 8192, 0)], vec![u64::MAX, 1]);
+        let err = m.validate().unwrap_err().to_string();
+        assert!(err.contains("packs"), "{err}");
+        assert!(manifest(4096, &[(0, 8192, 0)], vec![u64::MAX - 1, 1]).validate().is_ok());
+    }
+
+    /// fuzz/corpus/snapshot_index/seed-max-count: a 41-byte file claiming MAX_CHUNKS
+    /// entries made zstd reserve 256 MiB before it failed.
+    #[test]
+    fn an_index_frame_not_declaring_the_entries_size_is_refused_before_decoding() {
+        let header = |n: u64, body: &[u8]| {
+            let mut b = INDEX_MAGIC.to_vec();
+            b.extend_from_slice(&VERSION.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+            b.extend_from_slice(&crc32c::crc32c(&[]).to_le_bytes());
+            b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            b.resize(32, 0);
+            b.extend_from_slice(body);
+            b
+        };
+        let empty = zstd::bulk::compress(&[], 3).unwrap();
+        assert_eq!(Index::decode(&header(0, &empty), 0, 0).unwrap(), Index { entries: vec![] });
+        let err = Index::decode(&header(MAX_CHUNKS, &empty), MAX_CHUNKS, 0).unwrap_err().to_string();
+        assert!(err.contains("does not declare 268435456 bytes"), "{err}");
+        // A frame without a content size (a streaming encoder's) is refused too.
+        let raw = [0u8; 16];
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &raw).unwrap();
+        let body = enc.finish().unwrap();
+        let mut b = header(1, &body);
+        b[20..24].copy_from_slice(&crc32c::crc32c(&raw).to_le_bytes());
+        assert!(Index::decode(&b, 1, 0).unwrap_err().to_string().contains("does not declare 16 bytes"));
     }
 
     #[test]

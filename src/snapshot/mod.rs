@@ -29,6 +29,8 @@
 
 pub mod format;
 mod inspect;
+#[doc(hidden)]
+pub mod fuzzing;
 mod restore;
 mod write;
 

@@ -214,7 +214,7 @@ fn manifest_for(
     name: &str,
     opts: &TakeOptions,
     layout: &[(u64, usize)],
-    packs: Vec<u64>,
+    (packs, pack_crc32c): PackSums,
     ws: bool,
 ) -> Manifest {
     let mut first = 0;
@@ -237,6 +237,7 @@ fn manifest_for(
         level: opts.level,
         regions,
         packs,
+        pack_crc32c,
         working_set_first: ws,
     }
 }
@@ -259,17 +260,21 @@ fn summarize(dir: &Path, m: &Manifest, index: &Index, pause_ns: u64, write_secs:
     }
 }
 
+/// The packs' sizes and crc32c checksums, in pack order.
+type PackSums = (Vec<u64>, Vec<u32>);
+
 /// Appends stored chunks to packs of about [`PACK_SIZE`], never splitting a chunk.
 struct PackWriter {
     dir: PathBuf,
     sizes: Vec<u64>,
+    crcs: Vec<u32>,
     current: Option<std::io::BufWriter<File>>,
     offset: u64,
 }
 
 impl PackWriter {
     fn new(dir: &Path) -> Self {
-        PackWriter { dir: dir.to_path_buf(), sizes: Vec::new(), current: None, offset: 0 }
+        PackWriter { dir: dir.to_path_buf(), sizes: Vec::new(), crcs: Vec::new(), current: None, offset: 0 }
     }
 
     /// Stores `data`; returns its offset in the concatenation of the packs.
@@ -280,11 +285,14 @@ impl PackWriter {
             self.current =
                 Some(std::io::BufWriter::with_capacity(1 << 20, File::create(&path).map_err(io_err(&path))?));
             self.sizes.push(0);
+            self.crcs.push(0);
         }
         let at = self.offset;
         let path = self.dir.join(Manifest::pack_name(self.sizes.len() - 1));
         self.current.as_mut().expect("a pack is open").write_all(data).map_err(io_err(path))?;
         *self.sizes.last_mut().expect("a pack is open") += data.len() as u64;
+        let crc = self.crcs.last_mut().expect("a pack is open");
+        *crc = crc32c::crc32c_append(*crc, data);
         self.offset += data.len() as u64;
         Ok(at)
     }
@@ -298,9 +306,10 @@ impl PackWriter {
         Ok(())
     }
 
-    fn close(mut self) -> Result<Vec<u64>> {
+    /// The packs' sizes and checksums.
+    fn close(mut self) -> Result<PackSums> {
         self.close_current()?;
-        Ok(self.sizes)
+        Ok((self.sizes, self.crcs))
     }
 }
 
@@ -309,7 +318,7 @@ type Compressed = (u64, Entry, Vec<u8>);
 
 /// Compresses the chunks of `layout` (regions `(guest address, size)`) read through
 /// `source(region, offset, len)` and stores them in the packs in `order` (chunk
-/// numbers), on a few threads. Returns the index and the packs' sizes.
+/// numbers), on a few threads. Returns the index and the packs' sizes and checksums.
 fn write_chunks<'a>(
     dir: &Path,
     layout: &[(u64, usize)],
@@ -317,7 +326,7 @@ fn write_chunks<'a>(
     order: &[u64],
     source: &(dyn Fn(usize, usize, usize) -> &'a [u8] + Sync),
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<(Index, Vec<u64>)> {
+) -> Result<(Index, PackSums)> {
     let cs = opts.chunk_size as usize;
     let mut starts = Vec::new();
     let mut n = 0u64;
