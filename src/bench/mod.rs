@@ -10,6 +10,7 @@ use clone::meminfo;
 mod fork;
 mod linux_fork;
 mod plot;
+mod snapshot;
 pub mod vm;
 
 use std::io::Write;
@@ -89,6 +90,8 @@ pub enum Suite {
     Fork,
     /// Booting and forking a Linux guest (where KVM can run one: the testbed).
     Linux,
+    /// Snapshots of a running VM: pause, write, size; restores by every strategy.
+    Snapshot,
 }
 
 impl BenchOptions {
@@ -195,11 +198,12 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut records = Vec::new();
     // Each suite says how long it took: under TCG a suite can run for many minutes, and
     // whoever trims a run needs to know which.
-    let suites: [(Suite, SuiteFn); 4] = [
+    let suites: [(Suite, SuiteFn); 5] = [
         (Suite::Clone, clone::run),
         (Suite::Vm, |_, out| vm::run(out)),
         (Suite::Fork, fork::run),
         (Suite::Linux, linux_fork::run),
+        (Suite::Snapshot, snapshot::run),
     ];
     for (suite, run_suite) in suites {
         if opts.runs(suite) {
@@ -212,6 +216,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut ratios = clone::ratios(&records);
     ratios.extend(fork::ratios(&records));
     ratios.extend(linux_fork::ratios(&records));
+    ratios.extend(snapshot::ratios(&records));
     let report = Report { run, records, ratios };
     print_report(&report, &mut std::io::stdout().lock())?;
     if let Some(path) = &opts.json {
@@ -285,38 +290,49 @@ pub fn render(
     Ok(())
 }
 
-/// A table per suite: one row per (scenario, metric, size), one column per strategy.
+/// A table per suite: one row per (scenario, metric, size), one column per strategy
+/// of that suite.
 pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<()> {
-    let mut strategies: Vec<&str> = Vec::new();
-    let mut rows: Vec<(&str, &str, &str, u64)> = Vec::new();
+    let mut suites: Vec<&str> = Vec::new();
     for r in records {
-        if !strategies.contains(&r.strategy.as_str()) {
-            strategies.push(&r.strategy);
-        }
-        let key = (r.suite.as_str(), r.scenario.as_str(), r.metric.as_str(), r.size_bytes);
-        if !rows.contains(&key) {
-            rows.push(key);
+        if !suites.contains(&r.suite.as_str()) {
+            suites.push(&r.suite);
         }
     }
-    // The baseline first, then the strategies in the order they ran.
-    strategies.sort_by_key(|s| *s != "native");
-    write!(out, "{:<8} {:<26} {:>9}", "suite", "metric", "size")?;
-    for s in &strategies {
-        write!(out, " {s:>12}")?;
-    }
-    writeln!(out)?;
-    for (suite, scenario, metric, size) in rows {
-        let label = if scenario == metric { metric.to_string() } else { format!("{scenario}/{metric}") };
-        write!(out, "{suite:<8} {label:<26} {:>9}", human_bytes(size))?;
+    for suite in suites {
+        let mut strategies: Vec<&str> = Vec::new();
+        let mut rows: Vec<(&str, &str, u64)> = Vec::new();
+        for r in records.iter().filter(|r| r.suite == suite) {
+            if !strategies.contains(&r.strategy.as_str()) {
+                strategies.push(&r.strategy);
+            }
+            let key = (r.scenario.as_str(), r.metric.as_str(), r.size_bytes);
+            if !rows.contains(&key) {
+                rows.push(key);
+            }
+        }
+        // The baseline first, then the strategies in the order they ran.
+        strategies.sort_by_key(|s| *s != "native");
+        let width = |s: &str| s.len().max(12);
+        write!(out, "{:<8} {:<26} {:>9}", "suite", "metric", "size")?;
         for s in &strategies {
-            let cell =
-                find(records, suite, scenario, s, metric, size).map_or(String::new(), |r| match r.value {
+            write!(out, " {s:>w$}", w = width(s))?;
+        }
+        writeln!(out)?;
+        for (scenario, metric, size) in rows {
+            let label = if scenario == metric { metric.to_string() } else { format!("{scenario}/{metric}") };
+            write!(out, "{suite:<8} {label:<26} {:>9}", human_bytes(size))?;
+            for s in &strategies {
+                let cell = find(records, suite, scenario, s, metric, size).map_or(String::new(), |r| match r
+                    .value
+                {
                     Some(v) => human_value(v, &r.unit),
                     None => "skipped".into(),
                 });
-            write!(out, " {cell:>12}")?;
+                write!(out, " {cell:>w$}", w = width(s))?;
+            }
+            writeln!(out)?;
         }
-        writeln!(out)?;
     }
     // Each distinct reason once, with the sizes it applied to.
     let mut skips: Vec<(&str, &str, Vec<u64>)> = Vec::new();
@@ -344,6 +360,9 @@ pub(crate) fn human_value(v: f64, unit: &str) -> String {
         "ns" if v >= 1e4 => format!("{:.1}us", v / 1e3),
         "ns" => format!("{v:.0}ns"),
         "bytes" => human_bytes(v as u64),
+        "count" => format!("{v:.0}"),
+        "x" => format!("{v:.2}x"),
+        "MiB/s" => format!("{v:.0}MiB/s"),
         _ => format!("{v:.3}{unit}"),
     }
 }

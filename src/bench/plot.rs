@@ -6,7 +6,12 @@
 //! * `first_touch.svg`: cost of the first read and the first write of a page after a
 //!   clone, per strategy, at the largest size measured;
 //! * `fork_memory.svg`: memory held by a source and its idle clones or forks, as a
-//!   multiple of one guest's size (clone suite, fork suite, and idle Linux forks).
+//!   multiple of one guest's size (clone suite, fork suite, and idle Linux forks);
+//! * `snapshot_restore.svg`: a snapshot's restore, request to vCPUs running and to the
+//!   guest's working set touched, against guest size, per restore strategy (snapshot
+//!   suite, `written25` memory);
+//! * `snapshot_touch.svg`: first touch of a chunk of restored memory, p50 and p99,
+//!   against guest size, per restore strategy (snapshot suite, `written25` memory).
 
 use std::path::{Path, PathBuf};
 
@@ -27,8 +32,19 @@ const COLOURS: [RGBColor; 6] = [
 ];
 const SIZE: (u32, u32) = (760, 440);
 
+/// The snapshot suite's restore strategies, in legend order, and their colours.
+const SNAPSHOT_ORDER: [&str; 5] = ["file-private", "file-uffd", "zstd-uffd", "zstd-prefetch", "eager"];
+const SNAPSHOT_COLOURS: [RGBColor; 5] = [
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x7f, 0x7f, 0x7f),
+];
+
 fn colour(strategy: &str) -> RGBColor {
-    ORDER.iter().position(|s| *s == strategy).map_or(BLACK, |i| COLOURS[i])
+    let snapshot = || SNAPSHOT_ORDER.iter().position(|s| *s == strategy).map(|i| SNAPSHOT_COLOURS[i]);
+    ORDER.iter().position(|s| *s == strategy).map(|i| COLOURS[i]).or_else(snapshot).unwrap_or(BLACK)
 }
 
 fn err(e: impl std::fmt::Display) -> BenchError {
@@ -37,8 +53,19 @@ fn err(e: impl std::fmt::Display) -> BenchError {
 
 /// Values of `metric` (suite, scenario = metric unless given) by strategy: `(size, value)`.
 fn series(records: &[Record], suite: &str, scenario: &str, metric: &str) -> Vec<(String, Vec<(u64, f64)>)> {
+    series_of(records, suite, scenario, metric, &ORDER)
+}
+
+/// [`series`] for the strategies `order`.
+fn series_of(
+    records: &[Record],
+    suite: &str,
+    scenario: &str,
+    metric: &str,
+    order: &[&str],
+) -> Vec<(String, Vec<(u64, f64)>)> {
     let mut out: Vec<(String, Vec<(u64, f64)>)> = Vec::new();
-    for s in ORDER {
+    for &s in order {
         let mut points: Vec<(u64, f64)> = records
             .iter()
             .filter(|r| r.suite == suite && r.scenario == scenario && r.metric == metric && r.strategy == s)
@@ -132,15 +159,35 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
         )?;
         written.push(path);
     }
+    let snapshot = |metric: &str| series_of(records, "snapshot", "written25", metric, &SNAPSHOT_ORDER);
+    let (restore, ready) = (snapshot("restore_ns"), snapshot("ready_ns"));
+    if !restore.is_empty() || !ready.is_empty() {
+        let path = dir.join("snapshot_restore.svg");
+        let caption = "Restore: request to vCPUs running (solid), to working set touched (dashed)";
+        curves(&path, caption, &restore, &ready)?;
+        written.push(path);
+    }
+    let (p50, p99) = (snapshot("touch_p50_ns"), snapshot("touch_p99_ns"));
+    if !p50.is_empty() || !p99.is_empty() {
+        let path = dir.join("snapshot_touch.svg");
+        curves(&path, "First touch of a restored chunk: p50 (solid) and p99 (dashed)", &p50, &p99)?;
+        written.push(path);
+    }
     Ok(written)
 }
 
 type Series = [(String, Vec<(u64, f64)>)];
 
 fn latency_chart(path: &Path, clone: &Series, pause: &Series) -> Result<(), BenchError> {
+    curves(path, "Clone time (solid) and fork parent pause (dashed) vs guest size", clone, pause)
+}
+
+/// Times (ns, log scale) against guest size (log2): `solid` and `dashed` lines, one
+/// legend entry per strategy.
+fn curves(path: &Path, caption: &str, solid: &Series, dashed_lines: &Series) -> Result<(), BenchError> {
     // x is log2 of the size, so that every power of two gets a plain label.
     let log2 = |b: u64| (b as f64).log2();
-    let all = clone.iter().chain(pause).flat_map(|(_, p)| p.iter().map(|&(x, y)| (log2(x), y)));
+    let all = solid.iter().chain(dashed_lines).flat_map(|(_, p)| p.iter().map(|&(x, y)| (log2(x), y)));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, 0f64, f64::MAX, 0f64);
     for (x, y) in all {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
@@ -150,7 +197,7 @@ fn latency_chart(path: &Path, clone: &Series, pause: &Series) -> Result<(), Benc
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Clone time (solid) and fork parent pause (dashed) vs guest size", ("sans-serif", 18))
+        .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -167,13 +214,13 @@ fn latency_chart(path: &Path, clone: &Series, pause: &Series) -> Result<(), Benc
         .y_label_formatter(&|ns| super::human_value(*ns, "ns"))
         .draw()
         .map_err(err)?;
-    for (dashed, set) in [(false, clone), (true, pause)] {
+    for (dashed, set) in [(false, solid), (true, dashed_lines)] {
         for (name, points) in set {
             let c = colour(name);
             let style = c.stroke_width(2);
             let pts: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (log2(x), y)).collect();
             // One legend entry per strategy: the caption tells solid from dashed.
-            let labelled = !dashed || !clone.iter().any(|(n, _)| n == name);
+            let labelled = !dashed || !solid.iter().any(|(n, _)| n == name);
             let drawn = if dashed {
                 chart.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style)).map_err(err)?
             } else {
@@ -302,6 +349,32 @@ mod tests {
                 assert!(svg.contains(&format!(">\n{s}\n<")), "{} has a legend entry for {s}", p.display());
             }
             assert!(!svg.contains(">\nreflink\n<"), "a skipped strategy has no entry");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_snapshot_suite_gets_curves_of_its_restore_strategies() {
+        let mut records = Vec::new();
+        for (i, s) in SNAPSHOT_ORDER.into_iter().enumerate() {
+            for size in [256u64 << 20, 1 << 30] {
+                let v = (i as f64 + 1.0) * size as f64 / 1e2;
+                for m in ["restore_ns", "ready_ns", "touch_p50_ns", "touch_p99_ns"] {
+                    records.push(Record::value("snapshot", "written25", s, size, m, v, "ns"));
+                }
+            }
+        }
+        records.push(Record::value("snapshot", "written25", "zstd", 1 << 30, "pause_ns", 1e5, "ns"));
+        let dir = std::env::temp_dir().join(format!("vmfork-plot-snapshot-test-{}", std::process::id()));
+        let written = write_all(&records, &dir).unwrap();
+        let names: Vec<_> =
+            written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["snapshot_restore.svg", "snapshot_touch.svg"]);
+        for p in &written {
+            let svg = std::fs::read_to_string(p).unwrap();
+            for s in SNAPSHOT_ORDER {
+                assert!(svg.contains(&format!(">\n{s}\n<")), "{} has a legend entry for {s}", p.display());
+            }
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
