@@ -603,14 +603,18 @@ impl Worker<'_> {
                 Some(bytes) => self.uffd.copy(self.addr + start, bytes.as_ptr(), len),
             };
             let n = match placed {
-                // Some page of the run is there already (placed by a prefetch): the
-                // faulting page alone.
+                // Some page of the run is there already (placed by a prefetch): each page
+                // on its own, so the rest of the decoded run is not decoded again later.
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) && len > PAGE_SIZE => {
-                    let at = page - start;
-                    ok_if_exists(match data {
-                        None => self.uffd.zeropage(self.addr + page, PAGE_SIZE).map(|_| PAGE_SIZE),
-                        Some(bytes) => self.uffd.copy(self.addr + page, bytes[at..].as_ptr(), PAGE_SIZE),
-                    })?
+                    let mut n = 0;
+                    for at in (0..len).step_by(PAGE_SIZE) {
+                        let dst = self.addr + start + at;
+                        n += ok_if_exists(match data {
+                            None => self.uffd.zeropage(dst, PAGE_SIZE).map(|_| PAGE_SIZE),
+                            Some(bytes) => self.uffd.copy(dst, bytes[at..].as_ptr(), PAGE_SIZE),
+                        })?;
+                    }
+                    n
                 }
                 other => ok_if_exists(other)?,
             };
