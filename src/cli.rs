@@ -4,7 +4,7 @@
 //! saying what to do, with exit code 1 (2 for usage errors, from clap).
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,8 +38,18 @@ pub enum VmCommand {
     /// Snapshot a running VM into a new directory of zstd-compressed chunks; or inspect a
     /// snapshot, or record a restored VM's working set into it.
     Snapshot(SnapshotArgs),
-    /// Start a new VM from a snapshot; its memory fills lazily from the chunks.
+    /// Start a new VM from a snapshot (a directory or s3://BUCKET/PREFIX); its memory
+    /// fills lazily from the chunks.
     Restore(RestoreArgs),
+    /// Upload a snapshot directory to an S3-compatible object store.
+    Push {
+        dir: PathBuf,
+        /// s3://BUCKET/PREFIX (a prefix that holds no snapshot yet).
+        to: String,
+        /// The store's address (default: $AWS_ENDPOINT_URL).
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
     /// The child's end of a fork (started by the parent VM with its socket on fd 3).
     #[command(name = "__child", hide = true)]
     Child,
@@ -73,9 +83,13 @@ pub struct SnapshotArgs {
     /// The running VM to snapshot.
     #[arg(required = true)]
     pub name: Option<String>,
-    /// The new directory to write (it must not exist).
+    /// The new directory to write (it must not exist), or s3://BUCKET/PREFIX to upload
+    /// the snapshot to an object store.
     #[arg(required = true)]
     pub dir: Option<PathBuf>,
+    /// The object store's address for an s3:// snapshot (default: $AWS_ENDPOINT_URL).
+    #[arg(long)]
+    pub endpoint: Option<String>,
     /// zstd level (1 fast; 3 a little smaller).
     #[arg(long, default_value_t = 1)]
     pub level: i32,
@@ -95,7 +109,10 @@ pub struct SnapshotArgs {
 pub enum SnapshotSub {
     /// Show a snapshot's index and working set, and with --vm what a restore of it did.
     Inspect {
+        /// A snapshot directory or s3://BUCKET/PREFIX.
         dir: PathBuf,
+        #[arg(long)]
+        endpoint: Option<String>,
         /// A VM restored from this snapshot: add its faults by source and prefetch figures.
         #[arg(long)]
         vm: Option<String>,
@@ -122,8 +139,11 @@ fn parse_chunk(s: &str) -> Result<u32, String> {
 /// Options of `vmfork restore`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RestoreArgs {
-    /// The snapshot directory.
+    /// The snapshot directory, or s3://BUCKET/PREFIX.
     pub dir: PathBuf,
+    /// The object store's address for an s3:// snapshot (default: $AWS_ENDPOINT_URL).
+    #[arg(long)]
+    pub endpoint: Option<String>,
     /// Name of the new VM (default: the first free vmN).
     #[arg(long)]
     pub name: Option<String>,
@@ -193,6 +213,7 @@ pub fn run(cmd: VmCommand) -> ExitCode {
         VmCommand::Console { name } => console(&name),
         VmCommand::Fork(args) => fork(args),
         VmCommand::Snapshot(args) => snapshot(args),
+        VmCommand::Push { dir, to, endpoint } => push(&dir, &to, endpoint),
         VmCommand::Restore(args) if args.detach => restore_detached(args),
         VmCommand::Restore(args) => restore_foreground(args),
         VmCommand::Child => run_child(),
@@ -407,14 +428,17 @@ fn spawn_detached(name: &str, argv: &[std::ffi::OsString]) -> CliResult {
 fn restore_detached(args: RestoreArgs) -> CliResult {
     kvm_ioctls::Kvm::new().map_err(crate::vmm::Error::KvmOpen)?;
     // Refuse a bad snapshot here, with its reason, not in the background.
-    crate::snapshot::Snapshot::open(&args.dir)?.state()?;
+    let (_, dir) = open_snapshot(&args.dir, args.endpoint.clone())?;
     let name = match &args.name {
         Some(n) => n.clone(),
         None => free_name()?,
     };
-    let dir = std::path::absolute(&args.dir)?;
     let mut argv: Vec<std::ffi::OsString> =
         vec!["restore".into(), dir.into(), "--name".into(), name.clone().into()];
+    if let Some(e) = &args.endpoint {
+        argv.push("--endpoint".into());
+        argv.push(e.into());
+    }
     if args.eager {
         argv.push("--eager".into());
     }
@@ -435,9 +459,9 @@ fn restore_foreground(args: RestoreArgs) -> CliResult {
     signals.add(nix::sys::signal::SIGINT);
     signals.add(nix::sys::signal::SIGTERM);
     signals.thread_block()?;
-    let dir = std::path::absolute(&args.dir)?;
-    let snap = Arc::new(crate::snapshot::Snapshot::open(&dir)?);
+    let (snap, dir) = open_snapshot(&args.dir, args.endpoint.clone())?;
     let state = snap.state()?;
+    let snap = Arc::new(snap);
     let name = match args.name {
         Some(n) => n,
         None => free_name()?,
@@ -616,8 +640,8 @@ fn console(name: &str) -> CliResult {
 /// `vmfork snapshot NAME DIR`, `snapshot inspect DIR`, `snapshot record-ws DIR --from VM`.
 fn snapshot(args: SnapshotArgs) -> CliResult {
     match args.sub {
-        Some(SnapshotSub::Inspect { dir, vm, json }) => {
-            let snap = crate::snapshot::Snapshot::open(&dir)?;
+        Some(SnapshotSub::Inspect { dir, endpoint, vm, json }) => {
+            let (snap, _) = open_snapshot(&dir, endpoint)?;
             let stats = match &vm {
                 Some(v) => Some(api::call(v, &Request::RestoreStats)?.0),
                 None => None,
@@ -650,9 +674,22 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
         }
         None => {
             let (name, dir) = (args.name.unwrap_or_default(), args.dir.unwrap_or_default());
-            let dir = std::path::absolute(&dir)?;
-            let req =
-                Request::Snapshot { dir, level: Some(args.level), chunk: Some(args.chunk), stop: args.stop };
+            // To an object store: written here first (the VM writes it), then uploaded.
+            let remote = match dir.to_str().and_then(crate::snapshot::remote::S3Url::parse) {
+                Some(url) => Some(url.map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let target = dir.clone();
+            let dir = match &remote {
+                Some(_) => std::env::temp_dir().join(format!("vmfork-upload-{}-{name}", std::process::id())),
+                None => std::path::absolute(&dir)?,
+            };
+            let req = Request::Snapshot {
+                dir: dir.clone(),
+                level: Some(args.level),
+                chunk: Some(args.chunk),
+                stop: args.stop,
+            };
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let v = api::call_with_progress(&name, &req, &mut |p| {
                 if tty {
@@ -670,11 +707,21 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
             if tty {
                 eprintln!();
             }
-            if args.json {
-                return print_out(&format!("{}\n", serde_json::to_string_pretty(&v["summary"])?));
+            let mut summary = v["summary"].clone();
+            if let Some(url) = remote {
+                let pushed = upload(&dir, url, args.endpoint);
+                let _ = std::fs::remove_dir_all(&dir);
+                summary["uploaded_bytes"] = pushed?.into();
+                summary["dir"] = target.to_string_lossy().into();
             }
-            let summary: crate::snapshot::Summary = serde_json::from_value(v["summary"].clone())?;
-            print_out(&format!("{summary}\n"))
+            if args.json {
+                return print_out(&format!("{}\n", serde_json::to_string_pretty(&summary)?));
+            }
+            let text: crate::snapshot::Summary = serde_json::from_value(summary.clone())?;
+            match summary["uploaded_bytes"].as_u64() {
+                Some(b) => print_out(&format!("{text}; uploaded {}\n", crate::units::human_bytes(b))),
+                None => print_out(&format!("{text}\n")),
+            }
         }
     }
 }
@@ -685,4 +732,51 @@ fn print_out(text: &str) -> CliResult {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// Opens the snapshot at `at`: a directory, or `s3://BUCKET/PREFIX` in the object store
+/// at `endpoint` (default `$AWS_ENDPOINT_URL`). Returns it and its location as given to a
+/// background process (a directory made absolute).
+fn open_snapshot(
+    at: &Path,
+    endpoint: Option<String>,
+) -> Result<(crate::snapshot::Snapshot, PathBuf), Box<dyn std::error::Error>> {
+    use crate::snapshot::remote::{Remote, S3Config, S3Url};
+    match at.to_str().and_then(S3Url::parse) {
+        Some(url) => {
+            let remote = Remote::new(url?, &S3Config::from_env(endpoint))?;
+            Ok((crate::snapshot::Snapshot::open_remote(remote)?, at.to_path_buf()))
+        }
+        None => {
+            let dir = std::path::absolute(at)?;
+            Ok((crate::snapshot::Snapshot::open(&dir)?, dir))
+        }
+    }
+}
+
+/// Uploads the snapshot directory `dir` to `url`; returns the bytes sent.
+fn upload(
+    dir: &Path,
+    url: crate::snapshot::remote::S3Url,
+    endpoint: Option<String>,
+) -> Result<u64, crate::snapshot::Error> {
+    use crate::snapshot::remote::{Remote, S3Config};
+    let remote = Remote::new(url, &S3Config::from_env(endpoint))?;
+    crate::snapshot::remote::push(dir, &remote)
+}
+
+/// `vmfork push DIR s3://BUCKET/PREFIX`.
+fn push(dir: &Path, to: &str, endpoint: Option<String>) -> CliResult {
+    let url = match crate::snapshot::remote::S3Url::parse(to) {
+        Some(u) => u?,
+        None => return Err(format!("{to:?} is not an s3://BUCKET/PREFIX address").into()),
+    };
+    let t = Instant::now();
+    let bytes = upload(dir, url, endpoint)?;
+    print_out(&format!(
+        "{}: uploaded to {to}, {} in {:.2} s\n",
+        dir.display(),
+        crate::units::human_bytes(bytes),
+        t.elapsed().as_secs_f64()
+    ))
 }

@@ -104,6 +104,16 @@ pub fn describe(snap: &Snapshot, restore: Option<(&str, &StatsReport)>) -> Strin
             us(r.fault_p50_us),
             us(r.fault_p99_us)
         );
+        if let Some(remote) = &r.remote {
+            let _ = writeln!(
+                s,
+                "  store    {}: {} requests, {} fetched, {} packs from the host's cache",
+                remote.location,
+                remote.requests,
+                human_bytes(remote.bytes_fetched),
+                remote.pack_cache_hits
+            );
+        }
         if r.prefetch_planned > 0 {
             // Prefetched pages take no faults, so their use is not seen: what shows is how
             // much came ahead of the guest and what the working set missed.

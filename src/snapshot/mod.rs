@@ -27,10 +27,12 @@
 //! stops (nothing hangs, and no wrong byte reaches the guest). A restore never writes to
 //! the snapshot directory.
 
+pub mod cache;
 pub mod format;
-mod inspect;
 #[doc(hidden)]
 pub mod fuzzing;
+mod inspect;
+pub mod remote;
 mod restore;
 mod write;
 
@@ -67,6 +69,8 @@ pub enum Error {
     Memory(#[from] crate::memory::Error),
     #[error("bad VM state in state.json: {0}")]
     State(String),
+    #[error("{object}: {what}")]
+    Remote { object: String, what: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -88,5 +92,9 @@ pub fn set_restored(snap: std::sync::Arc<Snapshot>, stats: std::sync::Arc<Restor
 
 /// The snapshot directory and the restore's counters, if this VM was restored.
 pub fn restored_report() -> Option<(PathBuf, StatsReport)> {
-    RESTORED.get().map(|(snap, stats)| (snap.dir.clone(), stats.report(snap.working_set.as_ref())))
+    RESTORED.get().map(|(snap, stats)| {
+        let mut report = stats.report(snap.working_set.as_ref());
+        report.remote = snap.remote_report();
+        (snap.dir.clone(), report)
+    })
 }

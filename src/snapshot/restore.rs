@@ -9,52 +9,135 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::cache::PackCache;
 use super::format::{self, Entry, Index, Kind, Manifest, WorkingSet};
+use super::remote::{Remote, RemoteReport};
 use super::{Error, Result, io_err};
 use crate::memory::uffd::{self, PageSource};
 use crate::memory::{GuestMemory, MemFile, Region};
 use crate::vmm::VmState;
 
-/// An open snapshot: manifest, state, index and working set read and checked, packs open.
+/// An open snapshot: manifest, state, index and working set read and checked, packs open
+/// (or, in an object store, fetched into the host's pack cache when first needed).
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The directory, or the `s3://` address.
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub index: Index,
     pub working_set: Option<WorkingSet>,
     state_json: String,
-    packs: Vec<File>,
+    packs: Packs,
     /// Where each pack starts in the concatenation of all packs.
     pack_starts: Vec<u64>,
+}
+
+/// An object fetched from a store: its bytes, or `None` where there is none.
+type Fetched = Result<Option<Vec<u8>>>;
+
+/// Where the packs' bytes are read from.
+#[derive(Debug)]
+enum Packs {
+    Local(Vec<File>),
+    /// Each pack is fetched whole on first use (one GET), checked, and kept in the
+    /// host's cache; `files[i]` is it, once there.
+    Remote {
+        remote: Arc<Remote>,
+        cache: PackCache,
+        files: Vec<Mutex<Option<Arc<File>>>>,
+    },
 }
 
 impl Snapshot {
     /// Opens the snapshot in `dir`, checking everything but the chunks themselves (each
     /// is checked when it is decoded).
     pub fn open(dir: &Path) -> Result<Snapshot> {
+        let read = |name: &str| match std::fs::read(dir.join(name)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(dir.join(name))(e)),
+        };
+        Snapshot::open_with(dir, &read, |manifest| {
+            let mut packs = Vec::new();
+            for (i, &size) in manifest.packs.iter().enumerate() {
+                let path = dir.join(Manifest::pack_name(i));
+                let f = File::open(&path).map_err(|source| Error::Missing { path: path.clone(), source })?;
+                let len = f.metadata().map_err(io_err(&path))?.len();
+                if len != size {
+                    return Err(Error::Format {
+                        file: "snapshot.json",
+                        what: format!(
+                            "{} is {len} bytes, the manifest says {size} (truncated?)",
+                            path.display()
+                        ),
+                    });
+                }
+                packs.push(f);
+            }
+            Ok(Packs::Local(packs))
+        })
+    }
+
+    /// Opens the snapshot at `s3://BUCKET/PREFIX`: manifest, state, index and working set
+    /// now; packs when first needed.
+    pub fn open_remote(remote: Remote) -> Result<Snapshot> {
+        let remote = Arc::new(remote);
+        let dir = PathBuf::from(remote.url.to_string());
+        // The small files all at once: one round trip, not four.
+        let names = ["snapshot.json", "index.bin", "ws.bin", "state.json"];
+        let got: Vec<Fetched> = std::thread::scope(|s| {
+            let handles: Vec<_> = names.iter().map(|n| s.spawn(|| remote.get(n))).collect();
+            handles.into_iter().map(|h| h.join().expect("a GET does not panic")).collect()
+        });
+        let files: Mutex<Vec<(&str, Fetched)>> = Mutex::new(names.into_iter().zip(got).collect());
         let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| Error::Missing { path, source })
+            let mut files = files.lock().unwrap_or_else(|e| e.into_inner());
+            match files.iter().position(|f| f.0 == name) {
+                Some(i) => files.swap_remove(i).1,
+                None => remote.get(name),
+            }
+        };
+        Snapshot::open_with(&dir, &read, |manifest| {
+            if manifest.pack_crc32c.len() != manifest.packs.len() {
+                return Err(Error::Format {
+                    file: "snapshot.json",
+                    what: "no pack checksums (pack_crc32c): snapshot and push it again with this vmfork"
+                        .into(),
+                });
+            }
+            let files = manifest.packs.iter().map(|_| Mutex::new(None)).collect();
+            Ok(Packs::Remote { remote: remote.clone(), cache: PackCache::from_env(), files })
+        })
+    }
+
+    /// What the object-store client did, for a remote snapshot.
+    pub fn remote_report(&self) -> Option<RemoteReport> {
+        match &self.packs {
+            Packs::Remote { remote, .. } => Some(remote.report()),
+            Packs::Local(_) => None,
+        }
+    }
+
+    fn open_with(
+        dir: &Path,
+        read_opt: &dyn Fn(&str) -> Result<Option<Vec<u8>>>,
+        packs: impl FnOnce(&Manifest) -> Result<Packs>,
+    ) -> Result<Snapshot> {
+        let read = |name: &str| {
+            read_opt(name)?.ok_or_else(|| Error::Missing {
+                path: dir.join(name),
+                source: std::io::ErrorKind::NotFound.into(),
+            })
         };
         let manifest: Manifest = serde_json::from_slice(&read("snapshot.json")?)
             .map_err(|e| Error::Format { file: "snapshot.json", what: e.to_string() })?;
         manifest.validate()?;
-        let mut packs = Vec::new();
+        let packs = packs(&manifest)?;
         let mut pack_starts = Vec::new();
         let mut total = 0u64;
-        for (i, &size) in manifest.packs.iter().enumerate() {
-            let path = dir.join(Manifest::pack_name(i));
-            let f = File::open(&path).map_err(|source| Error::Missing { path: path.clone(), source })?;
-            let len = f.metadata().map_err(io_err(&path))?.len();
-            if len != size {
-                return Err(Error::Format {
-                    file: "snapshot.json",
-                    what: format!("{} is {len} bytes, the manifest says {size} (truncated?)", path.display()),
-                });
-            }
+        for &size in &manifest.packs {
             pack_starts.push(total);
             total += size;
-            packs.push(f);
         }
         let index = Index::decode(&read("index.bin")?, manifest.chunks(), total)?;
         // A chunk lies in one pack.
@@ -69,10 +152,9 @@ impl Snapshot {
                 }
             }
         }
-        let working_set = match std::fs::read(dir.join("ws.bin")) {
-            Ok(b) => Some(WorkingSet::decode(&b, manifest.chunks())?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err(dir.join("ws.bin"))(e)),
+        let working_set = match read_opt("ws.bin")? {
+            Some(b) => Some(WorkingSet::decode(&b, manifest.chunks())?),
+            None => None,
         };
         let state_json = String::from_utf8(read("state.json")?)
             .map_err(|e| Error::Format { file: "state.json", what: e.to_string() })?;
@@ -96,10 +178,76 @@ impl Snapshot {
     pub(super) fn read_stored(&self, chunk: u64, e: &Entry, buf: &mut Vec<u8>) -> Result<()> {
         let p = self.pack_starts.partition_point(|&s| s <= e.offset) - 1;
         buf.resize(e.len as usize, 0);
-        self.packs[p].read_exact_at(buf, e.offset - self.pack_starts[p]).map_err(|source| Error::Io {
+        let at = e.offset - self.pack_starts[p];
+        let io = |source| Error::Io {
             path: self.dir.join(format!("{} (chunk {chunk})", Manifest::pack_name(p))),
             source,
-        })
+        };
+        match &self.packs {
+            Packs::Local(files) => files[p].read_exact_at(buf, at).map_err(io),
+            Packs::Remote { .. } => self.remote_pack(p)?.read_exact_at(buf, at).map_err(io),
+        }
+    }
+
+    /// Pack `p` of a remote snapshot, from the host's cache or fetched into it (one GET
+    /// of the whole pack, checked against the manifest's size and crc32c). Whoever asks
+    /// for a pack being fetched waits for that fetch rather than starting another.
+    fn remote_pack(&self, p: usize) -> Result<Arc<File>> {
+        let Packs::Remote { remote, cache, files } = &self.packs else { unreachable!("a remote snapshot") };
+        let mut slot = files[p].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = &*slot {
+            return Ok(f.clone());
+        }
+        let (name, size, crc) =
+            (Manifest::pack_name(p), self.manifest.packs[p], self.manifest.pack_crc32c[p]);
+        let scope = remote.cache_scope();
+        let file = match cache.get(&scope, &name, size, crc) {
+            Some(f) => {
+                remote.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                f
+            }
+            None => {
+                let object = || format!("s3://{}/{}", remote.url.bucket, remote.url.key(&name));
+                let data = remote.get(&name)?.ok_or_else(|| Error::Remote {
+                    object: object(),
+                    what: "not found: the snapshot in the store is incomplete".into(),
+                })?;
+                if data.len() as u64 != size || crc32c::crc32c(&data) != crc {
+                    return Err(Error::Remote {
+                        object: object(),
+                        what: format!(
+                            "{} bytes that fail their checksum (the manifest says {size} bytes, crc32c {crc:08x})",
+                            data.len()
+                        ),
+                    });
+                }
+                cache.put(&scope, &name, &data, crc)?
+            }
+        };
+        let file = Arc::new(file);
+        *slot = Some(file.clone());
+        Ok(file)
+    }
+
+    /// Fetches the packs holding `chunks` ahead of need, a few at a time (a remote
+    /// snapshot's prefetch: the working set is stored first, so these are few).
+    fn fetch_packs_of(&self, chunks: &[u32]) {
+        if !matches!(self.packs, Packs::Remote { .. }) {
+            return;
+        }
+        let mut packs: Vec<usize> = chunks
+            .iter()
+            .map(|&c| self.index.entries[c as usize])
+            .filter(|e| e.kind != Kind::Zero)
+            .map(|e| self.pack_starts.partition_point(|&s| s <= e.offset) - 1)
+            .collect();
+        packs.sort_unstable();
+        packs.dedup();
+        std::thread::scope(|s| {
+            for group in packs.chunks(packs.len().div_ceil(4).max(1)) {
+                s.spawn(move || group.iter().all(|&p| self.remote_pack(p).is_ok()));
+            }
+        });
     }
 
     /// Decodes chunk `chunk` into `out`, checking it.
@@ -175,6 +323,9 @@ pub struct StatsReport {
     pub ws_recall: Option<f64>,
     /// The first touches, (chunk, µs since the restore began).
     pub trace: Vec<(u32, u32)>,
+    /// What the object-store client did, for a snapshot restored from one.
+    #[serde(default)]
+    pub remote: Option<RemoteReport>,
 }
 
 impl RestoreStats {
@@ -207,6 +358,7 @@ impl RestoreStats {
             ws_precision: precision,
             ws_recall: recall,
             trace,
+            remote: None,
         }
     }
 
@@ -340,6 +492,8 @@ fn spawn_prefetch(
         let m = &snap.manifest;
         let (r, cs) = (&m.regions[ri], m.chunk_size as usize);
         let Ok(mut dec) = zstd::bulk::Decompressor::new() else { return };
+        // From an object store: the working set's packs first, a few GETs at once.
+        snap.fetch_packs_of(&stats.prefetch_set);
         let (mut buf, mut out) = (Vec::new(), vec![0u8; cs]);
         for &c in &stats.prefetch_set {
             let c = c as u64;

@@ -1,0 +1,295 @@
+//! Snapshots in an S3-compatible object store: `s3://BUCKET/PREFIX` holds the same
+//! files as a snapshot directory, one object each (`PREFIX/snapshot.json`, ...).
+//!
+//! The client is `object_store` (Apache Arrow's, well kept and used by many): it signs
+//! requests, retries with backoff within a bounded time, and bounds every request by a
+//! timeout, so a store that stops answering turns into an error, never a hang. It is
+//! async; the page server is a plain thread, so each request is run to completion on
+//! a small runtime of this module's own (`block_on`).
+//!
+//! Where: `AWS_ENDPOINT_URL` (or `--endpoint`), `AWS_REGION` (default `us-east-1`),
+//! `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`; without keys, requests go unsigned.
+//! No message ever prints a key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Result};
+
+/// `s3://BUCKET/PREFIX`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Without leading or trailing `/`; may be empty.
+    pub prefix: String,
+}
+
+impl S3Url {
+    /// Parses `s3://BUCKET[/PREFIX]`; `None` when `s` is not an `s3://` address.
+    pub fn parse(s: &str) -> Option<std::result::Result<S3Url, String>> {
+        let rest = s.strip_prefix("s3://")?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+        if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+            return Some(Err(format!(
+                "{s:?}: the bucket name must be 3 to 63 characters of a-z, 0-9, '-' and '.'"
+            )));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
+            return Some(Err(format!("{s:?}: the prefix has an empty, '.' or '..' part")));
+        }
+        Some(Ok(S3Url { bucket: bucket.into(), prefix: prefix.into() }))
+    }
+
+    /// The key of file `name` of the snapshot.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) }
+    }
+}
+
+impl std::fmt::Display for S3Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// How the store is reached.
+#[derive(Clone, Debug, Default)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub region: String,
+    access_key: Option<String>,
+    secret_key: Option<String>,
+    /// How long one request may take, and all retries of it.
+    pub request_timeout: Duration,
+    pub retry_timeout: Duration,
+}
+
+impl S3Config {
+    /// From the environment (see the module documentation); `endpoint` overrides
+    /// `AWS_ENDPOINT_URL`.
+    pub fn from_env(endpoint: Option<String>) -> S3Config {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let secs = |k: &str, d: u64| var(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+        S3Config {
+            endpoint: endpoint.or_else(|| var("AWS_ENDPOINT_URL_S3")).or_else(|| var("AWS_ENDPOINT_URL")),
+            region: var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+            access_key: var("AWS_ACCESS_KEY_ID"),
+            secret_key: var("AWS_SECRET_ACCESS_KEY"),
+            request_timeout: Duration::from_secs(secs("VMFORK_S3_TIMEOUT_SECS", 10)),
+            retry_timeout: Duration::from_secs(secs("VMFORK_S3_RETRY_SECS", 20)),
+        }
+    }
+}
+
+/// What the client did, for `vmfork snapshot inspect` and the benchmarks.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub cache_hits: AtomicU64,
+}
+
+/// [`Counters`] as numbers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RemoteReport {
+    pub location: String,
+    pub requests: u64,
+    pub bytes_fetched: u64,
+    pub pack_cache_hits: u64,
+}
+
+/// One snapshot's prefix in a bucket.
+#[derive(Debug)]
+pub struct Remote {
+    pub url: S3Url,
+    store: AmazonS3,
+    pub counters: Counters,
+    /// Where requests go, for messages (no credentials in it).
+    endpoint: String,
+}
+
+/// The runtime every request of this process runs on.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vmfork-s3")
+            .enable_all()
+            .build()
+            .expect("a tokio runtime starts")
+    })
+}
+
+impl Remote {
+    pub fn new(url: S3Url, cfg: &S3Config) -> Result<Remote> {
+        let endpoint =
+            cfg.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&url.bucket)
+            .with_region(&cfg.region)
+            .with_endpoint(&endpoint)
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(cfg.request_timeout)
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_allow_http(endpoint.starts_with("http://")),
+            )
+            .with_retry(RetryConfig {
+                max_retries: 4,
+                retry_timeout: cfg.retry_timeout,
+                backoff: object_store::BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(2),
+                    base: 2.0,
+                },
+            });
+        match (&cfg.access_key, &cfg.secret_key) {
+            (Some(k), Some(s)) => b = b.with_access_key_id(k).with_secret_access_key(s),
+            _ => b = b.with_skip_signature(true),
+        }
+        let store = b.build().map_err(|e| Error::Remote {
+            object: url.to_string(),
+            what: format!("cannot set up a client for {endpoint}: {e}"),
+        })?;
+        Ok(Remote { url, store, counters: Counters::default(), endpoint })
+    }
+
+    fn err(&self, name: &str, e: object_store::Error) -> Error {
+        let object = format!("s3://{}/{}", self.url.bucket, self.url.key(name));
+        let what = match &e {
+            object_store::Error::NotFound { .. } => {
+                "not found (no such object, or no such bucket)".to_string()
+            }
+            object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. } => {
+                "access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".to_string()
+            }
+            _ => format!("{e} (store {})", self.endpoint),
+        };
+        Error::Remote { object, what }
+    }
+
+    /// The object `name` of the snapshot, or `None` where there is none.
+    pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = ObjectPath::from(self.url.key(name));
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let got = runtime().block_on(async {
+            let r = self.store.get(&path).await?;
+            r.bytes().await
+        });
+        match got {
+            Ok(b) => {
+                self.counters.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Some(b.to_vec()))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Byte ranges of object `name`, fetched together (nearby ranges coalesce into one
+    /// request, and up to ten run at once).
+    pub fn get_ranges(&self, name: &str, ranges: &[std::ops::Range<u64>]) -> Result<Vec<Vec<u8>>> {
+        let path = ObjectPath::from(self.url.key(name));
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let got = runtime().block_on(self.store.get_ranges(&path, ranges)).map_err(|e| self.err(name, e))?;
+        let out: Vec<Vec<u8>> = got.into_iter().map(|b| b.to_vec()).collect();
+        self.counters.bytes.fetch_add(out.iter().map(|b| b.len() as u64).sum(), Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Stores `data` as object `name`; with `create`, fails where it exists already.
+    pub fn put(&self, name: &str, data: Vec<u8>, create: bool) -> Result<()> {
+        let path = ObjectPath::from(self.url.key(name));
+        let opts = PutOptions {
+            mode: if create { PutMode::Create } else { PutMode::Overwrite },
+            ..Default::default()
+        };
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        runtime()
+            .block_on(self.store.put_opts(&path, PutPayload::from(data), opts))
+            .map(|_| ())
+            .map_err(|e| self.err(name, e))
+    }
+
+    /// Removes object `name` (tests and tools; a restore never calls it).
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let path = ObjectPath::from(self.url.key(name));
+        runtime().block_on(self.store.delete(&path)).map_err(|e| self.err(name, e))
+    }
+
+    pub fn report(&self) -> RemoteReport {
+        RemoteReport {
+            location: self.url.to_string(),
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            bytes_fetched: self.counters.bytes.load(Ordering::Relaxed),
+            pack_cache_hits: self.counters.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A name for this store's objects in the host's pack cache.
+    pub fn cache_scope(&self) -> String {
+        format!("{}|{}|{}", self.endpoint, self.url.bucket, self.url.prefix)
+    }
+}
+
+/// Uploads the snapshot in directory `dir` to `remote`: packs, state and working set
+/// first, then the index, and the manifest last, so an interrupted upload leaves no
+/// snapshot a restore would take for whole. Refuses a prefix that holds one already.
+pub fn push(dir: &std::path::Path, remote: &Remote) -> Result<u64> {
+    let snap = super::Snapshot::open(dir)?;
+    if remote.get("snapshot.json")?.is_some() {
+        return Err(Error::Remote {
+            object: format!("s3://{}/{}", remote.url.bucket, remote.url.key("snapshot.json")),
+            what: "a snapshot is there already: push to a new prefix".into(),
+        });
+    }
+    let mut names: Vec<String> =
+        (0..snap.manifest.packs.len()).map(super::format::Manifest::pack_name).collect();
+    names.push("state.json".into());
+    if snap.working_set.is_some() {
+        names.push("ws.bin".into());
+    }
+    names.push("index.bin".into());
+    names.push("snapshot.json".into());
+    let mut total = 0;
+    for name in names {
+        let path = dir.join(&name);
+        let data = std::fs::read(&path).map_err(super::io_err(&path))?;
+        total += data.len() as u64;
+        remote.put(&name, data, name == "snapshot.json")?;
+    }
+    Ok(total)
+}
+
+/// The shared remote handle of a restore, reachable from the page servers.
+pub type RemoteRef = Arc<Remote>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_addresses_parse_or_say_why_not() {
+        let u = S3Url::parse("s3://snaps/fleet/vm1/").unwrap().unwrap();
+        assert_eq!((u.bucket.as_str(), u.prefix.as_str()), ("snaps", "fleet/vm1"));
+        assert_eq!(u.key("index.bin"), "fleet/vm1/index.bin");
+        assert_eq!(S3Url::parse("s3://snaps").unwrap().unwrap().key("x"), "x");
+        assert!(S3Url::parse("/tmp/snap").is_none());
+        for bad in ["s3://", "s3://A_b/x", "s3://ok-bucket/a/../b", "s3://ok-bucket/a//b"] {
+            assert!(S3Url::parse(bad).unwrap().is_err(), "{bad} accepted");
+        }
+    }
+}

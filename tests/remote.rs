@@ -1,0 +1,214 @@
+//! Snapshots in a real S3-compatible object store (SeaweedFS, started by
+//! `scripts/s3-server`, which `scripts/test` runs), restored lazily from it. The store is
+//! found through `VMFORK_S3_ENDPOINT` and the `AWS_*` variables the script prints; where
+//! it is absent each test says why it skips, and fails instead with `VMFORK_S3_REQUIRED=1`.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmfork::snapshot::remote::{Remote, S3Config, S3Url};
+
+mod common;
+
+use common::guest::{assert_progress, assert_same_guest, counter, genid};
+use common::{Runtime, kvm_available, tail};
+
+/// The bucket `scripts/s3-server` creates.
+const BUCKET: &str = "vmfork-test";
+
+/// The store's endpoint, or why the test cannot run.
+fn store(test: &str) -> Option<String> {
+    match std::env::var("VMFORK_S3_ENDPOINT") {
+        Ok(e) if !e.is_empty() => Some(e),
+        _ if std::env::var("VMFORK_S3_REQUIRED").as_deref() == Ok("1") => {
+            panic!(
+                "{test}: VMFORK_S3_REQUIRED is set but VMFORK_S3_ENDPOINT is not (run scripts/s3-server start)"
+            )
+        }
+        _ => {
+            eprintln!(
+                "SKIP {test}: no object store (VMFORK_S3_ENDPOINT unset; scripts/s3-server start prints it)"
+            );
+            None
+        }
+    }
+}
+
+/// A prefix no other test or run uses.
+fn prefix(test: &str) -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("s3://{BUCKET}/tests/{test}-{}-{t}", std::process::id())
+}
+
+impl Runtime {
+    /// `vmfork ARGS` with this runtime's own pack cache and `env` on top of the store's.
+    fn s3(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command();
+        cmd.env("VMFORK_PACK_CACHE", self.dir.join("pack-cache"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.args(args).output().unwrap()
+    }
+
+    fn s3_ok(&self, args: &[&str]) -> String {
+        let out = self.s3(args, &[]);
+        assert!(out.status.success(), "vmfork {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// What the store's client did for restored VM `name`.
+    fn remote_stats(&self, at: &str, name: &str) -> Value {
+        let v: Value =
+            serde_json::from_str(&self.s3_ok(&["snapshot", "inspect", at, "--vm", name, "--json"])).unwrap();
+        v["restore"]["stats"]["remote"].clone()
+    }
+
+    fn wait_gone(&self, name: &str, timeout: Duration) {
+        let t = Instant::now();
+        while self.ls().iter().any(|s| s["name"] == name) {
+            assert!(t.elapsed() < timeout, "{name} is still running after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn remote(at: &str) -> Remote {
+    Remote::new(S3Url::parse(at).unwrap().unwrap(), &S3Config::from_env(None)).unwrap()
+}
+
+#[test]
+fn a_snapshot_in_the_store_restores_lazily_twice_and_the_second_fetches_no_pack() {
+    let test = "remote_restore_twice";
+    let Some(_) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    let rt = Runtime::new("remote-twice");
+    rt.run("p", &[]);
+    let before = counter(&rt.report("p"));
+    let at = prefix(test);
+    let summary: Value = serde_json::from_str(&rt.s3_ok(&["snapshot", "p", &at, "--json"])).unwrap();
+    assert!(summary["uploaded_bytes"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["dir"], at.as_str());
+    let mut ids = vec![genid(&rt.report("p"))];
+    for name in ["r1", "r2"] {
+        rt.s3_ok(&["restore", &at, "--name", name, "--detach"]);
+        assert_same_guest(&rt, "p", name);
+        let r = assert_progress(&rt, name);
+        assert!(counter(&r) >= before, "{name} restarted: {r}");
+        ids.push(genid(&r));
+        assert_eq!(rt.status(name)["restored_from"], at.as_str());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "generation ids are not all distinct");
+    let (first, second) = (rt.remote_stats(&at, "r1"), rt.remote_stats(&at, "r2"));
+    eprintln!("{test}: first restore {first}; second {second}");
+    assert_eq!(first["pack_cache_hits"], 0, "a fresh cache had a hit: {first}");
+    assert!(first["bytes_fetched"].as_u64().unwrap() > 0);
+    // The second fetched only the four small files; every pack came from the cache.
+    assert!(second["pack_cache_hits"].as_u64().unwrap() >= 1, "{second}");
+    assert_eq!(second["requests"], 4, "the second restore fetched a pack: {second}");
+}
+
+#[test]
+fn a_local_snapshot_pushed_restores_from_the_store_and_a_second_push_is_refused() {
+    let test = "remote_push";
+    let Some(_) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    let rt = Runtime::new("remote-push");
+    rt.run("p", &[]);
+    let dir = rt.dir.join("local");
+    rt.ok(&["snapshot", "p", dir.to_str().unwrap()]);
+    let at = prefix(test);
+    rt.s3_ok(&["push", dir.to_str().unwrap(), &at]);
+    let again = rt.s3(&["push", dir.to_str().unwrap(), &at], &[]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("a snapshot is there already"), "{err}");
+    rt.s3_ok(&["restore", &at, "--name", "r", "--detach"]);
+    assert_same_guest(&rt, "p", "r");
+}
+
+/// `vmfork restore AT` fails within `limit`, saying each of `what`; no VM is left.
+fn assert_refused(rt: &Runtime, at: &str, env: &[(&str, &str)], what: &[&str], limit: Duration) {
+    let t = Instant::now();
+    let out = rt.s3(&["restore", at, "--name", "bad", "--detach"], env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a restore of {at} with {env:?} succeeded");
+    for w in what {
+        assert!(err.contains(w), "expected {w:?} in: {err}");
+    }
+    assert!(t.elapsed() < limit, "refusing took {:?}", t.elapsed());
+    assert!(
+        !err.contains("not-the-secret") && !err.contains("vmfork-test-secret"),
+        "a secret was printed: {err}"
+    );
+    assert!(!rt.ls().iter().any(|s| s["name"] == "bad"));
+}
+
+#[test]
+fn a_bad_store_key_object_or_endpoint_is_a_clear_error_in_bounded_time() {
+    let test = "remote_refusals";
+    let Some(_) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    let rt = Runtime::new("remote-refusals");
+    rt.run("p", &[]);
+    let at = prefix(test);
+    rt.s3_ok(&["snapshot", "p", &at]);
+    let quick = [("VMFORK_S3_TIMEOUT_SECS", "1"), ("VMFORK_S3_RETRY_SECS", "2")];
+    let ten = Duration::from_secs(10);
+    let mut wrong_key = quick.to_vec();
+    wrong_key.push(("AWS_SECRET_ACCESS_KEY", "not-the-secret"));
+    assert_refused(&rt, &at, &wrong_key, &["access denied", "AWS_SECRET_ACCESS_KEY"], ten);
+    assert_refused(&rt, &format!("{at}-never-written"), &quick, &["not a complete snapshot"], ten);
+    assert_refused(&rt, "s3://no-such-bucket-here/x", &quick, &["no-such-bucket-here"], ten);
+    // Nothing listens on port 9 of loopback.
+    let mut dead = quick.to_vec();
+    dead.push(("AWS_ENDPOINT_URL", "http://127.0.0.1:9"));
+    assert_refused(&rt, &at, &dead, &["snapshot.json", "127.0.0.1:9"], ten);
+    // A store that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let mut hung = quick.to_vec();
+    hung.push(("AWS_ENDPOINT_URL", &url));
+    assert_refused(&rt, &at, &hung, &["snapshot.json"], Duration::from_secs(20));
+    drop(silent);
+    // And a store that is fine again serves the same snapshot.
+    rt.s3_ok(&["restore", &at, "--name", "good", "--detach"]);
+    assert_same_guest(&rt, "p", "good");
+}
+
+#[test]
+fn a_pack_lost_or_damaged_in_the_store_stops_the_vm_naming_the_object_and_address() {
+    let test = "remote_bad_pack";
+    let Some(_) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    let rt = Runtime::new("remote-bad-pack");
+    rt.run("p", &[]);
+    let dir = rt.dir.join("local");
+    rt.ok(&["snapshot", "p", dir.to_str().unwrap(), "--stop"]);
+    rt.wait_gone("p", Duration::from_secs(10));
+    // One pushed as is and then losing its pack; one pushed with a flipped pack byte.
+    let lost = prefix("lost");
+    rt.s3_ok(&["push", dir.to_str().unwrap(), &lost]);
+    remote(&lost).delete("pack-0000.bin").unwrap();
+    let damaged = prefix("damaged");
+    let pack = dir.join("pack-0000.bin");
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&pack, &bytes).unwrap();
+    rt.s3_ok(&["push", dir.to_str().unwrap(), &damaged]);
+    for (at, what) in [(&lost, "not found"), (&damaged, "fail their checksum")] {
+        let name = if at == &lost { "lost" } else { "damaged" };
+        let t = Instant::now();
+        let _ = rt.s3(&["restore", at, "--name", name, "--detach"], &[("VMFORK_S3_RETRY_SECS", "2")]);
+        rt.wait_gone(name, Duration::from_secs(15));
+        let log = std::fs::read_to_string(rt.dir.join("vmfork").join(format!("{name}.log"))).unwrap();
+        let object = format!("{}/pack-0000.bin", at.trim_start_matches("s3://"));
+        for w in [object.as_str(), what, "guest address 0x"] {
+            assert!(log.contains(w), "{name}: the log does not say {w:?}:\n{}", tail(&log, 10));
+        }
+        assert!(!log.contains("report vcpu=0"), "{name}: the guest ran without its memory");
+        eprintln!("{test}: {name} stopped after {:?}: {}", t.elapsed(), tail(&log, 2));
+    }
+}
