@@ -55,7 +55,7 @@ die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 
 # 1. Packages --------------------------------------------------------------
 step "checking Debian packages"
-PKGS="qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils git"
+PKGS="qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils git rsync"
 missing=""
 for p in $PKGS; do
 	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
