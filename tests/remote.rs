@@ -212,3 +212,126 @@ fn a_pack_lost_or_damaged_in_the_store_stops_the_vm_naming_the_object_and_addres
         eprintln!("{test}: {name} stopped after {:?}: {}", t.elapsed(), tail(&log, 2));
     }
 }
+
+/// A network namespace with one end of a veth pair, the other end in this (the root)
+/// namespace; removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl Netns {
+    /// Namespace `name` at `10.77.N.2/24`, reaching this namespace's `10.77.N.1`.
+    fn new(name: &str, n: u8) -> Result<Netns, String> {
+        let host_if = format!("vmfk{n}a");
+        let _ = ip(&["netns", "del", name]);
+        let _ = ip(&["link", "del", &host_if]);
+        ip(&["netns", "add", name])?;
+        let ns = Netns { name: name.into(), host_if: host_if.clone() };
+        let peer = format!("vmfk{n}b");
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", name])?;
+        ip(&["addr", "add", &format!("10.77.{n}.1/24"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        for args in [
+            vec!["addr", "add", &format!("10.77.{n}.2/24") as &str, "dev", &peer],
+            vec!["link", "set", &peer, "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["netns", "exec", name, "ip"];
+            full.extend(args);
+            ip(&full)?;
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// Forwards connections to `listen` (an address of this namespace's veth end) to the
+/// store on loopback, which listens there only.
+fn forward(listen: std::net::TcpListener, to: std::net::SocketAddr) {
+    std::thread::spawn(move || {
+        for conn in listen.incoming().flatten() {
+            let Ok(up) = std::net::TcpStream::connect(to) else { continue };
+            for (mut a, mut b) in [(conn.try_clone().unwrap(), up.try_clone().unwrap()), (up, conn)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn a_snapshot_taken_on_one_host_restores_on_another_across_a_network() {
+    let test = "remote_across_namespaces";
+    let Some(endpoint) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    // "Host B" is a network namespace joined to this one by a veth pair; the store's
+    // traffic crosses it (only these two addresses are used).
+    let ns_name = format!("vmfork-b-{}", std::process::id());
+    let ns = match Netns::new(&ns_name, 7) {
+        Ok(ns) => ns,
+        Err(why) if std::env::var("VMFORK_S3_REQUIRED").as_deref() == Ok("1") && nix_is_root() => {
+            panic!("{test}: cannot make a network namespace: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIP {test}: cannot make a network namespace here: {why}");
+            return;
+        }
+    };
+    let listener = std::net::TcpListener::bind("10.77.7.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream =
+        endpoint.trim_start_matches("http://").parse().expect("the store's endpoint is http://IP:PORT");
+    forward(listener, upstream);
+    let remote_endpoint = format!("http://10.77.7.1:{port}");
+
+    let rt = Runtime::new("remote-netns");
+    rt.run("p", &[]);
+    let at = prefix(test);
+    rt.s3_ok(&["snapshot", "p", &at]);
+    // On host B: its own pack cache, the store only through the veth.
+    let cache = rt.dir.join("host-b-cache");
+    let mut cmd = rt.command();
+    cmd.env("VMFORK_PACK_CACHE", &cache).env("AWS_ENDPOINT_URL", &remote_endpoint);
+    let t = Instant::now();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(std::env::var_os("VMFORK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vmfork").into()))
+        .args(["restore", &at, "--name", "b1", "--detach"])
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "restore on host B failed: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("{test}: restored on host B in {:?}", t.elapsed());
+    assert_same_guest(&rt, "p", "b1");
+    let r = assert_progress(&rt, "b1");
+    assert_ne!(genid(&r), genid(&rt.report("p")), "host B's VM kept the source's generation id");
+    let stats = rt.remote_stats(&at, "b1");
+    assert_eq!(stats["pack_cache_hits"], 0, "{stats}");
+    assert!(stats["bytes_fetched"].as_u64().unwrap() > 0, "{stats}");
+    assert!(std::fs::read_dir(&cache).unwrap().count() >= 1, "host B cached no pack");
+    rt.ok(&["stop", "b1"]);
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
