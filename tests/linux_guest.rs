@@ -1,12 +1,11 @@
-//! A stock Linux guest booted and forked by `vmfork` (issue 7), end to end.
+//! A stock Linux guest booted, forked, snapshotted and restored by `vmfork`, end to end.
 //!
 //! The guest is the reference one of `qemu-testbed/linux-guest` (Debian's 6.1 kernel and
 //! a busybox initramfs whose /init prints `VMFORK-LINUX-READY`, then every half second
 //! `VMFORK-TICK <n> rand=<hash of 16 bytes of /dev/urandom> ged=<notifications taken>`). Its files come from
 //! `$VMFORK_LINUX_KERNEL` / `$VMFORK_LINUX_INITRD`, else from the testbed cache.
 //!
-//! These tests need hardware-assisted KVM: on a PVM-based host (this project's
-//! development machine) every test prints `skipped: <reason>` and returns; the QEMU
+//! These tests need hardware-assisted KVM: on a PVM-based host every test prints `skipped: <reason>` and returns; the QEMU
 //! testbed runs them under nested KVM with `VMFORK_LINUX_REQUIRED=1`, where a missing
 //! prerequisite fails instead.
 //!

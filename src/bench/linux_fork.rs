@@ -194,7 +194,7 @@ fn at_size(
 
 /// Ratios of the linux suite, per size: each strategy's parent pause against copy's, and
 /// the memory of a parent with N idle children against the parent alone.
-/// The issue sets no numbers here; the memory target is ours: an idle forked Linux guest
+/// The memory target is the bench's own: an idle forked Linux guest
 /// should cost at most an eighth of its parent, so N of them stay within 1 + N/8 parents
 /// (eight children: two parents' worth).
 pub(super) fn ratios(records: &[Record]) -> Vec<super::Ratio> {
