@@ -10,6 +10,7 @@ use clone::meminfo;
 mod fork;
 mod linux_fork;
 mod plot;
+mod remote;
 mod snapshot;
 pub mod vm;
 
@@ -92,6 +93,9 @@ pub enum Suite {
     Linux,
     /// Snapshots of a running VM: pause, write, size; restores by every strategy.
     Snapshot,
+    /// Restores from an S3-compatible object store against local ones (skipped without
+    /// a store: `scripts/s3-server start`).
+    Remote,
 }
 
 impl BenchOptions {
@@ -198,12 +202,13 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut records = Vec::new();
     // Each suite says how long it took: under TCG a suite can run for many minutes, and
     // whoever trims a run needs to know which.
-    let suites: [(Suite, SuiteFn); 5] = [
+    let suites: [(Suite, SuiteFn); 6] = [
         (Suite::Clone, clone::run),
         (Suite::Vm, |_, out| vm::run(out)),
         (Suite::Fork, fork::run),
         (Suite::Linux, linux_fork::run),
         (Suite::Snapshot, snapshot::run),
+        (Suite::Remote, remote::run),
     ];
     for (suite, run_suite) in suites {
         if opts.runs(suite) {

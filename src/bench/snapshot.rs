@@ -110,13 +110,13 @@ impl Plan {
 
 /// What guest memory holds when the snapshot is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Contents {
+pub(super) enum Contents {
     Idle,
     Written25,
 }
 
 impl Contents {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Contents::Idle => "idle",
             Contents::Written25 => "written25",
@@ -216,7 +216,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
 /// quarter of it written, plus as much again copied on write while the snapshot is
 /// written) and one restored VM at a time, and disk for a snapshot and a sparse raw
 /// file beside it.
-fn room(size: usize, dir: &Path) -> Result<(), String> {
+pub(super) fn room(size: usize, dir: &Path) -> Result<(), String> {
     let needs = size as u64 + (512 << 20);
     let available = super::meminfo("MemAvailable");
     if available < needs {
@@ -243,7 +243,7 @@ fn room(size: usize, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -427,7 +427,7 @@ fn measure(
 
 /// A running built-in guest of `size` bytes holding `contents`; its memory is written
 /// and it has reported (twice for `written25`: it is in its `touch` passes).
-fn source_vm(size: usize, contents: Contents, huge: bool) -> Result<Vm, BenchError> {
+pub(super) fn source_vm(size: usize, contents: Contents, huge: bool) -> Result<Vm, BenchError> {
     let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge }).map_err(err)?);
     let (start, mib) = written_area(size);
     let pages = mib << 8;

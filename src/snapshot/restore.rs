@@ -81,6 +81,12 @@ impl Snapshot {
     /// Opens the snapshot at `s3://BUCKET/PREFIX`: manifest, state, index and working set
     /// now; packs when first needed.
     pub fn open_remote(remote: Remote) -> Result<Snapshot> {
+        Snapshot::open_remote_with_cache(remote, PackCache::from_env())
+    }
+
+    /// [`Snapshot::open_remote`] with the pack cache `cache` instead of the one the
+    /// environment names (the benchmarks: a fresh cache per cold restore).
+    pub fn open_remote_with_cache(remote: Remote, cache: PackCache) -> Result<Snapshot> {
         let remote = Arc::new(remote);
         let dir = PathBuf::from(remote.url.to_string());
         // The small files all at once: one round trip, not four.
@@ -106,7 +112,7 @@ impl Snapshot {
                 });
             }
             let files = manifest.packs.iter().map(|_| Mutex::new(None)).collect();
-            Ok(Packs::Remote { remote: remote.clone(), cache: PackCache::from_env(), files })
+            Ok(Packs::Remote { remote: remote.clone(), cache, files })
         })
     }
 

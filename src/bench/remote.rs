@@ -1,0 +1,398 @@
+//! The `remote` suite: restoring a snapshot from an S3-compatible object store against
+//! restoring it from a local directory, side by side in one run, per guest size, for
+//! the `snapshot` suite's two memory contents (`idle`, `written25`: the same guest and
+//! the same host-written text, see [`super::snapshot`]).
+//!
+//! The snapshot is taken once per size and contents (zstd, as [`snapshot::take`] writes
+//! it) and pushed twice to the store under a prefix of this run
+//! (`bench/<pid>-<nanos>/<contents>-<size>/`): `plain/` as taken, and `ws/` after a
+//! local restore's first touches were recorded into it as its working set
+//! ([`snapshot::record_working_set`]). Nothing is deleted from the store. Columns:
+//!
+//! * `local`: [`Snapshot::open`] of the directory (with its working set, not
+//!   prefetched), memory served through userfaultfd ([`snapshot::restore_memory`]);
+//! * `local-prefetch`: the same with the working set prefetched (what `s3-cold-prefetch`
+//!   compares with);
+//! * `s3-cold`: [`Snapshot::open_remote_with_cache`] of `plain/` with an empty pack cache
+//!   (a fresh directory per restore): every pack the guest faults on is fetched whole,
+//!   on the fault;
+//! * `s3-warm`: the same prefix again, with the cache the `s3-cold` restore before it
+//!   filled: the small objects (manifest, index, state) are fetched again, packs not;
+//! * `s3-cold-prefetch`: `ws/` with an empty pack cache and the working set prefetched:
+//!   the prefetch thread fetches the working set's packs (a few GETs at once) and places
+//!   their chunks while the vCPUs already run; the guest's faults on chunks not placed
+//!   yet are served on demand (fetching the pack if the prefetch has not).
+//!
+//! Metrics (medians over [`Plan::restores`] rounds, each round every column once):
+//!
+//! * `restore_ns`: request → vCPUs running, as the snapshot suite measures it: open
+//!   (for the store: its GETs of the small objects), build the memory, new identity,
+//!   [`Vm::restore`], resume returned;
+//! * `ready_ns`: request → the guest has touched its working set (its first report after
+//!   the resume for `idle`, its second for `written25`);
+//! * `faults`: faults the page server answered up to `ready`; `prefetched`: chunks the
+//!   prefetch placed;
+//! * `requests`, `fetched_bytes` (`s3-*`): GETs and bytes from the store in that restore,
+//!   up to `ready` ([`Snapshot::remote_report`]); `packs_fetched`: of those, pack GETs
+//!   (the requests after the open); `pack_cache_hits`: packs taken from the host's cache;
+//! * `stored_bytes`, `packs` (`local`): the snapshot's stored chunk bytes and its number
+//!   of packs, for reference (the guest size is the size column).
+//!
+//! The store the `scripts/s3-server` script runs listens on loopback: no network
+//! latency, and every object it serves is in the host's page cache. Without a store
+//! (`VMFORK_S3_ENDPOINT` or `AWS_ENDPOINT_URL` unset) every record is skipped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::snapshot::{Contents, median, room, source_vm};
+use super::{BenchError, BenchOptions, Record, human_bytes};
+use crate::snapshot::cache::PackCache;
+use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
+use crate::snapshot::{self, RestoreOptions, Snapshot, TakeOptions};
+use crate::vmm::Vm;
+
+const SUITE: &str = "remote";
+/// `--quick`'s only size.
+const QUICK: usize = 64 << 20;
+/// The default sizes; each runs only where [`room`] finds space for it (both take about
+/// 75 s on two shared cores, nearly all of it the 1 GiB `written25` guest's passes).
+const SIZES: [usize; 2] = [256 << 20, 1 << 30];
+/// The bucket `scripts/s3-server` creates.
+const BUCKET: &str = "vmfork-test";
+/// Why every record is skipped without a store.
+const NO_STORE: &str = "no object store: run scripts/s3-server start and export what it prints";
+
+/// How much one run measures.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Rounds of restores (each column once per round); medians.
+    restores: usize,
+}
+
+impl Plan {
+    const FULL: Plan = Plan { restores: 3 };
+    const QUICK: Plan = Plan { restores: 1 };
+}
+
+/// How a restore gets its snapshot and memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Column {
+    Local,
+    LocalPrefetch,
+    S3Cold,
+    S3Warm,
+    S3ColdPrefetch,
+}
+
+/// Table order (and the order of each round).
+const COLUMNS: [Column; 5] =
+    [Column::Local, Column::LocalPrefetch, Column::S3Cold, Column::S3Warm, Column::S3ColdPrefetch];
+
+impl Column {
+    fn name(self) -> &'static str {
+        match self {
+            Column::Local => "local",
+            Column::LocalPrefetch => "local-prefetch",
+            Column::S3Cold => "s3-cold",
+            Column::S3Warm => "s3-warm",
+            Column::S3ColdPrefetch => "s3-cold-prefetch",
+        }
+    }
+
+    fn remote(self) -> bool {
+        matches!(self, Column::S3Cold | Column::S3Warm | Column::S3ColdPrefetch)
+    }
+
+    fn prefetch(self) -> bool {
+        matches!(self, Column::LocalPrefetch | Column::S3ColdPrefetch)
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> BenchError {
+    BenchError(format!("remote bench: {e}"))
+}
+
+/// A local directory for this run's snapshots and pack caches, removed when dropped
+/// (the store's objects stay).
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> Result<Self, BenchError> {
+        let dir = std::env::temp_dir().join(format!("vmfork-bench-remote-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(WorkDir(dir))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The store's endpoint, as the remote tests find it: `VMFORK_S3_ENDPOINT`, else the
+/// `AWS_ENDPOINT_URL*` variables.
+fn endpoint() -> Option<String> {
+    ["VMFORK_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+        .into_iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// Where this run's objects go in the store.
+struct Store {
+    cfg: S3Config,
+    /// `bench/<pid>-<nanos>`: unique per run.
+    run_prefix: String,
+}
+
+impl Store {
+    fn remote(&self, prefix: &str) -> Result<Remote, BenchError> {
+        let url = S3Url { bucket: BUCKET.into(), prefix: format!("{}/{prefix}", self.run_prefix) };
+        Remote::new(url, &self.cfg).map_err(err)
+    }
+}
+
+pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
+    let sizes = match (&opts.sizes[..], opts.quick) {
+        ([], true) => vec![QUICK],
+        ([], false) => SIZES.to_vec(),
+        (sizes, _) => sizes.to_vec(),
+    };
+    let plan = if opts.quick { Plan::QUICK } else { Plan::FULL };
+    let skip_size = |out: &mut Vec<Record>, size: usize, why: &str| {
+        for c in [Contents::Idle, Contents::Written25] {
+            out.push(Record::skipped(SUITE, c.name(), "all", size as u64, "restore_ns", why));
+        }
+    };
+    let skip_all = |out: &mut Vec<Record>, why: &str| {
+        eprintln!("  remote suite skipped: {why}");
+        for &size in &sizes {
+            skip_size(out, size, why);
+        }
+    };
+    let Some(endpoint) = endpoint() else {
+        skip_all(out, NO_STORE);
+        return Ok(());
+    };
+    if let Err(e) = kvm_ioctls::Kvm::new() {
+        skip_all(out, &format!("no KVM: {e}"));
+        return Ok(());
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let store = Store {
+        cfg: S3Config::from_env(Some(endpoint.clone())),
+        run_prefix: format!("bench/{}-{}", std::process::id(), nanos.as_nanos()),
+    };
+    // One request first: a store that is set but down or refusing is one skip, found
+    // within the client's timeouts, not one per size.
+    if let Err(e) = store.remote("probe").and_then(|r| r.get("snapshot.json").map_err(err)) {
+        skip_all(out, &format!("the object store at {endpoint} does not answer: {e}"));
+        return Ok(());
+    }
+    eprintln!("remote suite: s3://{BUCKET}/{} at {endpoint}", store.run_prefix);
+    let work = WorkDir::new()?;
+    for &size in &sizes {
+        eprintln!("remote suite at {}", human_bytes(size as u64));
+        if let Err(why) = room(size, &work.0) {
+            eprintln!("  skipped at {}: {why}", human_bytes(size as u64));
+            skip_size(out, size, &why);
+            continue;
+        }
+        for contents in [Contents::Idle, Contents::Written25] {
+            eprintln!("  {}", contents.name());
+            let name = format!("{}-{}", contents.name(), human_bytes(size as u64));
+            let dir = work.0.join(&name);
+            let result = measure(size, contents, opts.huge_pages, plan, &store, &name, &dir, out);
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Err(e) = result {
+                eprintln!("  {}: {e}", contents.name());
+                out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "restore_ns", &e.0));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One restore of a VM.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    restore_ns: f64,
+    ready_ns: f64,
+    faults: u64,
+    prefetched: u64,
+    /// The store's counters, for the `s3-*` columns.
+    requests: u64,
+    fetched_bytes: u64,
+    packs_fetched: u64,
+    cache_hits: u64,
+}
+
+/// Everything measured for one size and contents: the snapshot in `dir`, pushed under
+/// `name/` in the run's prefix.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    size: usize,
+    contents: Contents,
+    huge: bool,
+    plan: Plan,
+    store: &Store,
+    name: &str,
+    dir: &Path,
+    out: &mut Vec<Record>,
+) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let (sc, sz) = (contents.name(), size as u64);
+    let snap_dir = dir.join("snapshot");
+    let vm = source_vm(size, contents, huge)?;
+    let taken = snapshot::take(&vm, "bench", false, &snap_dir, &TakeOptions::default(), &mut |_| {});
+    vm.stop();
+    drop(vm);
+    let summary = taken.map_err(err)?;
+    let plain = format!("{name}/plain");
+    let t = Instant::now();
+    let pushed = remote::push(&snap_dir, &store.remote(&plain)?).map_err(err)?;
+    eprintln!("    pushed {} in {:.2} s", human_bytes(pushed), t.elapsed().as_secs_f64());
+
+    // A local restore's first touches become the working set; then the snapshot with it
+    // goes to the store too.
+    let local = || Snapshot::open(&snap_dir).map_err(err);
+    let no_prefetch = RestoreOptions { eager: false, no_prefetch: true };
+    let (_, ws) = restore_vm(local, &no_prefetch, contents)?;
+    snapshot::record_working_set(&snap_dir, &ws).map_err(err)?;
+    let with_ws = format!("{name}/ws");
+    remote::push(&snap_dir, &store.remote(&with_ws)?).map_err(err)?;
+    let packs = Snapshot::open(&snap_dir).map_err(err)?.manifest.packs.len();
+
+    let caches = dir.join("caches");
+    let fresh_cache = |label: String| PackCache { dir: caches.join(label), limit_bytes: 16 << 30 };
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); COLUMNS.len()];
+    let mut failed: Vec<Option<String>> = vec![None; COLUMNS.len()];
+    for round in 0..plan.restores {
+        // s3-warm takes the cache s3-cold of the same round filled.
+        let cold_cache = fresh_cache(format!("cold-{round}"));
+        for (i, k) in COLUMNS.into_iter().enumerate() {
+            if failed[i].is_some() {
+                continue;
+            }
+            let opts = RestoreOptions { eager: false, no_prefetch: !k.prefetch() };
+            let remote_open = |prefix: &str, cache: PackCache| {
+                let remote = store.remote(prefix)?;
+                Snapshot::open_remote_with_cache(remote, cache).map_err(err)
+            };
+            let got = match k {
+                Column::Local | Column::LocalPrefetch => restore_vm(local, &opts, contents),
+                Column::S3Cold | Column::S3Warm => {
+                    restore_vm(|| remote_open(&plain, cold_cache.clone()), &opts, contents)
+                }
+                Column::S3ColdPrefetch => restore_vm(
+                    || remote_open(&with_ws, fresh_cache(format!("prefetch-{round}"))),
+                    &opts,
+                    contents,
+                ),
+            };
+            match got {
+                Ok((run, _)) => runs[i].push(run),
+                Err(e) => {
+                    eprintln!("    {} {sc}: {e}", k.name());
+                    failed[i] = Some(e.0);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&caches);
+
+    out.push(Record::value(SUITE, sc, "local", sz, "stored_bytes", summary.stored_bytes as f64, "bytes"));
+    out.push(Record::value(SUITE, sc, "local", sz, "packs", packs as f64, "count"));
+    for (i, k) in COLUMNS.into_iter().enumerate() {
+        let name = k.name();
+        if runs[i].is_empty() {
+            let why = failed[i].as_deref().unwrap_or("not run");
+            out.push(Record::skipped(SUITE, sc, name, sz, "restore_ns", why));
+            continue;
+        }
+        let m = |f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
+        out.push(Record::value(SUITE, sc, name, sz, "restore_ns", m(|r| r.restore_ns), "ns"));
+        out.push(Record::value(SUITE, sc, name, sz, "ready_ns", m(|r| r.ready_ns), "ns"));
+        out.push(Record::value(SUITE, sc, name, sz, "faults", m(|r| r.faults as f64), "count"));
+        if k.prefetch() {
+            out.push(Record::value(SUITE, sc, name, sz, "prefetched", m(|r| r.prefetched as f64), "count"));
+        }
+        if k.remote() {
+            out.push(Record::value(SUITE, sc, name, sz, "requests", m(|r| r.requests as f64), "count"));
+            let bytes = m(|r| r.fetched_bytes as f64);
+            out.push(Record::value(SUITE, sc, name, sz, "fetched_bytes", bytes, "bytes"));
+            let fetched = m(|r| r.packs_fetched as f64);
+            out.push(Record::value(SUITE, sc, name, sz, "packs_fetched", fetched, "count"));
+            let hits = m(|r| r.cache_hits as f64);
+            out.push(Record::value(SUITE, sc, name, sz, "pack_cache_hits", hits, "count"));
+        }
+    }
+    Ok(())
+}
+
+/// Restores a VM from the snapshot `open` returns, with `opts`, runs it until its guest
+/// has touched its working set, and stops it. Returns the timings and counters, and the
+/// restore's first touches as a working set.
+fn restore_vm(
+    open: impl FnOnce() -> Result<Snapshot, BenchError>,
+    opts: &RestoreOptions,
+    contents: Contents,
+) -> Result<(Run, snapshot::format::WorkingSet), BenchError> {
+    let t0 = Instant::now();
+    let snap = Arc::new(open()?);
+    let opened = snap.remote_report().map_or(0, |r| r.requests);
+    let state = snap.state().map_err(err)?;
+    let (memory, stats) = snapshot::restore_memory(snap.clone(), opts).map_err(err)?;
+    let memory = Arc::new(memory);
+    crate::fork::refresh_identity(&memory, state.config.genid_gpa()).map_err(err)?;
+    let vm = Vm::restore(memory, &state).map_err(err)?;
+    vm.notify_generation_changed().map_err(err)?;
+    let reports = vm.subscribe();
+    vm.resume().map_err(err)?;
+    let restore_ns = t0.elapsed().as_nanos() as f64;
+    let (wait, n) = match contents {
+        Contents::Idle => (Duration::from_secs(30), 1),
+        Contents::Written25 => (Duration::from_secs(300), 2),
+    };
+    let mut ready = Ok(());
+    for _ in 0..n {
+        if reports.recv_timeout(wait).is_err() {
+            ready = Err(err(format!("the restored guest did not report within {} s", wait.as_secs())));
+            break;
+        }
+    }
+    let ready_ns = t0.elapsed().as_nanos() as f64;
+    let r = stats.report(None);
+    let mut run = Run {
+        restore_ns,
+        ready_ns,
+        faults: r.zero_faults + r.decoded_faults,
+        prefetched: r.prefetched_chunks,
+        ..Run::default()
+    };
+    if let Some(rr) = snap.remote_report() {
+        run.requests = rr.requests;
+        run.fetched_bytes = rr.bytes_fetched;
+        run.packs_fetched = rr.requests.saturating_sub(opened);
+        run.cache_hits = rr.pack_cache_hits;
+    }
+    vm.stop();
+    ready?;
+    Ok((run, stats.working_set()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_are_named_and_classified() {
+        let names: Vec<&str> = COLUMNS.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["local", "local-prefetch", "s3-cold", "s3-warm", "s3-cold-prefetch"]);
+        assert!(COLUMNS.iter().filter(|c| c.remote()).all(|c| c.name().starts_with("s3-")));
+        assert_eq!(COLUMNS.iter().filter(|c| c.prefetch()).count(), 2);
+    }
+}
