@@ -269,10 +269,23 @@ impl Server {
             }
             Err(_) => {}
         }
-        let l = UnixListener::bind(&path).map_err(|source| Error::Socket { path: path.clone(), source })?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|source| Error::Socket { path: path.clone(), source })?;
-        Ok((Server { path }, l))
+        // Bound and listening under a temporary name, then renamed into place: a client
+        // polling for the VM (`run --detach`, `restore --detach`) must never find the
+        // socket between bind and listen, where its connect is refused and it would
+        // remove the socket as stale.
+        let tmp = path.with_extension(format!("sock.new-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let err = |source| Error::Socket { path: path.clone(), source };
+        let l = UnixListener::bind(&tmp).map_err(err)?;
+        // A link, not a rename: a VM of this name that bound meanwhile keeps its socket.
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::hard_link(&tmp, &path));
+        let _ = std::fs::remove_file(&tmp);
+        match placed {
+            Ok(()) => Ok((Server { path }, l)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(Error::NameTaken(name.to_string())),
+            Err(e) => Err(err(e)),
+        }
     }
 
     /// Accepts connections on `listener` in a background thread, one thread each.
