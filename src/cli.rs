@@ -471,9 +471,7 @@ fn restore_foreground(args: RestoreArgs) -> CliResult {
     let (memory, stats) = crate::snapshot::restore_memory(snap.clone(), &opts)?;
     let memory = Arc::new(memory);
     // A VM of its own, before any vCPU runs: as a fork child.
-    crate::fork::refresh_identity(&memory, state.config.genid_gpa())?;
-    let vm = Arc::new(Vm::restore(memory, &state)?);
-    vm.notify_generation_changed()?;
+    let vm = Arc::new(crate::fork::restore_as_new_vm(memory, &state)?);
     let prefetch =
         snap.working_set.as_ref().filter(|_| !args.no_prefetch && !args.eager).map(|w| w.chunks.len());
     crate::snapshot::set_restored(snap, stats);

@@ -292,14 +292,8 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
         send_with_fds(sock, &serde_json::to_vec(&ranges).unwrap_or_default(), &fds)
             .map_err(|e| fail(sock, format!("handing back userfaultfds: {e}")))?;
     }
-    let memory = Arc::new(memory);
-    // A new identity before any vCPU runs.
-    refresh_identity(&memory, hello.state.config.genid_gpa()).map_err(|e| fail(sock, e))?;
     let (server, listener) = Server::bind(&hello.name).map_err(|e| fail(sock, e.to_string()))?;
-    let vm = Vm::restore(memory, &hello.state).map_err(|e| fail(sock, format!("restoring the VM: {e}")))?;
-    // A Linux guest learns of it through an interrupt, pending before its vCPUs run.
-    vm.notify_generation_changed()
-        .map_err(|e| fail(sock, format!("announcing the new generation id: {e}")))?;
+    let vm = restore_as_new_vm(Arc::new(memory), &hello.state).map_err(|e| fail(sock, e))?;
     let restored = t0.elapsed();
     let reports = vm.subscribe();
     let (_, lines) = vm.console().subscribe();
@@ -342,6 +336,17 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
         restored_from: None,
     };
     Ok((Arc::new(vm), who, server, listener))
+}
+
+/// The VM `state` describes, over `memory`, as a VM of its own: a new generation id and
+/// fresh entropy written before any vCPU runs, and (for a Linux guest) the generation
+/// change pending as an interrupt. Paused; the caller resumes it. What a fork child and
+/// a VM restored from a snapshot both start from.
+pub fn restore_as_new_vm(memory: Arc<GuestMemory>, state: &VmState) -> std::result::Result<Vm, String> {
+    refresh_identity(&memory, state.config.genid_gpa())?;
+    let vm = Vm::restore(memory, state).map_err(|e| format!("restoring the VM: {e}"))?;
+    vm.notify_generation_changed().map_err(|e| format!("announcing the new generation id: {e}"))?;
+    Ok(vm)
 }
 
 /// Writes a fresh random VM generation id at `genid_gpa`, and fresh entropy beside it,

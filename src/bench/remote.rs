@@ -51,7 +51,6 @@ use super::{BenchError, BenchOptions, Record, human_bytes};
 use crate::snapshot::cache::PackCache;
 use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
 use crate::snapshot::{self, RestoreOptions, Snapshot, TakeOptions};
-use crate::vmm::Vm;
 
 const SUITE: &str = "remote";
 /// `--quick`'s only size.
@@ -347,9 +346,7 @@ fn restore_vm(
     let state = snap.state().map_err(err)?;
     let (memory, stats) = snapshot::restore_memory(snap.clone(), opts).map_err(err)?;
     let memory = Arc::new(memory);
-    crate::fork::refresh_identity(&memory, state.config.genid_gpa()).map_err(err)?;
-    let vm = Vm::restore(memory, &state).map_err(err)?;
-    vm.notify_generation_changed().map_err(err)?;
+    let vm = crate::fork::restore_as_new_vm(memory, &state).map_err(err)?;
     let reports = vm.subscribe();
     vm.resume().map_err(err)?;
     let restore_ns = t0.elapsed().as_nanos() as f64;

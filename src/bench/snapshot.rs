@@ -687,9 +687,7 @@ fn restore_vm(
     let t0 = Instant::now();
     let (memory, served, state) = restored_memory(k, snap_dir, raw)?;
     let memory = Arc::new(memory);
-    crate::fork::refresh_identity(&memory, state.config.genid_gpa()).map_err(err)?;
-    let vm = Vm::restore(memory, &state).map_err(err)?;
-    vm.notify_generation_changed().map_err(err)?;
+    let vm = crate::fork::restore_as_new_vm(memory, &state).map_err(err)?;
     let reports = vm.subscribe();
     vm.resume().map_err(err)?;
     let restore_ns = t0.elapsed().as_nanos() as f64;
