@@ -42,11 +42,11 @@
 //! latency, and every object it serves is in the host's page cache. Without a store
 //! (`VMFORK_S3_ENDPOINT` or `AWS_ENDPOINT_URL` unset) every record is skipped.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::snapshot::{Contents, median, room, source_vm};
+use super::snapshot::{Contents, WorkDir, median, room, source_vm};
 use super::{BenchError, BenchOptions, Record, human_bytes};
 use crate::snapshot::cache::PackCache;
 use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
@@ -113,27 +113,6 @@ fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("remote bench: {e}"))
 }
 
-/// A local directory for this run's snapshots and pack caches, removed when dropped
-/// (the store's objects stay).
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn new() -> Result<Self, BenchError> {
-        let dir = std::env::temp_dir().join(format!("vmfork-bench-remote-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-        Ok(WorkDir(dir))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The store's endpoint, as the remote tests find it: `VMFORK_S3_ENDPOINT`, else the
-/// `AWS_ENDPOINT_URL*` variables.
 fn endpoint() -> Option<String> {
     ["VMFORK_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
         .into_iter()
@@ -192,7 +171,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         return Ok(());
     }
     eprintln!("remote suite: s3://{BUCKET}/{} at {endpoint}", store.run_prefix);
-    let work = WorkDir::new()?;
+    let work = WorkDir::new("remote")?;
     for &size in &sizes {
         eprintln!("remote suite at {}", human_bytes(size as u64));
         if let Err(why) = room(size, &work.0) {

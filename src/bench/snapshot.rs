@@ -154,12 +154,12 @@ fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("snapshot bench: {e}"))
 }
 
-/// A directory for this run's snapshots and raw files, removed when dropped.
-struct WorkDir(PathBuf);
+/// A directory for a suite's snapshots and files in this run, removed when dropped.
+pub(super) struct WorkDir(pub(super) PathBuf);
 
 impl WorkDir {
-    fn new() -> Result<Self, BenchError> {
-        let dir = std::env::temp_dir().join(format!("vmfork-bench-snapshot-{}", std::process::id()));
+    pub(super) fn new(suite: &str) -> Result<Self, BenchError> {
+        let dir = std::env::temp_dir().join(format!("vmfork-bench-{suite}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         Ok(WorkDir(dir))
@@ -191,7 +191,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         }
         return Ok(());
     }
-    let work = WorkDir::new()?;
+    let work = WorkDir::new("snapshot")?;
     for &size in &sizes {
         eprintln!("snapshot suite at {}", human_bytes(size as u64));
         if let Err(why) = room(size, &work.0) {

@@ -11,7 +11,6 @@
 //! `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`; without keys, requests go unsigned.
 //! No message ever prints a key.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -199,17 +198,6 @@ impl Remote {
         }
     }
 
-    /// Byte ranges of object `name`, fetched together (nearby ranges coalesce into one
-    /// request, and up to ten run at once).
-    pub fn get_ranges(&self, name: &str, ranges: &[std::ops::Range<u64>]) -> Result<Vec<Vec<u8>>> {
-        let path = ObjectPath::from(self.url.key(name));
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let got = runtime().block_on(self.store.get_ranges(&path, ranges)).map_err(|e| self.err(name, e))?;
-        let out: Vec<Vec<u8>> = got.into_iter().map(|b| b.to_vec()).collect();
-        self.counters.bytes.fetch_add(out.iter().map(|b| b.len() as u64).sum(), Ordering::Relaxed);
-        Ok(out)
-    }
-
     /// Stores `data` as object `name`; with `create`, fails where it exists already.
     pub fn put(&self, name: &str, data: Vec<u8>, create: bool) -> Result<()> {
         let path = ObjectPath::from(self.url.key(name));
@@ -273,9 +261,6 @@ pub fn push(dir: &std::path::Path, remote: &Remote) -> Result<u64> {
     }
     Ok(total)
 }
-
-/// The shared remote handle of a restore, reachable from the page servers.
-pub type RemoteRef = Arc<Remote>;
 
 #[cfg(test)]
 mod tests {
