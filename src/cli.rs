@@ -99,6 +99,11 @@ pub struct SnapshotArgs {
     /// Stop the VM once the snapshot is written.
     #[arg(long)]
     pub stop: bool,
+    /// An earlier snapshot of this VM, or of the VM it was restored or forked from (a
+    /// directory or s3://BUCKET/PREFIX): chunks unchanged since are referenced in it, not
+    /// stored again. The new snapshot needs the parent to restore.
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -682,11 +687,16 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
                 Some(_) => std::env::temp_dir().join(format!("vmfork-upload-{}-{name}", std::process::id())),
                 None => std::path::absolute(&dir)?,
             };
+            let parent = match &args.parent {
+                Some(p) => Some(parent_spec(p, remote.is_some(), args.endpoint.clone())?),
+                None => None,
+            };
             let req = Request::Snapshot {
                 dir: dir.clone(),
                 level: Some(args.level),
                 chunk: Some(args.chunk),
                 stop: args.stop,
+                parent: parent.clone(),
             };
             let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let v = api::call_with_progress(&name, &req, &mut |p| {
@@ -701,10 +711,14 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
                         done / stored.max(1e-9)
                     );
                 }
-            })?;
+            });
             if tty {
                 eprintln!();
             }
+            if let Some(p) = parent.filter(|p| p.meta != Path::new(&p.location)) {
+                let _ = std::fs::remove_dir_all(&p.meta);
+            }
+            let v = v?;
             let mut summary = v["summary"].clone();
             if let Some(url) = remote {
                 let pushed = upload(&dir, url, args.endpoint);
@@ -722,6 +736,40 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
             }
         }
     }
+}
+
+/// The parent of a new snapshot (`--parent AT`): a directory, whose files the VM reads
+/// itself, or `s3://BUCKET/PREFIX`, whose manifest, index and chunk hashes are fetched
+/// here into a temporary directory for it. A snapshot going to a store (`to_store`)
+/// takes only a parent in a store: other hosts cannot read this one's directories.
+fn parent_spec(
+    at: &Path,
+    to_store: bool,
+    endpoint: Option<String>,
+) -> Result<api::ParentSpec, Box<dyn std::error::Error>> {
+    use crate::snapshot::remote::{Remote, S3Config, S3Url};
+    let Some(url) = at.to_str().and_then(S3Url::parse) else {
+        if to_store {
+            return Err(format!(
+                "--parent {}: a snapshot in an object store cannot reference a local directory; push the parent (vmfork push) and name it as s3://BUCKET/PREFIX",
+                at.display()
+            )
+            .into());
+        }
+        let dir = std::fs::canonicalize(at).map_err(|e| format!("--parent {}: {e}", at.display()))?;
+        let location = dir.to_str().ok_or_else(|| format!("--parent {}: not a UTF-8 path", dir.display()))?;
+        return Ok(api::ParentSpec { location: location.to_string(), meta: dir.clone() });
+    };
+    let remote = Remote::new(url?, &S3Config::from_env(endpoint))?;
+    let meta = std::env::temp_dir().join(format!("vmfork-parent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&meta);
+    std::fs::create_dir_all(&meta)?;
+    for name in ["snapshot.json", "index.bin", "hashes.bin"] {
+        if let Some(data) = remote.get(name)? {
+            std::fs::write(meta.join(name), data)?;
+        }
+    }
+    Ok(api::ParentSpec { location: remote.url.to_string(), meta })
 }
 
 /// Writes `text` to stdout; a reader that went away (`| head`) is not an error.

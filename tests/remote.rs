@@ -278,49 +278,67 @@ fn forward(listen: std::net::TcpListener, to: std::net::SocketAddr) {
     });
 }
 
-#[test]
-fn a_snapshot_taken_on_one_host_restores_on_another_across_a_network() {
-    let test = "remote_across_namespaces";
-    let Some(endpoint) = store(test) else { return };
-    let Some(_kvm) = kvm_available(test) else { return };
-    // "Host B" is a network namespace joined to this one by a veth pair; the store's
-    // traffic crosses it (only these two addresses are used).
-    let ns_name = format!("vmfork-b-{}", std::process::id());
-    let ns = match Netns::new(&ns_name, 7) {
+/// "Host B": a network namespace joined to this one by a veth pair (only these two
+/// addresses are used), from which the store is reached through a forwarder on this
+/// side's address; and that endpoint. `None` (the test skips, saying why) where
+/// namespaces cannot be made, unless the store is required and this is root.
+fn host_b(test: &str, endpoint: &str, n: u8) -> Option<(Netns, String)> {
+    let ns_name = format!("vmfork-b-{}-{n}", std::process::id());
+    let ns = match Netns::new(&ns_name, n) {
         Ok(ns) => ns,
         Err(why) if std::env::var("VMFORK_S3_REQUIRED").as_deref() == Ok("1") && nix_is_root() => {
             panic!("{test}: cannot make a network namespace: {why}")
         }
         Err(why) => {
             eprintln!("SKIP {test}: cannot make a network namespace here: {why}");
-            return;
+            return None;
         }
     };
-    let listener = std::net::TcpListener::bind("10.77.7.1:0").unwrap();
+    let listener = std::net::TcpListener::bind(format!("10.77.{n}.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
     let upstream =
         endpoint.trim_start_matches("http://").parse().expect("the store's endpoint is http://IP:PORT");
     forward(listener, upstream);
-    let remote_endpoint = format!("http://10.77.7.1:{port}");
+    Some((ns, format!("http://10.77.{n}.1:{port}")))
+}
 
+/// `vmfork restore AT --name NAME --detach` run on host B (`ns`, reaching the store at
+/// `endpoint`) with the pack cache `cache`.
+fn restore_on_host_b(
+    rt: &Runtime,
+    ns: &Netns,
+    endpoint: &str,
+    cache: &std::path::Path,
+    at: &str,
+    name: &str,
+) {
+    let mut cmd = rt.command();
+    cmd.env("VMFORK_PACK_CACHE", cache).env("AWS_ENDPOINT_URL", endpoint);
+    let t = Instant::now();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(std::env::var_os("VMFORK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vmfork").into()))
+        .args(["restore", at, "--name", name, "--detach"])
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "restore on host B failed: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("restored {at} as {name} on host B in {:?}", t.elapsed());
+}
+
+#[test]
+fn a_snapshot_taken_on_one_host_restores_on_another_across_a_network() {
+    let test = "remote_across_namespaces";
+    let Some(endpoint) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    let Some((ns, remote_endpoint)) = host_b(test, &endpoint, 7) else { return };
     let rt = Runtime::new("remote-netns");
     rt.run("p", &[]);
     let at = prefix(test);
     rt.s3_ok(&["snapshot", "p", &at]);
     // On host B: its own pack cache, the store only through the veth.
     let cache = rt.dir.join("host-b-cache");
-    let mut cmd = rt.command();
-    cmd.env("VMFORK_PACK_CACHE", &cache).env("AWS_ENDPOINT_URL", &remote_endpoint);
-    let t = Instant::now();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(std::env::var_os("VMFORK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vmfork").into()))
-        .args(["restore", &at, "--name", "b1", "--detach"])
-        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "restore on host B failed: {}", String::from_utf8_lossy(&out.stderr));
-    eprintln!("{test}: restored on host B in {:?}", t.elapsed());
+    restore_on_host_b(&rt, &ns, &remote_endpoint, &cache, &at, "b1");
     assert_same_guest(&rt, "p", "b1");
     let r = assert_progress(&rt, "b1");
     assert_ne!(genid(&r), genid(&rt.report("p")), "host B's VM kept the source's generation id");
@@ -329,6 +347,48 @@ fn a_snapshot_taken_on_one_host_restores_on_another_across_a_network() {
     assert!(stats["bytes_fetched"].as_u64().unwrap() > 0, "{stats}");
     assert!(std::fs::read_dir(&cache).unwrap().count() >= 1, "host B cached no pack");
     rt.ok(&["stop", "b1"]);
+}
+
+#[test]
+fn a_snapshot_against_a_parent_in_the_store_uploads_its_changes_and_restores_on_another_host() {
+    let test = "remote_parent";
+    let Some(endpoint) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    let Some((ns, remote_endpoint)) = host_b(test, &endpoint, 8) else { return };
+    let rt = Runtime::new("remote-parent");
+    rt.run("p", &[]);
+    let (a, b) = (prefix("parent-a"), prefix("parent-b"));
+    let first: Value = serde_json::from_str(&rt.s3_ok(&["snapshot", "p", &a, "--json"])).unwrap();
+    let second: Value =
+        serde_json::from_str(&rt.s3_ok(&["snapshot", "p", &b, "--parent", &a, "--json"])).unwrap();
+    eprintln!("{test}: parent {first}\nchild {second}");
+    assert_eq!(second["parent"], a.trim_end_matches('/'));
+    assert!(second["parent_chunks"].as_u64().unwrap() >= 1, "{second}");
+    assert!(second["new_bytes"].as_u64() < second["stored_bytes"].as_u64(), "{second}");
+    // The guest code the child restores with is in the parent's packs, which host B
+    // fetches from the parent's prefix: packs of both land in its cache.
+    let cache = rt.dir.join("host-b-cache");
+    restore_on_host_b(&rt, &ns, &remote_endpoint, &cache, &b, "b1");
+    assert_same_guest(&rt, "p", "b1");
+    assert_ne!(genid(&assert_progress(&rt, "b1")), genid(&rt.report("p")));
+    let stats = rt.remote_stats(&b, "b1");
+    eprintln!("{test}: host B fetched {stats}");
+    assert!(std::fs::read_dir(&cache).unwrap().count() >= 2, "host B did not fetch packs of both snapshots");
+    rt.ok(&["stop", "b1"]);
+
+    // A parent other hosts could not read is refused, before anything is written.
+    let local = rt.dir.join("local");
+    rt.ok(&["snapshot", "p", local.to_str().unwrap()]);
+    let out = rt.s3(&["snapshot", "p", &prefix("parent-c"), "--parent", local.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot reference a local directory"), "{err}");
+    let child = rt.dir.join("local-child");
+    rt.ok(&["snapshot", "p", child.to_str().unwrap(), "--parent", local.to_str().unwrap()]);
+    let pushed = prefix("parent-d");
+    let out = rt.s3(&["push", child.to_str().unwrap(), &pushed], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("other hosts cannot read"), "{err}");
+    assert!(remote(&pushed).get("snapshot.json").unwrap().is_none(), "a refused push left a manifest");
 }
 
 fn nix_is_root() -> bool {

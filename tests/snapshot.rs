@@ -314,3 +314,47 @@ fn truncated_and_malformed_snapshots_are_refused_clearly() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists"));
     assert_progress(&rt, "q");
 }
+
+#[test]
+fn a_snapshot_against_its_parent_references_unchanged_chunks_and_restores_the_guest() {
+    let Some(_kvm) = kvm_available("snapshot_parent") else { return };
+    let rt = Runtime::new("snap-parent");
+    // An idle guest changes nothing between two snapshots but its report mailbox (each
+    // pause and resume makes it report again): the second stores next to nothing.
+    rt.ok(&["run", "--name", "q", "--mem", "64M", "--workload", "idle", "--detach"]);
+    rt.wait_report("q");
+    let first = rt.snapshot("q", "q1", &[]);
+    let q1 = rt.dir.join("q1");
+    let second = rt.snapshot("q", "q2", &["--parent", q1.to_str().unwrap()]);
+    let nonzero = second["chunks"].as_u64().unwrap() - second["zero_chunks"].as_u64().unwrap();
+    let new = nonzero - second["parent_chunks"].as_u64().unwrap();
+    eprintln!("snapshot_parent: idle: {first}\n{second}");
+    assert!(new <= 2, "an idle guest's second snapshot stored {new} of {nonzero} chunks anew: {second}");
+    assert_eq!(second["parent"], q1.to_str().unwrap());
+    assert!(second["new_bytes"].as_u64().unwrap() * 20 < first["stored_bytes"].as_u64().unwrap(), "{second}");
+    rt.ok(&["stop", "q"]);
+
+    // A running guest: the chunks it rewrote are stored again, the rest referenced, and a
+    // restore of the child continues the guest exactly, reading chunks from both.
+    rt.run("p", &[]);
+    let a = rt.dir.join("a");
+    rt.snapshot("p", "a", &[]);
+    let b = rt.snapshot("p", "b", &["--parent", a.to_str().unwrap()]);
+    assert!(b["parent_chunks"].as_u64().unwrap() >= 1, "nothing referenced: {b}");
+    let inspect = rt.ok(&["snapshot", "inspect", rt.dir.join("b").to_str().unwrap()]);
+    assert!(inspect.contains(&format!("parent   {}", a.display())), "{inspect}");
+    rt.restore("b", "r", &[]);
+    assert_same_guest(&rt, "p", "r");
+    let r = assert_progress(&rt, "r");
+    assert_ne!(genid(&r), genid(&rt.report("p")));
+    rt.ok(&["stop", "r"]);
+
+    // The child needs its parent: without it, a restore says which and why, at once.
+    std::fs::rename(&a, rt.dir.join("a-moved")).unwrap();
+    assert_refused(&rt, &rt.dir.join("b"), &format!("parent snapshot {}", a.display()));
+    let out =
+        rt.vmfork(&["snapshot", "p", rt.dir.join("c").to_str().unwrap(), "--parent", a.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--parent") && err.contains(a.to_str().unwrap()), "{err}");
+    assert!(!rt.dir.join("c").exists());
+}

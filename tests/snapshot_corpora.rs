@@ -9,7 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use vmfork::snapshot::format::{
-    Entry, INDEX_MAGIC, Index, Kind, MAX_CHUNKS, Manifest, RegionInfo, WS_MAGIC, WorkingSet, encode_chunk,
+    Entry, HASHES_MAGIC, Hashes, INDEX_MAGIC, Index, Kind, MAX_CHUNKS, Manifest, ParentRef, RegionInfo,
+    WS_MAGIC, WorkingSet, chunk_hash, encode_chunk,
 };
 use vmfork::snapshot::fuzzing::TARGETS;
 
@@ -62,6 +63,7 @@ fn manifest(regions: Vec<RegionInfo>, chunk_size: u32, packs: Vec<u64>) -> Manif
         packs,
         pack_crc32c: Vec::new(),
         working_set_first: false,
+        parents: Vec::new(),
     }
 }
 
@@ -154,6 +156,22 @@ fn write_seeds() {
     lying.extend_from_slice(&[0; 12]);
     seeds.push(("snapshot_ws", "seed-count-max", lying));
 
+    // hashes.bin: three, none, and as `take` writes them for the 64 chunks above.
+    let three = Hashes { hashes: vec![[0; 16], chunk_hash(b"a"), chunk_hash(b"b")] };
+    seeds.push(("snapshot_hashes", "seed-three", three.encode()));
+    seeds.push(("snapshot_hashes", "seed-empty", Hashes { hashes: vec![] }.encode()));
+    let real: Vec<[u8; 16]> =
+        (0..64).map(|i| if i % 3 == 2 { [0; 16] } else { chunk_hash(&pages(8192)[i % 3]) }).collect();
+    seeds.push(("snapshot_hashes", "seed-real-64", Hashes { hashes: real }.encode()));
+    let mut b = HASHES_MAGIC.to_vec();
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&MAX_CHUNKS.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.resize(32, 0);
+    b.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0, 0]);
+    seeds.push(("snapshot_hashes", "seed-max-count", b));
+
     // snapshot.json, pretty as `take` writes it, and edge cases.
     let json = |m: &Manifest| serde_json::to_vec_pretty(m).unwrap();
     let one = manifest(
@@ -171,6 +189,13 @@ fn write_seeds() {
         vec![4 << 20; 3],
     );
     seeds.push(("snapshot_manifest", "seed-two-regions", json(&two)));
+    let mut child = one.clone();
+    child.pack_crc32c = vec![1, 2];
+    child.parents = vec![
+        ParentRef { location: "/snapshots/a".into(), packs: vec![4 << 20, 99], pack_crc32c: vec![3, 4] },
+        ParentRef { location: "s3://bucket/fleet/b".into(), packs: vec![77], pack_crc32c: vec![5] },
+    ];
+    seeds.push(("snapshot_manifest", "seed-parents", json(&child)));
     let overflow = manifest(
         vec![
             RegionInfo { guest_addr: 0, size: 1 << 63, first_chunk: 0 },

@@ -87,10 +87,23 @@ pub enum Request {
         /// Stop the VM once the snapshot is written.
         #[serde(default)]
         stop: bool,
+        /// Take it against this parent: chunks the parent holds unchanged are referenced.
+        #[serde(default)]
+        parent: Option<ParentSpec>,
     },
     /// What the page servers of a VM restored from a snapshot did.
     #[serde(rename = "restore-stats")]
     RestoreStats,
+}
+
+/// The parent of a snapshot: where the new snapshot's manifest will say it is, and a
+/// directory holding its `snapshot.json`, `index.bin` and `hashes.bin` (the parent itself
+/// when it is a directory; a copy fetched by the client when it is in a store).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentSpec {
+    pub location: String,
+    pub meta: PathBuf,
 }
 
 fn auto() -> Strategy {
@@ -364,7 +377,7 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
             Ok(children) => answer(&mut w, serde_json::json!({"ok": true, "children": children})),
             Err(e) => error(&mut w, e),
         },
-        Request::Snapshot { dir, level, chunk, stop } => {
+        Request::Snapshot { dir, level, chunk, stop, parent } => {
             let defaults = crate::snapshot::TakeOptions::default();
             let opts = crate::snapshot::TakeOptions {
                 level: level.unwrap_or(defaults.level),
@@ -378,7 +391,20 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
             let mut progress = |p: &crate::snapshot::Progress| {
                 let _ = answer(&mut out, serde_json::json!({"progress": p}));
             };
-            match crate::snapshot::take(vm, &who.name, who.private, &dir, &opts, &mut progress) {
+            let parent = match parent.map(|p| crate::snapshot::Parent::load(&p.meta, p.location)).transpose()
+            {
+                Ok(p) => p,
+                Err(e) => return error(&mut w, e),
+            };
+            match crate::snapshot::take(
+                vm,
+                &who.name,
+                who.private,
+                &dir,
+                &opts,
+                parent.as_ref(),
+                &mut progress,
+            ) {
                 Ok(summary) => {
                     let sent = answer(&mut w, serde_json::json!({"ok": true, "summary": summary}));
                     if stop {
@@ -472,7 +498,7 @@ pub fn parse_request(line: &str) -> std::result::Result<Request, String> {
     };
     let allowed: &[&str] = match o.get("cmd").and_then(|c| c.as_str()) {
         Some("fork") => &["cmd", "strategy", "name", "count"],
-        Some("snapshot") => &["cmd", "dir", "level", "chunk", "stop"],
+        Some("snapshot") => &["cmd", "dir", "level", "chunk", "stop", "parent"],
         Some(_) => &["cmd"],
         None => return Err("a request needs a \"cmd\"".into()),
     };

@@ -225,7 +225,7 @@ fn measure(
     let (sc, sz) = (contents.name(), size as u64);
     let snap_dir = dir.join("snapshot");
     let vm = source_vm(size, contents, huge)?;
-    let taken = snapshot::take(&vm, "bench", false, &snap_dir, &TakeOptions::default(), &mut |_| {});
+    let taken = snapshot::take(&vm, "bench", false, &snap_dir, &TakeOptions::default(), None, &mut |_| {});
     vm.stop();
     drop(vm);
     let summary = taken.map_err(err)?;

@@ -276,7 +276,7 @@ fn measure(
     for i in 0..plan.takes {
         let d = if i + 1 == plan.takes { snap_dir.clone() } else { dir.join(format!("take{i}")) };
         let vm = source_vm(size, contents, huge)?;
-        let taken = snapshot::take(&vm, "bench", false, &d, &TakeOptions::default(), &mut |_| {});
+        let taken = snapshot::take(&vm, "bench", false, &d, &TakeOptions::default(), None, &mut |_| {});
         vm.stop();
         drop(vm);
         let s = taken.map_err(err)?;

@@ -23,6 +23,10 @@ pub const FORMAT: &str = "vmfork-snapshot";
 pub const VERSION: u32 = 1;
 /// Magic of `index.bin`.
 pub const INDEX_MAGIC: [u8; 8] = *b"VMFKIDX1";
+/// Magic of `hashes.bin`.
+pub const HASHES_MAGIC: [u8; 8] = *b"VMFKHSH1";
+/// Most parents a snapshot may reference packs of (a longer chain takes a full snapshot).
+pub const MAX_PARENTS: usize = 64;
 /// Magic of `ws.bin`.
 pub const WS_MAGIC: [u8; 8] = *b"VMFKWS01";
 /// Bytes of one index entry.
@@ -110,6 +114,26 @@ pub struct Manifest {
     /// Whether the packs start with the working set's chunks, in its order.
     #[serde(default)]
     pub working_set_first: bool,
+    /// Snapshots whose packs this one's index points into as well (chunks a snapshot
+    /// taken with `--parent` found unchanged). The offsets of the index are into the
+    /// concatenation of every parent's packs, in this order, and then this snapshot's
+    /// own: so a child of this snapshot lists these and then this one, and takes this
+    /// one's entries as they are. Oldest first; each names the snapshot that owns the
+    /// packs, so a restore reads from at most `parents.len() + 1` places and never walks
+    /// a chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<ParentRef>,
+}
+
+/// A snapshot whose packs another snapshot references.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    /// Where it is: an absolute directory, or `s3://BUCKET/PREFIX` (in the same store).
+    pub location: String,
+    /// Its own packs' sizes and crc32c checksums, as its manifest has them.
+    pub packs: Vec<u64>,
+    pub pack_crc32c: Vec<u32>,
 }
 
 impl Manifest {
@@ -155,11 +179,49 @@ impl Manifest {
         if !self.pack_crc32c.is_empty() && self.pack_crc32c.len() != self.packs.len() {
             return bad(format!("{} pack checksums for {} packs", self.pack_crc32c.len(), self.packs.len()));
         }
+        if self.parents.len() > MAX_PARENTS {
+            return bad(format!("{} parents (at most {MAX_PARENTS})", self.parents.len()));
+        }
+        for (i, p) in self.parents.iter().enumerate() {
+            if p.pack_crc32c.len() != p.packs.len() {
+                return bad(format!(
+                    "parent {i}: {} pack checksums for {} packs",
+                    p.pack_crc32c.len(),
+                    p.packs.len()
+                ));
+            }
+            let local = p.location.starts_with('/') && !p.location.contains('\0');
+            if !(local || p.location.starts_with("s3://")) {
+                return bad(format!(
+                    "parent {i}: location {:?} is neither an absolute path nor s3://",
+                    p.location
+                ));
+            }
+        }
         // `Snapshot::open` adds them up.
-        if self.packs.iter().try_fold(0u64, |t, &p| t.checked_add(p)).is_none() {
+        if self.all_packs().try_fold(0u64, |t, p| t.checked_add(p.2)).is_none() {
             return bad("packs: their sizes add up past 2^64".into());
         }
         Ok(())
+    }
+
+    /// Every pack the index points into, in the order its offsets count them: each
+    /// parent's, then this snapshot's own. Each is `(location, number, size, crc32c)`:
+    /// the location is the parent's, `None` for this snapshot; the number is the pack's
+    /// in its owner ([`Manifest::pack_name`]); the crc32c is 0 where a manifest has none.
+    pub fn all_packs(&self) -> impl Iterator<Item = (Option<&str>, usize, u64, u32)> + '_ {
+        let parents = self.parents.iter().flat_map(|p| {
+            let at = Some(p.location.as_str());
+            p.packs.iter().zip(&p.pack_crc32c).enumerate().map(move |(i, (&s, &c))| (at, i, s, c))
+        });
+        let crc = |i: usize| self.pack_crc32c.get(i).copied().unwrap_or(0);
+        parents.chain(self.packs.iter().enumerate().map(move |(i, &s)| (None, i, s, crc(i))))
+    }
+
+    /// Bytes of all parents' packs: where this snapshot's own packs start in the index's
+    /// offsets (exact once [`Manifest::validate`] passed).
+    pub fn parents_bytes(&self) -> u64 {
+        self.parents.iter().flat_map(|p| &p.packs).fold(0u64, |t, &s| t.saturating_add(s))
     }
 
     /// Chunks in all regions (exact once [`Manifest::validate`] passed; before, a
@@ -195,52 +257,15 @@ impl Index {
         for e in &self.entries {
             e.encode(&mut raw);
         }
-        let packed = zstd::bulk::compress(&raw, 3).expect("compressing into a Vec cannot fail");
-        let mut out = Vec::with_capacity(32 + packed.len());
-        out.extend_from_slice(&INDEX_MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&raw).to_le_bytes());
-        out.extend_from_slice(&(packed.len() as u32).to_le_bytes());
-        out.resize(32, 0);
-        out.extend_from_slice(&packed);
-        out
+        frame(&INDEX_MAGIC, self.entries.len() as u64, &raw)
     }
 
     /// Parses `index.bin`, which must hold `expect` entries whose stored bytes lie within
     /// `data_len` bytes of packs.
     pub fn decode(b: &[u8], expect: u64, data_len: u64) -> Result<Index, Error> {
         let bad = |what: String| Error::Format { file: "index.bin", what };
-        if b.len() < 32 || b[..8] != INDEX_MAGIC {
-            return Err(bad("no index header (magic VMFKIDX1)".into()));
-        }
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(Error::Version(version));
-        }
-        let n = u64::from_le_bytes(b[12..20].try_into().expect("8 bytes"));
-        let (crc, clen) = (u32_at(20), u32_at(24) as usize);
-        if n != expect || n > MAX_CHUNKS {
-            return Err(bad(format!("{n} entries, the manifest says {expect}")));
-        }
-        if b[28..32] != [0; 4] {
-            return Err(bad("header padding is not zero".into()));
-        }
-        if b.len() != 32 + clen {
-            return Err(bad(format!("{} bytes of entries, the header says {clen}", b.len() - 32)));
-        }
-        let raw_len = n as usize * ENTRY_LEN;
-        // Refused before `raw_len` bytes are allocated: `encode`'s frame declares its size.
-        match zstd::zstd_safe::get_frame_content_size(&b[32..]) {
-            Ok(Some(len)) if len == raw_len as u64 => {}
-            _ => return Err(bad(format!("entries: the zstd frame does not declare {raw_len} bytes"))),
-        }
-        let raw = zstd::bulk::decompress(&b[32..], raw_len).map_err(|e| bad(format!("entries: {e}")))?;
-        if raw.len() != raw_len || crc32c::crc32c(&raw) != crc {
-            return Err(bad("entries do not match their checksum".into()));
-        }
-        let mut entries = Vec::with_capacity(n as usize);
+        let raw = unframe(b, &INDEX_MAGIC, "index.bin", expect, ENTRY_LEN)?;
+        let mut entries = Vec::with_capacity(expect as usize);
         for (i, e) in raw.chunks_exact(ENTRY_LEN).enumerate() {
             let e = Entry::decode(e).ok_or_else(|| bad(format!("chunk {i}: unknown kind")))?;
             let end = e.offset.checked_add(e.len as u64);
@@ -250,6 +275,100 @@ impl Index {
             entries.push(e);
         }
         Ok(Index { entries })
+    }
+}
+
+/// The framing `index.bin` and `hashes.bin` share: `magic`, version u32, record count
+/// u64, crc32c of the raw records u32, compressed length u32, padding to 32 bytes; then
+/// the records, as one zstd frame that declares its size.
+fn frame(magic: &[u8; 8], count: u64, raw: &[u8]) -> Vec<u8> {
+    let packed = zstd::bulk::compress(raw, 3).expect("compressing into a Vec cannot fail");
+    let mut out = Vec::with_capacity(32 + packed.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(raw).to_le_bytes());
+    out.extend_from_slice(&(packed.len() as u32).to_le_bytes());
+    out.resize(32, 0);
+    out.extend_from_slice(&packed);
+    out
+}
+
+/// The raw records of a [`frame`]d file `file`, which must hold `expect` records of
+/// `record_len` bytes (at most [`MAX_CHUNKS`]) and match its checksum.
+fn unframe(
+    b: &[u8],
+    magic: &[u8; 8],
+    file: &'static str,
+    expect: u64,
+    record_len: usize,
+) -> Result<Vec<u8>, Error> {
+    let bad = |what: String| Error::Format { file, what };
+    if b.len() < 32 || b[..8] != *magic {
+        return Err(bad(format!("no header (magic {})", String::from_utf8_lossy(magic))));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(Error::Version(version));
+    }
+    let n = u64::from_le_bytes(b[12..20].try_into().expect("8 bytes"));
+    let (crc, clen) = (u32_at(20), u32_at(24) as usize);
+    if n != expect || n > MAX_CHUNKS {
+        return Err(bad(format!("{n} entries, the manifest says {expect}")));
+    }
+    if b[28..32] != [0; 4] {
+        return Err(bad("header padding is not zero".into()));
+    }
+    if b.len() != 32 + clen {
+        return Err(bad(format!("{} bytes of entries, the header says {clen}", b.len() - 32)));
+    }
+    let raw_len = n as usize * record_len;
+    // Refused before `raw_len` bytes are allocated: `frame`'s zstd frame declares its size.
+    match zstd::zstd_safe::get_frame_content_size(&b[32..]) {
+        Ok(Some(len)) if len == raw_len as u64 => {}
+        _ => return Err(bad(format!("entries: the zstd frame does not declare {raw_len} bytes"))),
+    }
+    let raw = zstd::bulk::decompress(&b[32..], raw_len).map_err(|e| bad(format!("entries: {e}")))?;
+    if raw.len() != raw_len || crc32c::crc32c(&raw) != crc {
+        return Err(bad("entries do not match their checksum".into()));
+    }
+    Ok(raw)
+}
+
+/// A chunk's content hash: the first 16 bytes of its BLAKE3 digest. Strong enough that
+/// two chunks with the same hash are taken to be the same bytes (a snapshot with a parent
+/// references the parent's chunk instead of storing its own; the crc32c must agree too).
+pub type ChunkHash = [u8; HASH_LEN];
+
+/// Bytes of one [`ChunkHash`].
+pub const HASH_LEN: usize = 16;
+
+/// The hash of a chunk that is not all zero (a zero chunk's hash is all zero bytes).
+pub fn chunk_hash(data: &[u8]) -> ChunkHash {
+    let d = blake3::hash(data);
+    d.as_bytes()[..HASH_LEN].try_into().expect("a BLAKE3 digest is 32 bytes")
+}
+
+/// `hashes.bin`: each chunk's [`ChunkHash`], in chunk order; what a later snapshot taken
+/// with this one as its parent compares its chunks against, without reading this
+/// snapshot's packs. A restore never reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hashes {
+    pub hashes: Vec<ChunkHash>,
+}
+
+impl Hashes {
+    /// Framed as `index.bin` is (magic `VMFKHSH1`), records of 16 bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        frame(&HASHES_MAGIC, self.hashes.len() as u64, self.hashes.as_flattened())
+    }
+
+    /// Parses `hashes.bin` for an index of `expect` chunks.
+    pub fn decode(b: &[u8], expect: u64) -> Result<Hashes, Error> {
+        let raw = unframe(b, &HASHES_MAGIC, "hashes.bin", expect, HASH_LEN)?;
+        let hashes = raw.chunks_exact(HASH_LEN).map(|h| h.try_into().expect("16 bytes")).collect();
+        Ok(Hashes { hashes })
     }
 }
 
@@ -435,6 +554,7 @@ mod tests {
             packs,
             pack_crc32c: vec![],
             working_set_first: false,
+            parents: vec![],
         }
     }
 
@@ -484,6 +604,63 @@ mod tests {
         let mut b = header(1, &body);
         b[20..24].copy_from_slice(&crc32c::crc32c(&raw).to_le_bytes());
         assert!(Index::decode(&b, 1, 0).unwrap_err().to_string().contains("does not declare 16 bytes"));
+    }
+
+    #[test]
+    fn chunk_hashes_round_trip_and_a_flipped_byte_is_refused() {
+        let h = Hashes { hashes: vec![[0; HASH_LEN], chunk_hash(b"one"), chunk_hash(b"two")] };
+        assert_ne!(h.hashes[1], h.hashes[2]);
+        let b = h.encode();
+        assert_eq!(Hashes::decode(&b, 3).unwrap(), h);
+        assert!(Hashes::decode(&b, 2).is_err(), "wrong count accepted");
+        assert!(Index::decode(&b, 3, 0).is_err(), "a hashes file read as an index");
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(Hashes::decode(&c, 3).is_err(), "flipped byte {i} accepted");
+        }
+    }
+
+    #[test]
+    fn parents_are_bounded_and_their_packs_come_first() {
+        let parent = |loc: &str, packs: Vec<u64>| ParentRef {
+            location: loc.into(),
+            pack_crc32c: packs.iter().map(|&p| p as u32).collect(),
+            packs,
+        };
+        let mut m = manifest(4096, &[(0, 8192, 0)], vec![5]);
+        m.pack_crc32c = vec![55];
+        m.parents = vec![parent("/snaps/a", vec![10, 20]), parent("s3://bucket/b", vec![30])];
+        m.validate().unwrap();
+        assert_eq!(m.parents_bytes(), 60);
+        let all: Vec<_> = m.all_packs().collect();
+        assert_eq!(
+            all,
+            [
+                (Some("/snaps/a"), 0, 10, 10),
+                (Some("/snaps/a"), 1, 20, 20),
+                (Some("s3://bucket/b"), 0, 30, 30),
+                (None, 0, 5, 55)
+            ]
+        );
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap().parents, m.parents);
+        let mut bad = m.clone();
+        bad.parents[0].pack_crc32c.pop();
+        assert!(bad.validate().unwrap_err().to_string().contains("parent 0"));
+        let mut bad = m.clone();
+        bad.parents[1].location = "relative/dir".into();
+        assert!(bad.validate().unwrap_err().to_string().contains("neither an absolute path nor s3://"));
+        let mut bad = m.clone();
+        bad.parents = vec![parent("/p", vec![1]); MAX_PARENTS + 1];
+        assert!(bad.validate().is_err());
+        let mut bad = m;
+        bad.parents = vec![parent("/p", vec![u64::MAX])];
+        assert!(bad.validate().unwrap_err().to_string().contains("past 2^64"));
+        // Without parents the manifest is written as before.
+        assert!(
+            !serde_json::to_string(&manifest(4096, &[(0, 8192, 0)], vec![])).unwrap().contains("parents")
+        );
     }
 
     #[test]

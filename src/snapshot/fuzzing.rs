@@ -8,8 +8,9 @@
 
 use super::Error;
 use super::format::{
-    ENTRY_LEN, Entry, FORMAT, INDEX_MAGIC, Index, Kind, MAX_CHUNKS, Manifest, RegionInfo, VERSION, WS_MAGIC,
-    WorkingSet, decode_chunk, encode_chunk, is_zero,
+    ENTRY_LEN, Entry, FORMAT, HASH_LEN, HASHES_MAGIC, Hashes, INDEX_MAGIC, Index, Kind, MAX_CHUNKS,
+    MAX_PARENTS, Manifest, ParentRef, RegionInfo, VERSION, WS_MAGIC, WorkingSet, decode_chunk, encode_chunk,
+    is_zero,
 };
 
 /// A check: panics when the parser under it breaks a promise.
@@ -22,7 +23,49 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("snapshot_ws", working_set),
     ("snapshot_manifest", manifest),
     ("snapshot_chunk", chunk),
+    ("snapshot_hashes", hashes),
 ];
+
+/// `hashes.bin`: the input is the file, decoded for the count its header claims and for
+/// 3 chunks; then, where the body decompresses, the same file with the header's checksum
+/// and length made right for it. Whatever is accepted holds exactly that many hashes and
+/// encodes back to the same bytes (the encoder is deterministic).
+pub fn hashes(b: &[u8]) {
+    let mut counts = vec![3u64];
+    if b.len() >= 20 && b[..8] == HASHES_MAGIC {
+        counts.push(u64::from_le_bytes(b[12..20].try_into().expect("8 bytes")));
+    }
+    let check = |file: &[u8], n: u64| {
+        if let Ok(h) = Hashes::decode(file, n) {
+            assert_eq!(h.hashes.len() as u64, n, "decode returned another count");
+            assert!(n <= MAX_CHUNKS);
+            let again = Hashes::decode(&h.encode(), n).expect("decoded hashes encode again");
+            assert_eq!(again, h);
+        }
+    };
+    for &n in &counts {
+        check(b, n);
+    }
+    if b.len() >= 32 && b[..8] == HASHES_MAGIC {
+        let n = u64::from_le_bytes(b[12..20].try_into().expect("8 bytes"));
+        let Ok(raw) = zstd::bulk::decompress(&b[32..], HASH_LEN << 12) else { return };
+        if n > 1 << 12 {
+            return;
+        }
+        let mut fixed = b.to_vec();
+        fixed[20..24].copy_from_slice(&crc32c::crc32c(&raw).to_le_bytes());
+        fixed[24..28].copy_from_slice(&((b.len() - 32) as u32).to_le_bytes());
+        check(&fixed, n);
+        // A flipped byte anywhere in a valid file is refused.
+        if Hashes::decode(&fixed, n).is_ok() {
+            for i in [0, 8, 12, 20, 28] {
+                let mut c = fixed.clone();
+                c[i] ^= 0x20;
+                assert!(Hashes::decode(&c, n).is_err(), "flipped byte {i} accepted");
+            }
+        }
+    }
+}
 
 /// Little-endian integers from the front of `b`, zero past its end.
 struct Reader<'a>(&'a [u8]);
@@ -179,7 +222,11 @@ pub fn manifest(b: &[u8]) {
 /// that follows; bit 2: regions placed one after the other, with `first_chunk` counted,
 /// rather than taken as they are; bit 3: page size a u32 that follows rather than 4096),
 /// a region count and a pack count (each mod 16), then per region three u64 (guest
-/// address or gap, size, first chunk) and per pack a u64.
+/// address or gap, size, first chunk) and per pack a u64; then a parent count (mod 128,
+/// past [`super::format::MAX_PARENTS`]) and per parent a selector byte (bits 0-2: its
+/// pack count; bit 3: one checksum short; bit 4: an `s3://` location rather than a
+/// relative path; bit 5: an absolute path) and per pack a u64 (input that ends early
+/// has no parents, as the older corpus files).
 pub fn manifest_from_bytes(b: &[u8]) -> Manifest {
     let mut r = Reader(b);
     let sel = r.u8();
@@ -219,6 +266,19 @@ pub fn manifest_from_bytes(b: &[u8]) -> Manifest {
         packs: (0..npacks).map(|_| r.u64()).collect(),
         pack_crc32c: Vec::new(),
         working_set_first: false,
+        parents: (0..r.u8() % 128)
+            .map(|_| {
+                let sel = r.u8();
+                let packs: Vec<u64> = (0..sel & 7).map(|_| r.u64()).collect();
+                let crcs = (packs.len() - usize::from(sel & 8 != 0 && !packs.is_empty())) as u32;
+                let location = match (sel & 16 != 0, sel & 32 != 0) {
+                    (true, _) => "s3://bucket/parent".to_string(),
+                    (false, true) => "/snapshots/parent".to_string(),
+                    (false, false) => "parent".to_string(),
+                };
+                ParentRef { location, packs, pack_crc32c: (0..crcs).collect() }
+            })
+            .collect(),
     }
 }
 
@@ -241,11 +301,21 @@ fn check_manifest(m: &Manifest) {
         next += r.size / cs;
     }
     assert_eq!(next, chunks);
-    // What `Snapshot::open` adds up.
+    // What `Snapshot::open` adds up: the parents' packs, then its own.
+    assert!(m.parents.len() <= MAX_PARENTS, "{} parents", m.parents.len());
     let mut total = 0u64;
+    for p in &m.parents {
+        assert_eq!(p.packs.len(), p.pack_crc32c.len(), "a parent's packs lack checksums");
+        assert!(p.location.starts_with('/') || p.location.starts_with("s3://"), "{:?}", p.location);
+        for &size in &p.packs {
+            total = total.checked_add(size).expect("pack sizes add up within 2^64");
+        }
+    }
+    assert_eq!(total, m.parents_bytes());
     for &p in &m.packs {
         total = total.checked_add(p).expect("pack sizes add up within 2^64");
     }
+    assert_eq!(m.all_packs().count(), m.packs.len() + m.parents.iter().map(|p| p.packs.len()).sum::<usize>());
 }
 
 /// One chunk: a flags byte (bits 0-1: kind, mod 3; bit 2: 8192-byte chunks rather than

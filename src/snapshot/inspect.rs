@@ -24,7 +24,16 @@ impl std::fmt::Display for Summary {
             self.pause_ns as f64 / 1e6,
             self.write_secs,
             self.guest_bytes as f64 / (1 << 20) as f64 / self.write_secs.max(1e-9),
-        )
+        )?;
+        if let Some(p) = &self.parent {
+            write!(
+                f,
+                "; {} chunks unchanged since parent {p} referenced, {} new",
+                self.parent_chunks,
+                human_bytes(self.new_bytes)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -70,6 +79,21 @@ pub fn describe(snap: &Snapshot, restore: Option<(&str, &StatsReport)>) -> Strin
         m.packs.len(),
         human_bytes(nonzero)
     );
+    if !m.parents.is_empty() {
+        let base = m.parents_bytes();
+        let inherited: Vec<_> = idx.iter().filter(|e| e.kind != Kind::Zero && e.offset < base).collect();
+        let _ = writeln!(
+            s,
+            "parents    {} chunks ({}) in the packs of {} parent(s); {} in its own",
+            inherited.len(),
+            human_bytes(inherited.iter().map(|e| e.len as u64).sum()),
+            m.parents.len(),
+            human_bytes(m.packs.iter().sum())
+        );
+        for p in m.parents.iter().rev() {
+            let _ = writeln!(s, "  parent   {} ({} packs)", p.location, p.packs.len());
+        }
+    }
     match &snap.working_set {
         Some(ws) => {
             let span = ws.chunks.iter().map(|c| c.1).max().unwrap_or(0);

@@ -40,7 +40,7 @@ use std::path::PathBuf;
 
 pub use inspect::describe;
 pub use restore::{RestoreOptions, RestoreStats, Snapshot, StatsReport, restore_memory};
-pub use write::{Progress, Summary, TakeOptions, record_working_set, take};
+pub use write::{Parent, Progress, Summary, TakeOptions, record_working_set, take};
 
 /// Errors of snapshots: each says what is wrong, where, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,8 @@ pub enum Error {
     State(String),
     #[error("{object}: {what}")]
     Remote { object: String, what: String },
+    #[error("parent snapshot {location}: {what}")]
+    Parent { location: String, what: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -115,6 +115,8 @@ pub struct Remote {
     pub counters: Counters,
     /// Where requests go, for messages (no credentials in it).
     endpoint: String,
+    /// How it was set up: another prefix of the same store is reached the same way.
+    cfg: S3Config,
 }
 
 /// The runtime every request of this process runs on.
@@ -163,7 +165,12 @@ impl Remote {
             object: url.to_string(),
             what: format!("cannot set up a client for {endpoint}: {e}"),
         })?;
-        Ok(Remote { url, store, counters: Counters::default(), endpoint })
+        Ok(Remote { url, store, counters: Counters::default(), endpoint, cfg: cfg.clone() })
+    }
+
+    /// Another snapshot's prefix, in the same store and reached the same way (a parent).
+    pub fn sibling(&self, url: S3Url) -> Result<Remote> {
+        Remote::new(url, &self.cfg)
     }
 
     fn err(&self, name: &str, e: object_store::Error) -> Error {
@@ -238,6 +245,16 @@ impl Remote {
 /// snapshot a restore would take for whole. Refuses a prefix that holds one already.
 pub fn push(dir: &std::path::Path, remote: &Remote) -> Result<u64> {
     let snap = super::Snapshot::open(dir)?;
+    // A snapshot in a store is read by hosts that do not have this one's directories.
+    if let Some(p) = snap.manifest.parents.iter().find(|p| !p.location.starts_with("s3://")) {
+        return Err(Error::Parent {
+            location: p.location.clone(),
+            what: format!(
+                "{} references its packs in a local directory, which other hosts cannot read: push the parent, then snapshot the VM to the store with --parent s3://...",
+                dir.display()
+            ),
+        });
+    }
     if remote.get("snapshot.json")?.is_some() {
         return Err(Error::Remote {
             object: format!("s3://{}/{}", remote.url.bucket, remote.url.key("snapshot.json")),
@@ -249,6 +266,9 @@ pub fn push(dir: &std::path::Path, remote: &Remote) -> Result<u64> {
     names.push("state.json".into());
     if snap.working_set.is_some() {
         names.push("ws.bin".into());
+    }
+    if dir.join("hashes.bin").exists() {
+        names.push("hashes.bin".into());
     }
     names.push("index.bin".into());
     names.push("snapshot.json".into());

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cache::PackCache;
 use super::format::{self, Entry, Index, Kind, Manifest, WorkingSet};
-use super::remote::{Remote, RemoteReport};
+use super::remote::{Remote, RemoteReport, S3Config, S3Url};
 use super::{Error, Result, io_err};
 use crate::memory::uffd::{self, PageSource};
 use crate::memory::{GuestMemory, MemFile, Region};
@@ -27,25 +27,109 @@ pub struct Snapshot {
     pub index: Index,
     pub working_set: Option<WorkingSet>,
     state_json: String,
-    packs: Packs,
+    /// Every pack the index points into: the parents', then this snapshot's own.
+    packs: Vec<Pack>,
     /// Where each pack starts in the concatenation of all packs.
     pack_starts: Vec<u64>,
+    /// The stores packs come from (this snapshot's first, where it is in one), for the
+    /// counters; and the host's pack cache they go through.
+    remotes: Vec<Arc<Remote>>,
+    cache: PackCache,
 }
 
 /// An object fetched from a store: its bytes, or `None` where there is none.
 type Fetched = Result<Option<Vec<u8>>>;
 
-/// Where the packs' bytes are read from.
+/// One pack, and where its bytes are read from.
 #[derive(Debug)]
-enum Packs {
-    Local(Vec<File>),
-    /// Each pack is fetched whole on first use (one GET), checked, and kept in the
-    /// host's cache; `files[i]` is it, once there.
+enum Pack {
+    Local(File),
+    /// Fetched whole on first use (one GET of object `name`), checked against `size` and
+    /// `crc`, and kept in the host's cache; `file` is it, once there.
     Remote {
         remote: Arc<Remote>,
-        cache: PackCache,
-        files: Vec<Mutex<Option<Arc<File>>>>,
+        name: String,
+        size: u64,
+        crc: u32,
+        file: Mutex<Option<Arc<File>>>,
     },
+}
+
+/// Where a snapshot's own packs are.
+#[derive(Clone, Copy)]
+enum Own<'a> {
+    Dir(&'a Path),
+    Store(&'a Arc<Remote>),
+}
+
+/// Opens pack file `path`, which the manifest says is `size` bytes.
+fn local_pack(path: &Path, size: u64) -> Result<File> {
+    let f = File::open(path).map_err(|source| Error::Missing { path: path.to_path_buf(), source })?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len != size {
+        return Err(Error::Format {
+            file: "snapshot.json",
+            what: format!("{} is {len} bytes, the manifest says {size} (truncated?)", path.display()),
+        });
+    }
+    Ok(f)
+}
+
+/// Every pack `m`'s index points into, its own where `own` says, its parents' where
+/// the manifest does (a parent in a store is reached as `own`'s store is, or as the
+/// environment says for a local snapshot); and the stores among them.
+fn open_packs(m: &Manifest, own: Own<'_>) -> Result<(Vec<Pack>, Vec<Arc<Remote>>)> {
+    let mut remotes: Vec<Arc<Remote>> = match own {
+        Own::Store(r) => vec![r.clone()],
+        Own::Dir(_) => vec![],
+    };
+    let remote_pack = |remote: &Arc<Remote>, i: usize, size, crc| Pack::Remote {
+        remote: remote.clone(),
+        name: Manifest::pack_name(i),
+        size,
+        crc,
+        file: Mutex::new(None),
+    };
+    let mut packs = Vec::new();
+    for (at, i, size, crc) in m.all_packs() {
+        let pack = match (at, own) {
+            (None, Own::Dir(dir)) => Pack::Local(local_pack(&dir.join(Manifest::pack_name(i)), size)?),
+            (None, Own::Store(r)) => remote_pack(r, i, size, crc),
+            (Some(at), _) => {
+                let parent = |what: String| Error::Parent { location: at.to_string(), what };
+                match S3Url::parse(at) {
+                    Some(url) => {
+                        let url = url.map_err(parent)?;
+                        let remote = match remotes.iter().find(|r| r.url == url) {
+                            Some(r) => r.clone(),
+                            None => {
+                                let r = Arc::new(match own {
+                                    Own::Store(r) => r.sibling(url)?,
+                                    Own::Dir(_) => Remote::new(url, &S3Config::from_env(None))?,
+                                });
+                                remotes.push(r.clone());
+                                r
+                            }
+                        };
+                        remote_pack(&remote, i, size, crc)
+                    }
+                    None if matches!(own, Own::Store(_)) => {
+                        return Err(parent(
+                            "a snapshot in an object store names a local directory as its parent".into(),
+                        ));
+                    }
+                    None => {
+                        let path = Path::new(at).join(Manifest::pack_name(i));
+                        Pack::Local(local_pack(&path, size).map_err(|e| {
+                            parent(format!("{e}: a snapshot taken with --parent needs its parents' packs"))
+                        })?)
+                    }
+                }
+            }
+        };
+        packs.push(pack);
+    }
+    Ok((packs, remotes))
 }
 
 impl Snapshot {
@@ -57,25 +141,7 @@ impl Snapshot {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(dir.join(name))(e)),
         };
-        Snapshot::open_with(dir, &read, |manifest| {
-            let mut packs = Vec::new();
-            for (i, &size) in manifest.packs.iter().enumerate() {
-                let path = dir.join(Manifest::pack_name(i));
-                let f = File::open(&path).map_err(|source| Error::Missing { path: path.clone(), source })?;
-                let len = f.metadata().map_err(io_err(&path))?.len();
-                if len != size {
-                    return Err(Error::Format {
-                        file: "snapshot.json",
-                        what: format!(
-                            "{} is {len} bytes, the manifest says {size} (truncated?)",
-                            path.display()
-                        ),
-                    });
-                }
-                packs.push(f);
-            }
-            Ok(Packs::Local(packs))
-        })
+        Snapshot::open_with(dir, &read, Own::Dir(dir), PackCache::from_env())
     }
 
     /// Opens the snapshot at `s3://BUCKET/PREFIX`: manifest, state, index and working set
@@ -103,31 +169,28 @@ impl Snapshot {
                 None => remote.get(name),
             }
         };
-        Snapshot::open_with(&dir, &read, |manifest| {
-            if manifest.pack_crc32c.len() != manifest.packs.len() {
-                return Err(Error::Format {
-                    file: "snapshot.json",
-                    what: "no pack checksums (pack_crc32c): snapshot and push it again with this vmfork"
-                        .into(),
-                });
-            }
-            let files = manifest.packs.iter().map(|_| Mutex::new(None)).collect();
-            Ok(Packs::Remote { remote: remote.clone(), cache, files })
-        })
+        Snapshot::open_with(&dir, &read, Own::Store(&remote), cache)
     }
 
-    /// What the object-store client did, for a remote snapshot.
+    /// What the object-store clients did, for a snapshot with packs in a store: the
+    /// requests and bytes of every store, named by this snapshot's location.
     pub fn remote_report(&self) -> Option<RemoteReport> {
-        match &self.packs {
-            Packs::Remote { remote, .. } => Some(remote.report()),
-            Packs::Local(_) => None,
+        let mut all = self.remotes.iter().map(|r| r.report());
+        let mut report = all.next()?;
+        for r in all {
+            report.requests += r.requests;
+            report.bytes_fetched += r.bytes_fetched;
+            report.pack_cache_hits += r.pack_cache_hits;
         }
+        report.location = self.dir.to_string_lossy().into_owned();
+        Some(report)
     }
 
     fn open_with(
         dir: &Path,
         read_opt: &dyn Fn(&str) -> Result<Option<Vec<u8>>>,
-        packs: impl FnOnce(&Manifest) -> Result<Packs>,
+        own: Own<'_>,
+        cache: PackCache,
     ) -> Result<Snapshot> {
         let read = |name: &str| {
             read_opt(name)?.ok_or_else(|| Error::Missing {
@@ -138,19 +201,26 @@ impl Snapshot {
         let manifest: Manifest = serde_json::from_slice(&read("snapshot.json")?)
             .map_err(|e| Error::Format { file: "snapshot.json", what: e.to_string() })?;
         manifest.validate()?;
-        let packs = packs(&manifest)?;
+        if matches!(own, Own::Store(_)) && manifest.pack_crc32c.len() != manifest.packs.len() {
+            return Err(Error::Format {
+                file: "snapshot.json",
+                what: "no pack checksums (pack_crc32c): snapshot and push it again with this vmfork".into(),
+            });
+        }
+        let (packs, remotes) = open_packs(&manifest, own)?;
         let mut pack_starts = Vec::new();
         let mut total = 0u64;
-        for &size in &manifest.packs {
+        for (_, _, size, _) in manifest.all_packs() {
             pack_starts.push(total);
             total += size;
         }
         let index = Index::decode(&read("index.bin")?, manifest.chunks(), total)?;
         // A chunk lies in one pack.
+        let sizes: Vec<u64> = manifest.all_packs().map(|p| p.2).collect();
         for (i, e) in index.entries.iter().enumerate() {
             if e.kind != Kind::Zero {
                 let p = pack_starts.partition_point(|&s| s <= e.offset) - 1;
-                if e.offset + e.len as u64 > pack_starts[p] + manifest.packs[p] {
+                if e.offset + e.len as u64 > pack_starts[p] + sizes[p] {
                     return Err(Error::Format {
                         file: "index.bin",
                         what: format!("chunk {i} spans two packs"),
@@ -164,7 +234,17 @@ impl Snapshot {
         };
         let state_json = String::from_utf8(read("state.json")?)
             .map_err(|e| Error::Format { file: "state.json", what: e.to_string() })?;
-        Ok(Snapshot { dir: dir.to_path_buf(), manifest, index, working_set, state_json, packs, pack_starts })
+        Ok(Snapshot {
+            dir: dir.to_path_buf(),
+            manifest,
+            index,
+            working_set,
+            state_json,
+            packs,
+            pack_starts,
+            remotes,
+            cache,
+        })
     }
 
     /// The VM state stored beside the memory.
@@ -186,35 +266,43 @@ impl Snapshot {
         buf.resize(e.len as usize, 0);
         let at = e.offset - self.pack_starts[p];
         let io = |source| Error::Io {
-            path: self.dir.join(format!("{} (chunk {chunk})", Manifest::pack_name(p))),
+            path: PathBuf::from(format!("{} (chunk {chunk})", self.pack_place(p))),
             source,
         };
-        match &self.packs {
-            Packs::Local(files) => files[p].read_exact_at(buf, at).map_err(io),
-            Packs::Remote { .. } => self.remote_pack(p)?.read_exact_at(buf, at).map_err(io),
+        match &self.packs[p] {
+            Pack::Local(f) => f.read_exact_at(buf, at).map_err(io),
+            Pack::Remote { .. } => self.remote_pack(p)?.read_exact_at(buf, at).map_err(io),
         }
     }
 
-    /// Pack `p` of a remote snapshot, from the host's cache or fetched into it (one GET
-    /// of the whole pack, checked against the manifest's size and crc32c). Whoever asks
-    /// for a pack being fetched waits for that fetch rather than starting another.
+    /// Where pack `p` is, for messages.
+    fn pack_place(&self, p: usize) -> String {
+        let (at, i, _, _) = self.manifest.all_packs().nth(p).expect("pack p exists");
+        let owner = at.map_or_else(|| self.dir.to_string_lossy().into_owned(), str::to_string);
+        format!("{}/{}", owner.trim_end_matches('/'), Manifest::pack_name(i))
+    }
+
+    /// Pack `p`, in a store: from the host's cache, or fetched into it (one GET of the
+    /// whole pack, checked against the manifest's size and crc32c). Whoever asks for a
+    /// pack being fetched waits for that fetch rather than starting another.
     fn remote_pack(&self, p: usize) -> Result<Arc<File>> {
-        let Packs::Remote { remote, cache, files } = &self.packs else { unreachable!("a remote snapshot") };
-        let mut slot = files[p].lock().unwrap_or_else(|e| e.into_inner());
+        let Pack::Remote { remote, name, size, crc, file } = &self.packs[p] else {
+            unreachable!("pack {p} is in a store")
+        };
+        let (size, crc) = (*size, *crc);
+        let mut slot = file.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = &*slot {
             return Ok(f.clone());
         }
-        let (name, size, crc) =
-            (Manifest::pack_name(p), self.manifest.packs[p], self.manifest.pack_crc32c[p]);
         let scope = remote.cache_scope();
-        let file = match cache.get(&scope, &name, size, crc) {
+        let got = match self.cache.get(&scope, name, size, crc) {
             Some(f) => {
                 remote.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                 f
             }
             None => {
-                let object = || format!("s3://{}/{}", remote.url.bucket, remote.url.key(&name));
-                let data = remote.get(&name)?.ok_or_else(|| Error::Remote {
+                let object = || format!("s3://{}/{}", remote.url.bucket, remote.url.key(name));
+                let data = remote.get(name)?.ok_or_else(|| Error::Remote {
                     object: object(),
                     what: "not found: the snapshot in the store is incomplete".into(),
                 })?;
@@ -227,25 +315,23 @@ impl Snapshot {
                         ),
                     });
                 }
-                cache.put(&scope, &name, &data, crc)?
+                self.cache.put(&scope, name, &data, crc)?
             }
         };
-        let file = Arc::new(file);
-        *slot = Some(file.clone());
-        Ok(file)
+        let got = Arc::new(got);
+        *slot = Some(got.clone());
+        Ok(got)
     }
 
     /// Fetches the packs holding `chunks` ahead of need, a few at a time (a remote
     /// snapshot's prefetch: the working set is stored first, so these are few).
     fn fetch_packs_of(&self, chunks: &[u32]) {
-        if !matches!(self.packs, Packs::Remote { .. }) {
-            return;
-        }
         let mut packs: Vec<usize> = chunks
             .iter()
             .map(|&c| self.index.entries[c as usize])
             .filter(|e| e.kind != Kind::Zero)
             .map(|e| self.pack_starts.partition_point(|&s| s <= e.offset) - 1)
+            .filter(|&p| matches!(self.packs[p], Pack::Remote { .. }))
             .collect();
         packs.sort_unstable();
         packs.dedup();
@@ -257,7 +343,7 @@ impl Snapshot {
     }
 
     /// Decodes chunk `chunk` into `out`, checking it.
-    fn decode(
+    pub(super) fn decode(
         &self,
         chunk: u64,
         dec: &mut zstd::bulk::Decompressor<'_>,
