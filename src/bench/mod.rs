@@ -7,6 +7,7 @@
 
 mod clone;
 use clone::meminfo;
+mod delay;
 mod fork;
 mod linux_fork;
 mod plot;
@@ -222,6 +223,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     ratios.extend(fork::ratios(&records));
     ratios.extend(linux_fork::ratios(&records));
     ratios.extend(snapshot::ratios(&records));
+    ratios.extend(remote::ratios(&records));
     let report = Report { run, records, ratios };
     print_report(&report, &mut std::io::stdout().lock())?;
     if let Some(path) = &opts.json {

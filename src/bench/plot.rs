@@ -11,7 +11,10 @@
 //!   guest's working set touched, against guest size, per restore strategy (snapshot
 //!   suite, `written25` memory);
 //! * `snapshot_touch.svg`: first touch of a chunk of restored memory, p50 and p99,
-//!   against guest size, per restore strategy (snapshot suite, `written25` memory).
+//!   against guest size, per restore strategy (snapshot suite, `written25` memory);
+//! * `remote_restore.svg`: as `snapshot_restore.svg`, for restores from a local
+//!   directory and from the object store, cold, warm, with prefetch and over a 20 ms
+//!   round trip (remote suite, `written25` memory).
 
 use std::path::{Path, PathBuf};
 
@@ -42,9 +45,36 @@ const SNAPSHOT_COLOURS: [RGBColor; 5] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
+/// The remote suite's restore columns, in legend order, and their colours.
+const REMOTE_ORDER: [&str; 7] = [
+    "local",
+    "local-prefetch",
+    "s3-cold",
+    "s3-warm",
+    "s3-cold-prefetch",
+    "s3-rtt20-cold",
+    "s3-rtt20-prefetch",
+];
+const REMOTE_COLOURS: [RGBColor; 7] = [
+    RGBColor(0x55, 0x55, 0x55),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0xff, 0x7f, 0x0e),
+];
+
 fn colour(strategy: &str) -> RGBColor {
     let snapshot = || SNAPSHOT_ORDER.iter().position(|s| *s == strategy).map(|i| SNAPSHOT_COLOURS[i]);
-    ORDER.iter().position(|s| *s == strategy).map(|i| COLOURS[i]).or_else(snapshot).unwrap_or(BLACK)
+    let remote = || REMOTE_ORDER.iter().position(|s| *s == strategy).map(|i| REMOTE_COLOURS[i]);
+    ORDER
+        .iter()
+        .position(|s| *s == strategy)
+        .map(|i| COLOURS[i])
+        .or_else(snapshot)
+        .or_else(remote)
+        .unwrap_or(BLACK)
 }
 
 fn err(e: impl std::fmt::Display) -> BenchError {
@@ -171,6 +201,14 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
     if !p50.is_empty() || !p99.is_empty() {
         let path = dir.join("snapshot_touch.svg");
         curves(&path, "First touch of a restored chunk: p50 (solid) and p99 (dashed)", &p50, &p99)?;
+        written.push(path);
+    }
+    let remote = |metric: &str| series_of(records, "remote", "written25", metric, &REMOTE_ORDER);
+    let (restore, ready) = (remote("restore_ns"), remote("ready_ns"));
+    if !restore.is_empty() || !ready.is_empty() {
+        let path = dir.join("remote_restore.svg");
+        let caption = "From the store: request to vCPUs running (solid), to working set touched (dashed)";
+        curves(&path, caption, &restore, &ready)?;
         written.push(path);
     }
     Ok(written)
@@ -375,6 +413,28 @@ mod tests {
             for s in SNAPSHOT_ORDER {
                 assert!(svg.contains(&format!(">\n{s}\n<")), "{} has a legend entry for {s}", p.display());
             }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_remote_suite_gets_curves_of_its_restore_columns() {
+        let mut records = Vec::new();
+        for (i, s) in REMOTE_ORDER.into_iter().enumerate() {
+            for size in [256u64 << 20, 1 << 30] {
+                let v = (i as f64 + 1.0) * size as f64 / 1e2;
+                for m in ["restore_ns", "ready_ns"] {
+                    records.push(Record::value("remote", "written25", s, size, m, v, "ns"));
+                }
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("vmfork-plot-remote-test-{}", std::process::id()));
+        let written = write_all(&records, &dir).unwrap();
+        assert_eq!(written.len(), 1);
+        let svg = std::fs::read_to_string(&written[0]).unwrap();
+        assert!(written[0].ends_with("remote_restore.svg"));
+        for s in REMOTE_ORDER {
+            assert!(svg.contains(&format!(">\n{s}\n<")), "no legend entry for {s}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -21,7 +21,13 @@
 //! * `s3-cold-prefetch`: `ws/` with an empty pack cache and the working set prefetched:
 //!   the prefetch thread fetches the working set's packs (a few GETs at once) and places
 //!   their chunks while the vCPUs already run; the guest's faults on chunks not placed
-//!   yet are served on demand (fetching the pack if the prefetch has not).
+//!   yet are served on demand (fetching the pack if the prefetch has not);
+//! * `s3-rtt20-cold`, `s3-rtt20-prefetch`: `s3-cold` and `s3-cold-prefetch` through a
+//!   forwarder that holds every byte 10 ms each way ([`super::delay`]): each request
+//!   costs a 20 ms round trip more, as from a store in another data centre.
+//!
+//! And per size a `family`: a snapshot (`parent`) and, after 1 % of the guest's pages
+//! were rewritten, a snapshot against it (`child`); see [`measure_family`].
 //!
 //! Metrics (medians over [`Plan::restores`] rounds, each round every column once):
 //!
@@ -39,15 +45,17 @@
 //!   of packs, for reference (the guest size is the size column).
 //!
 //! The store the `scripts/s3-server` script runs listens on loopback: no network
-//! latency, and every object it serves is in the host's page cache. Without a store
+//! latency but the forwarder's, and every object it serves is in the host's page cache. Without a store
 //! (`VMFORK_S3_ENDPOINT` or `AWS_ENDPOINT_URL` unset) every record is skipped.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::snapshot::{Contents, WorkDir, median, room, source_vm};
-use super::{BenchError, BenchOptions, Record, human_bytes};
+use super::delay::DelayProxy;
+use super::snapshot::{Contents, WorkDir, median, room, source_vm, text_area, write_text};
+use super::{BenchError, BenchOptions, Ratio, Record, find, human_bytes, sizes_of};
+use crate::memory::PAGE_SIZE;
 use crate::snapshot::cache::PackCache;
 use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
 use crate::snapshot::{self, RestoreOptions, Snapshot, TakeOptions};
@@ -83,11 +91,27 @@ enum Column {
     S3Cold,
     S3Warm,
     S3ColdPrefetch,
+    /// `s3-cold` and `s3-cold-prefetch` through a link with a 20 ms round trip.
+    S3RttCold,
+    S3RttPrefetch,
 }
 
 /// Table order (and the order of each round).
-const COLUMNS: [Column; 5] =
-    [Column::Local, Column::LocalPrefetch, Column::S3Cold, Column::S3Warm, Column::S3ColdPrefetch];
+const COLUMNS: [Column; 7] = [
+    Column::Local,
+    Column::LocalPrefetch,
+    Column::S3Cold,
+    Column::S3Warm,
+    Column::S3ColdPrefetch,
+    Column::S3RttCold,
+    Column::S3RttPrefetch,
+];
+
+/// The latency the `s3-rtt20-*` columns add to every request: 10 ms each way.
+const ONE_WAY: Duration = Duration::from_millis(10);
+/// The `family` measurement rewrites every 25th page of the text area (a quarter of the
+/// guest) between the parent and the child snapshot: 1 % of the guest's pages, scattered.
+const FAMILY_DIRTY_EVERY: u64 = 25;
 
 impl Column {
     fn name(self) -> &'static str {
@@ -97,15 +121,22 @@ impl Column {
             Column::S3Cold => "s3-cold",
             Column::S3Warm => "s3-warm",
             Column::S3ColdPrefetch => "s3-cold-prefetch",
+            Column::S3RttCold => "s3-rtt20-cold",
+            Column::S3RttPrefetch => "s3-rtt20-prefetch",
         }
     }
 
     fn remote(self) -> bool {
-        matches!(self, Column::S3Cold | Column::S3Warm | Column::S3ColdPrefetch)
+        !matches!(self, Column::Local | Column::LocalPrefetch)
     }
 
     fn prefetch(self) -> bool {
-        matches!(self, Column::LocalPrefetch | Column::S3ColdPrefetch)
+        matches!(self, Column::LocalPrefetch | Column::S3ColdPrefetch | Column::S3RttPrefetch)
+    }
+
+    /// Through the delaying forwarder.
+    fn delayed(self) -> bool {
+        matches!(self, Column::S3RttCold | Column::S3RttPrefetch)
     }
 }
 
@@ -122,14 +153,23 @@ fn endpoint() -> Option<String> {
 /// Where this run's objects go in the store.
 struct Store {
     cfg: S3Config,
+    /// The same store through the delaying forwarder.
+    delayed: S3Config,
     /// `bench/<pid>-<nanos>`: unique per run.
     run_prefix: String,
 }
 
 impl Store {
+    fn url(&self, prefix: &str) -> S3Url {
+        S3Url { bucket: BUCKET.into(), prefix: format!("{}/{prefix}", self.run_prefix) }
+    }
+
     fn remote(&self, prefix: &str) -> Result<Remote, BenchError> {
-        let url = S3Url { bucket: BUCKET.into(), prefix: format!("{}/{prefix}", self.run_prefix) };
-        Remote::new(url, &self.cfg).map_err(err)
+        Remote::new(self.url(prefix), &self.cfg).map_err(err)
+    }
+
+    fn remote_delayed(&self, prefix: &str) -> Result<Remote, BenchError> {
+        Remote::new(self.url(prefix), &self.delayed).map_err(err)
     }
 }
 
@@ -160,8 +200,22 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         return Ok(());
     }
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let upstream = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let proxy = match upstream.parse() {
+        Ok(addr) => DelayProxy::start(addr, ONE_WAY).map_err(err)?,
+        Err(_) => {
+            skip_all(
+                out,
+                &format!(
+                    "the store's endpoint {endpoint} is not http://IP:PORT (the delaying forwarder needs one)"
+                ),
+            );
+            return Ok(());
+        }
+    };
     let store = Store {
         cfg: S3Config::from_env(Some(endpoint.clone())),
+        delayed: S3Config::from_env(Some(proxy.url())),
         run_prefix: format!("bench/{}-{}", std::process::id(), nanos.as_nanos()),
     };
     // One request first: a store that is set but down or refusing is one skip, found
@@ -190,8 +244,137 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                 out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "restore_ns", &e.0));
             }
         }
+        eprintln!("  family");
+        let dir = work.0.join(format!("family-{}", human_bytes(size as u64)));
+        let result = measure_family(size, opts.huge_pages, &store, &dir, out);
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = result {
+            eprintln!("  family: {e}");
+            out.push(Record::skipped(SUITE, "family", "all", size as u64, "new_bytes", &e.0));
+        }
+    }
+    drop(proxy);
+    Ok(())
+}
+
+/// A fork family's cost. An idle guest whose workload area holds text (a quarter of its
+/// memory, as `written25`'s) is snapshotted and pushed (the `parent`); then 1 % of its
+/// pages are rewritten with other text (every [`FAMILY_DIRTY_EVERY`]th page of that
+/// area, with the vCPUs paused) and it is snapshotted against the parent in the store
+/// and pushed (the `child`). Each column: the VM's pause, the write after it, the bytes
+/// stored anew and uploaded, the upload's time; then a cold restore of each from the
+/// store (`ready_ns`: to the guest's first report; `requests`, `fetched_bytes`).
+fn measure_family(
+    size: usize,
+    huge: bool,
+    store: &Store,
+    dir: &Path,
+    out: &mut Vec<Record>,
+) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let sz = size as u64;
+    let (start, bytes) = text_area(size);
+    let name = format!("family-{}", human_bytes(sz));
+    let columns = [
+        ("parent", dir.join("parent"), format!("{name}/parent")),
+        ("child", dir.join("child"), format!("{name}/child")),
+    ];
+    let vm = source_vm(size, Contents::Idle, huge)?;
+    let taken = (|| -> Result<Vec<(snapshot::Summary, u64, f64)>, BenchError> {
+        let mut taken = Vec::new();
+        for (i, (_, snap_dir, prefix)) in columns.iter().enumerate() {
+            let (every, seed) =
+                if i == 0 { (1, 0x2545_f491_4f6c_dd1d) } else { (FAMILY_DIRTY_EVERY, 0x9e37_79b9_7f4a_7c15) };
+            vm.pause().map_err(err)?;
+            let written =
+                write_text(vm.memory(), (start..start + bytes).step_by(PAGE_SIZE * every as usize), seed);
+            vm.resume().map_err(err)?;
+            written?;
+            let parent = match i {
+                0 => None,
+                _ => Some(
+                    snapshot::Parent::load(&columns[0].1, store.url(&columns[0].2).to_string())
+                        .map_err(err)?,
+                ),
+            };
+            let summary = snapshot::take(
+                &vm,
+                "bench",
+                false,
+                snap_dir,
+                &TakeOptions::default(),
+                parent.as_ref(),
+                &mut |_| {},
+            )
+            .map_err(err)?;
+            let t = Instant::now();
+            let pushed = remote::push(snap_dir, &store.remote(prefix)?).map_err(err)?;
+            taken.push((summary, pushed, t.elapsed().as_nanos() as f64));
+        }
+        Ok(taken)
+    })();
+    vm.stop();
+    drop(vm);
+    let taken = taken?;
+    let no_prefetch = RestoreOptions { eager: false, no_prefetch: true };
+    for ((col, _, prefix), (summary, pushed, push_ns)) in columns.iter().zip(taken) {
+        eprintln!("    {col}: {summary}; pushed {} in {:.2} s", human_bytes(pushed), push_ns / 1e9);
+        let v = |metric: &str, value: f64, unit: &str| {
+            Record::value(SUITE, "family", col, sz, metric, value, unit)
+        };
+        out.push(v("pause_ns", summary.pause_ns as f64, "ns"));
+        out.push(v("write_ns", summary.write_secs * 1e9, "ns"));
+        out.push(v("new_bytes", summary.new_bytes as f64, "bytes"));
+        out.push(v("pushed_bytes", pushed as f64, "bytes"));
+        out.push(v("push_ns", push_ns, "ns"));
+        let cache = PackCache { dir: dir.join(format!("cache-{col}")), limit_bytes: 16 << 30 };
+        let open = || Snapshot::open_remote_with_cache(store.remote(prefix)?, cache.clone()).map_err(err);
+        match restore_vm(open, &no_prefetch, Contents::Idle) {
+            Ok((run, _)) => {
+                out.push(v("ready_ns", run.ready_ns, "ns"));
+                out.push(v("requests", run.requests as f64, "count"));
+                out.push(v("fetched_bytes", run.fetched_bytes as f64, "bytes"));
+            }
+            Err(e) => out.push(Record::skipped(SUITE, "family", col, sz, "ready_ns", &e.0)),
+        }
     }
     Ok(())
+}
+
+/// The remote suite's ratios: what prefetch buys over a link with a round trip, and
+/// what a child snapshot costs against its parent.
+pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    let get =
+        |sc: &str, st: &str, m: &str, size: u64| find(records, SUITE, sc, st, m, size).and_then(|r| r.value);
+    for size in sizes_of(records, SUITE) {
+        if let (Some(cold), Some(pre)) = (
+            get("written25", "s3-rtt20-cold", "ready_ns", size),
+            get("written25", "s3-rtt20-prefetch", "ready_ns", size),
+        ) {
+            let value = cold / pre;
+            out.push(Ratio {
+                name: "written25 s3-rtt20-cold/s3-rtt20-prefetch ready_ns".into(),
+                size_bytes: size,
+                value,
+                target: "> 1".into(),
+                met: value > 1.0,
+            });
+        }
+        if let (Some(child), Some(parent)) =
+            (get("family", "child", "pushed_bytes", size), get("family", "parent", "pushed_bytes", size))
+        {
+            let value = child / parent;
+            out.push(Ratio {
+                name: "family child/parent pushed_bytes (1 % of pages rewritten)".into(),
+                size_bytes: size,
+                value,
+                target: "<= 0.1".into(),
+                met: value <= 0.1,
+            });
+        }
+    }
+    out
 }
 
 /// One restore of a VM.
@@ -257,7 +440,8 @@ fn measure(
             }
             let opts = RestoreOptions { eager: false, no_prefetch: !k.prefetch() };
             let remote_open = |prefix: &str, cache: PackCache| {
-                let remote = store.remote(prefix)?;
+                let remote =
+                    if k.delayed() { store.remote_delayed(prefix)? } else { store.remote(prefix)? };
                 Snapshot::open_remote_with_cache(remote, cache).map_err(err)
             };
             let got = match k {
@@ -265,8 +449,11 @@ fn measure(
                 Column::S3Cold | Column::S3Warm => {
                     restore_vm(|| remote_open(&plain, cold_cache.clone()), &opts, contents)
                 }
-                Column::S3ColdPrefetch => restore_vm(
-                    || remote_open(&with_ws, fresh_cache(format!("prefetch-{round}"))),
+                Column::S3RttCold => {
+                    restore_vm(|| remote_open(&plain, fresh_cache(format!("rtt-{round}"))), &opts, contents)
+                }
+                Column::S3ColdPrefetch | Column::S3RttPrefetch => restore_vm(
+                    || remote_open(&with_ws, fresh_cache(format!("{}-{round}", k.name()))),
                     &opts,
                     contents,
                 ),
@@ -367,8 +554,20 @@ mod tests {
     #[test]
     fn columns_are_named_and_classified() {
         let names: Vec<&str> = COLUMNS.iter().map(|c| c.name()).collect();
-        assert_eq!(names, ["local", "local-prefetch", "s3-cold", "s3-warm", "s3-cold-prefetch"]);
+        assert_eq!(
+            names,
+            [
+                "local",
+                "local-prefetch",
+                "s3-cold",
+                "s3-warm",
+                "s3-cold-prefetch",
+                "s3-rtt20-cold",
+                "s3-rtt20-prefetch"
+            ]
+        );
         assert!(COLUMNS.iter().filter(|c| c.remote()).all(|c| c.name().starts_with("s3-")));
-        assert_eq!(COLUMNS.iter().filter(|c| c.prefetch()).count(), 2);
+        assert_eq!(COLUMNS.iter().filter(|c| c.prefetch()).count(), 3);
+        assert!(COLUMNS.iter().filter(|c| c.delayed()).all(|c| c.name().starts_with("s3-rtt20")));
     }
 }

@@ -441,12 +441,7 @@ pub(super) fn source_vm(size: usize, contents: Contents, huge: bool) -> Result<V
     reports.recv_timeout(wait).map_err(|_| err("the guest did not report"))?;
     if contents == Contents::Written25 {
         vm.pause().map_err(err)?;
-        let pool = text_pool(4 << 20);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for va in (start..start + (mib << 20)).step_by(PAGE_SIZE) {
-            let off = (xorshift(&mut x) as usize % (pool.len() - PAGE_SIZE)) & !7;
-            memory.write(guest::ram_gpa(va), &pool[off..off + PAGE_SIZE]).map_err(err)?;
-        }
+        write_text(&memory, (start..start + (mib << 20)).step_by(PAGE_SIZE), 0x2545_f491_4f6c_dd1d)?;
         vm.resume().map_err(err)?;
         // A whole pass over the area since the resume: the guest is in its loop.
         for _ in 0..2 {
@@ -454,6 +449,29 @@ pub(super) fn source_vm(size: usize, contents: Contents, huge: bool) -> Result<V
         }
     }
     Ok(vm)
+}
+
+/// Writes a page of text (from [`text_pool`], at offsets drawn from `seed`) at each
+/// guest-virtual address of `vas` (the workload area's), with the vCPUs paused.
+pub(super) fn write_text(
+    memory: &GuestMemory,
+    vas: impl Iterator<Item = u64>,
+    seed: u64,
+) -> Result<(), BenchError> {
+    let pool = text_pool(4 << 20);
+    let mut x = seed;
+    for va in vas {
+        let off = (xorshift(&mut x) as usize % (pool.len() - PAGE_SIZE)) & !7;
+        memory.write(guest::ram_gpa(va), &pool[off..off + PAGE_SIZE]).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The workload area a `written25` guest holds text in: `(first guest-virtual address,
+/// bytes)`; the `family` measurement of the remote suite writes it too.
+pub(super) fn text_area(size: usize) -> (u64, u64) {
+    let (start, mib) = written_area(size);
+    (start, mib << 20)
 }
 
 fn xorshift(x: &mut u64) -> u64 {
