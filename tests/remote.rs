@@ -391,6 +391,98 @@ fn a_snapshot_against_a_parent_in_the_store_uploads_its_changes_and_restores_on_
     assert!(remote(&pushed).get("snapshot.json").unwrap().is_none(), "a refused push left a manifest");
 }
 
+/// A forwarder on loopback to the store that "dies" at the first request for a pack:
+/// from then on every connection it carried is cut and new ones are refused, as when a
+/// store's server goes away in the middle of a restore. Returns its endpoint.
+fn store_dying_at_first_pack(to: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dead = Arc::new(AtomicBool::new(false));
+    let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let die = {
+        let (dead, open) = (dead.clone(), open.clone());
+        move || {
+            if !dead.swap(true, Ordering::SeqCst) {
+                for s in open.lock().unwrap().drain(..) {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                // Wakes the accept loop, which then closes the listener.
+                let _ = TcpStream::connect(addr);
+            }
+        }
+    };
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            if dead.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(up) = TcpStream::connect(to) else { continue };
+            open.lock().unwrap().extend([conn.try_clone().unwrap(), up.try_clone().unwrap()]);
+            let (mut c, mut u) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
+            let die = die.clone();
+            // Requests: passed on until one asks for a pack.
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    if text.lines().any(|l| l.starts_with("GET ") && l.contains("/pack-")) {
+                        die();
+                        return;
+                    }
+                    if u.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+            let (mut u, mut c) = (up, conn);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u, &mut c);
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_store_that_dies_mid_restore_stops_the_vm_in_bounded_time_naming_the_object() {
+    let test = "remote_store_dies";
+    let Some(endpoint) = store(test) else { return };
+    let Some(_kvm) = kvm_available(test) else { return };
+    let rt = Runtime::new("remote-dies");
+    rt.run("p", &[]);
+    let at = prefix(test);
+    rt.s3_ok(&["snapshot", "p", &at, "--stop"]);
+    rt.wait_gone("p", Duration::from_secs(10));
+    let upstream = endpoint.trim_start_matches("http://").parse().unwrap();
+    let dying = store_dying_at_first_pack(upstream);
+    let env = [
+        ("AWS_ENDPOINT_URL", dying.as_str()),
+        ("VMFORK_S3_TIMEOUT_SECS", "1"),
+        ("VMFORK_S3_RETRY_SECS", "2"),
+    ];
+    let t = Instant::now();
+    // The small objects come through; the guest's first fault needs a pack, and the
+    // store is gone by then. The restore may or may not see the VM run before it stops.
+    let _ = rt.s3(&["restore", &at, "--name", "r", "--detach"], &env);
+    rt.wait_gone("r", Duration::from_secs(20));
+    let log = rt.log("r");
+    let object = format!("{}/pack-0000.bin", at.trim_start_matches("s3://"));
+    for w in [object.as_str(), "guest address 0x"] {
+        assert!(log.contains(w), "the log does not say {w:?}:\n{}", tail(&log, 10));
+    }
+    assert!(!log.contains("report vcpu=0"), "the guest ran without its memory:\n{}", tail(&log, 10));
+    eprintln!("{test}: stopped after {:?}: {}", t.elapsed(), tail(&log, 2));
+    // The snapshot in the store is whole: through the live store it restores.
+    rt.s3_ok(&["restore", &at, "--name", "again", "--detach"]);
+    assert_progress(&rt, "again");
+    rt.ok(&["stop", "again"]);
+}
+
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
