@@ -186,6 +186,12 @@ pub enum Layout {
 }
 
 /// One contiguous range of guest-physical memory.
+///
+/// Its mapping is written by the guest and, for a lazily filled region, by a page
+/// server through userfaultfd, behind Rust's back: vmfork reaches it through raw
+/// pointers and volatile copies, and reads it as a slice only while nothing fills it
+/// (a paused VM's region after `materialize`, or a frozen image). That is what the
+/// registrations in `uffd` rely on.
 #[derive(Debug)]
 pub struct Region {
     guest_addr: u64,

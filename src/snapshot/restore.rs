@@ -600,7 +600,7 @@ fn spawn_prefetch(
                 if snap.decode(c, &mut dec, &mut buf, &mut out).is_err() {
                     return;
                 }
-                uffd.copy(dst, out.as_ptr(), cs)
+                uffd.copy(dst, &out[..cs])
             };
             match placed {
                 Ok(_) => {

@@ -82,7 +82,9 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
     let image = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
     let file = Arc::new(MemFile::create("vmfork-uffd", src.size())?);
     let child = Region::with_file(src.guest_addr(), file.clone())?;
-    let target = LazyTarget::register(&file, child.host_addr() as usize)?;
+    // SAFETY: `child` maps `file` at its host address, the target lives with the region,
+    // and guest memory is never held by a Rust reference while it fills (see `Region`).
+    let target = unsafe { LazyTarget::register(&file, child.host_addr() as usize) }?;
     serve_here(child, target, Fill::Copy(image))
 }
 
@@ -91,7 +93,9 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
 pub(super) fn clone_region_minor(src: &Region) -> Result<Region> {
     src.materialize()?;
     let child = Region::with_layers(src.guest_addr(), src.size(), cow::freeze(src)?)?;
-    let target = LazyTarget::register_minor(child.host_addr() as usize, child.size())?;
+    // SAFETY: `child` is a fresh `MAP_PRIVATE` view of the layers, the target lives with
+    // the region, and guest memory is never held by a Rust reference while it fills.
+    let target = unsafe { LazyTarget::register_minor(child.host_addr() as usize, child.size()) }?;
     serve_here(child, target, Fill::Continue)
 }
 
@@ -109,7 +113,9 @@ pub trait PageSource: Send + 'static {
 /// Makes `file` (mapped by `child`, all of it, `MAP_SHARED`) fill lazily: every missing
 /// page faults to a page server thread here that places what `source` gives.
 pub fn fill_from_source(child: Region, file: &Arc<MemFile>, source: Box<dyn PageSource>) -> Result<Region> {
-    let target = LazyTarget::register(file, child.host_addr() as usize)?;
+    // SAFETY: `child` maps `file` at its host address, the target lives with the region,
+    // and guest memory is never held by a Rust reference while it fills (see `Region`).
+    let target = unsafe { LazyTarget::register(file, child.host_addr() as usize) }?;
     serve_here(child, target, Fill::Source(source))
 }
 
@@ -230,19 +236,33 @@ enum Kind {
 
 impl LazyTarget {
     /// Registers the mapping of `file` at `addr` (all of it) for missing-page faults.
-    pub fn register(file: &Arc<MemFile>, addr: usize) -> Result<Self> {
+    ///
+    /// # Safety
+    /// `addr` must be where `file` is mapped, and the mapping must be memory no Rust
+    /// reference covers for as long as the target lives (a [`Region`]'s guest memory):
+    /// see [`Uffd::register`].
+    pub unsafe fn register(file: &Arc<MemFile>, addr: usize) -> Result<Self> {
         let features = sys::FEATURE_MISSING_SHMEM | sys::FEATURE_EVENT_REMOVE;
-        Self::open(addr, file.size(), features, Mode::Missing, Kind::Missing(Arc::downgrade(file)))
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::open(addr, file.size(), features, Mode::Missing, Kind::Missing(Arc::downgrade(file))) }
     }
 
     /// Registers a `MAP_PRIVATE` view of shmem layers at `addr` for minor faults.
-    pub fn register_minor(addr: usize, len: usize) -> Result<Self> {
-        Self::open(addr, len, sys::FEATURE_MINOR_SHMEM, Mode::Minor, Kind::Minor)
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must be such a view, memory no Rust reference covers for as
+    /// long as the target lives: see [`Uffd::register`].
+    pub unsafe fn register_minor(addr: usize, len: usize) -> Result<Self> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { Self::open(addr, len, sys::FEATURE_MINOR_SHMEM, Mode::Minor, Kind::Minor) }
     }
 
-    fn open(addr: usize, len: usize, features: u64, mode: Mode, kind: Kind) -> Result<Self> {
+    /// # Safety
+    /// As [`Uffd::register`], for `[addr, addr + len)`.
+    unsafe fn open(addr: usize, len: usize, features: u64, mode: Mode, kind: Kind) -> Result<Self> {
         let uffd = Uffd::open(features).map_err(Error::Uffd)?;
-        uffd.register(addr, len, mode).map_err(Error::Uffd)?;
+        // SAFETY: the caller's promise, passed on.
+        unsafe { uffd.register(addr, len, mode) }.map_err(Error::Uffd)?;
         fence::install_handler();
         Ok(LazyTarget {
             uffd: Arc::new(uffd),
@@ -444,9 +464,14 @@ impl GuestMemory {
         let mut out = Vec::with_capacity(self.regions().len());
         for r in self.regions() {
             let addr = r.host_addr() as usize;
+            // `addr` is where the region maps its file or layers, the target is kept by
+            // the region itself, and guest memory is never held by a Rust reference while
+            // it fills (see `Region`).
             let mut target = match &*r.layout() {
-                Layout::File(f) => LazyTarget::register(f, addr)?,
-                Layout::Layers(_) => LazyTarget::register_minor(addr, r.size())?,
+                // SAFETY: as said above, for the region's file.
+                Layout::File(f) => unsafe { LazyTarget::register(f, addr) }?,
+                // SAFETY: as said above, for its view of the layers.
+                Layout::Layers(_) => unsafe { LazyTarget::register_minor(addr, r.size()) }?,
             };
             target.watch(liveness.as_fd().try_clone_to_owned().map_err(Error::Uffd)?)?;
             out.push((target.uffd().clone(), target.addr));
@@ -600,7 +625,7 @@ impl Worker<'_> {
             let placed = match data {
                 None => self.uffd.zeropage(self.addr + start, len).map(|_| len),
                 // `data` is `len` bytes the source owns until the next fetch.
-                Some(bytes) => self.uffd.copy(self.addr + start, bytes.as_ptr(), len),
+                Some(bytes) => self.uffd.copy(self.addr + start, &bytes[..len]),
             };
             let n = match placed {
                 // Some page of the run is there already (placed by a prefetch): each page
@@ -611,7 +636,7 @@ impl Worker<'_> {
                         let dst = self.addr + start + at;
                         n += ok_if_exists(match data {
                             None => self.uffd.zeropage(dst, PAGE_SIZE).map(|_| PAGE_SIZE),
-                            Some(bytes) => self.uffd.copy(dst, bytes[at..].as_ptr(), PAGE_SIZE),
+                            Some(bytes) => self.uffd.copy(dst, &bytes[at..at + PAGE_SIZE]),
                         })?;
                     }
                     n
@@ -642,10 +667,13 @@ impl Worker<'_> {
     /// Fills `[offset, offset + len)` of the target; returns the bytes placed.
     fn place(&self, offset: usize, len: usize) -> std::io::Result<usize> {
         match &self.fill {
-            // The source range lies inside the image mapping, which lives as long as
-            // this worker; UFFDIO_COPY only reads it.
             Fill::Copy(image) => {
-                self.uffd.copy(self.addr + offset, image.host_addr().wrapping_add(offset), len)
+                assert!(offset + len <= image.size());
+                // SAFETY: the range lies inside the image mapping (checked above), which
+                // is readable and lives as long as this worker; nothing writes it while
+                // the bytes are copied (the image is frozen layers, mapped private).
+                let src = unsafe { std::slice::from_raw_parts(image.host_addr().add(offset), len) };
+                self.uffd.copy(self.addr + offset, src)
             }
             Fill::Continue => self.uffd.continue_range(self.addr + offset, len),
             Fill::Source(_) => unreachable!("serve() places source pages itself"),

@@ -93,6 +93,12 @@ pub struct Msg {
 }
 
 /// An open userfaultfd (non-blocking, close-on-exec).
+///
+/// Filling a range (`copy`, `zeropage`, `continue_range`) writes memory behind the back
+/// of any Rust code that holds it, so ranges come in only through [`Uffd::register`],
+/// which is `unsafe`: its caller promises the range is memory no Rust reference covers.
+/// After that, the kernel refuses every fill outside the registered ranges, and the fills
+/// are safe to call.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
@@ -143,7 +149,12 @@ impl Uffd {
     }
 
     /// Routes faults of `mode` in `[start, start + len)` to this descriptor.
-    pub fn register(&self, start: usize, len: usize, mode: Mode) -> io::Result<()> {
+    ///
+    /// # Safety
+    /// The range must be a mapping that no Rust reference or allocation covers, for as
+    /// long as it stays registered (guest memory, reached only by raw pointers): filling
+    /// it later places bytes there, and a fault in it waits for whoever serves it.
+    pub unsafe fn register(&self, start: usize, len: usize, mode: Mode) -> io::Result<()> {
         let mut arg = RegisterArg {
             range: Range { start: start as u64, len: len as u64 },
             mode: mode as u64,
@@ -176,13 +187,15 @@ impl Uffd {
         Ok(())
     }
 
-    /// Atomically fills `len` bytes at `dst` (registered, missing) with a copy of `src`
-    /// and wakes the faulting threads. Returns the bytes copied; on an error after a
+    /// Atomically fills `src.len()` bytes at `dst` (registered, missing) with a copy of
+    /// `src` and wakes the faulting threads. Returns the bytes copied; on an error after a
     /// partial copy, the error is returned with nothing more to say about the prefix.
-    pub fn copy(&self, dst: usize, src: *const u8, len: usize) -> io::Result<usize> {
-        let mut arg = CopyArg { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, copy: 0 };
-        // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (the caller guarantees they are
-        // mapped) and writes only into the registered range and the CopyArg.
+    pub fn copy(&self, dst: usize, src: &[u8]) -> io::Result<usize> {
+        let mut arg =
+            CopyArg { dst: dst as u64, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
+        // SAFETY: UFFDIO_COPY reads the `src.len()` bytes of `src` and writes only into
+        // ranges registered with this descriptor (whose registration promised no Rust
+        // reference covers them) and the CopyArg, which outlives the call.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut arg) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
