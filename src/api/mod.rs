@@ -488,24 +488,25 @@ fn free_child_name(parent: &str) -> Result<String> {
     Ok((1..).map(|i| format!("{parent}-{i}")).find(|n| !taken.contains(n)).expect("some name is free"))
 }
 
-/// Parses one request line: `{"cmd": NAME}`, plus `strategy`, `name` and `count` for
-/// `fork`. Serde ignores unknown fields of internally tagged enums, so they are checked
-/// here.
+/// Parses one request line: `{"cmd": NAME}` plus the fields of that [`Request`].
+/// Serde ignores unknown fields of internally tagged enums, so they are checked here,
+/// against the fields the parsed request serializes (every field, `null` when unset):
+/// the enum is the one list of what each command takes.
 pub fn parse_request(line: &str) -> std::result::Result<Request, String> {
     let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
     let Some(o) = v.as_object() else {
         return Err("a request is a JSON object like {\"cmd\":\"status\"}".into());
     };
-    let allowed: &[&str] = match o.get("cmd").and_then(|c| c.as_str()) {
-        Some("fork") => &["cmd", "strategy", "name", "count"],
-        Some("snapshot") => &["cmd", "dir", "level", "chunk", "stop", "parent"],
-        Some(_) => &["cmd"],
-        None => return Err("a request needs a \"cmd\"".into()),
-    };
-    if let Some(k) = o.keys().find(|k| !allowed.contains(&k.as_str())) {
+    if !o.contains_key("cmd") {
+        return Err("a request needs a \"cmd\"".into());
+    }
+    let keys: Vec<String> = o.keys().cloned().collect();
+    let req: Request = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let known = serde_json::to_value(&req).map_err(|e| e.to_string())?;
+    if let Some(k) = keys.iter().find(|k| known.get(k.as_str()).is_none()) {
         return Err(format!("unknown field {k:?}"));
     }
-    serde_json::from_value(v).map_err(|e| e.to_string())
+    Ok(req)
 }
 
 /// Whether `path` is a socket file (for tests and listings).
@@ -525,6 +526,33 @@ mod tests {
         for bad in junk {
             assert!(parse_request(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn every_field_a_request_serializes_is_accepted_and_no_other() {
+        let parent = ParentSpec { location: "s3://b/p".into(), meta: "/tmp/m".into() };
+        let all = [
+            Request::Fork { strategy: Strategy::Cow, name: Some("c".into()), count: 2 },
+            Request::Snapshot {
+                dir: "/s".into(),
+                level: Some(3),
+                chunk: Some(4096),
+                stop: true,
+                parent: Some(parent),
+            },
+            Request::RestoreStats,
+        ];
+        for req in all {
+            let line = serde_json::to_string(&req).unwrap();
+            assert_eq!(parse_request(&line).unwrap(), req, "{line}");
+            let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            v["surplus"] = 1.into();
+            let err = parse_request(&v.to_string()).unwrap_err();
+            assert!(err.contains("unknown field") && err.contains("surplus"), "{err}");
+        }
+        let nested = r#"{"cmd":"snapshot","dir":"/s","parent":{"location":"/p","meta":"/p","x":1}}"#;
+        assert!(parse_request(nested).unwrap_err().contains("unknown field"));
+        assert!(parse_request(r#"{"cmd":"snapshot","dir":"/s"}"#).is_ok(), "optional fields are optional");
     }
 
     #[test]
