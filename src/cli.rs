@@ -235,7 +235,7 @@ pub fn run(cmd: VmCommand) -> ExitCode {
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
 fn free_name() -> Result<String, api::Error> {
-    let taken = api::names()?;
+    let taken = crate::runtime::names()?;
     Ok((1..).map(|i| format!("vm{i}")).find(|n| !taken.contains(n)).expect("some name is free"))
 }
 
@@ -302,14 +302,14 @@ fn run_foreground(args: RunArgs) -> CliResult {
         args.mem >> 20,
         if args.private { ", private (never forked)" } else { "" }
     );
-    let who = api::Identity { name, private: args.private, ..Default::default() };
+    let who = crate::runtime::Identity { name, private: args.private, ..Default::default() };
     serve(who, vm, server, listener, signals)
 }
 
 /// Serves a running VM on its control socket until it stops; SIGINT/SIGTERM (blocked by
 /// the caller, in every thread) stop it cleanly.
 fn serve(
-    who: api::Identity,
+    who: crate::runtime::Identity,
     vm: Arc<Vm>,
     server: Server,
     listener: std::os::unix::net::UnixListener,
@@ -398,10 +398,10 @@ fn spawn_detached(name: &str, argv: &[std::ffi::OsString]) -> CliResult {
     match api::connect(name) {
         Ok(_) => return Err(api::Error::NameTaken(name.to_string()).into()),
         Err(e @ api::Error::Stale { .. }) => eprintln!("vmfork: {e}"),
-        Err(e @ api::Error::BadName(_)) => return Err(e.into()),
+        Err(e @ api::Error::Runtime(crate::runtime::Error::BadName(_))) => return Err(e.into()),
         Err(_) => {}
     }
-    let log_path: PathBuf = api::runtime_dir()?.join(format!("{name}.log"));
+    let log_path: PathBuf = crate::runtime::log_path(name)?;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
     let log =
@@ -499,7 +499,7 @@ fn restore_foreground(args: RestoreArgs) -> CliResult {
             }
         }
     );
-    let who = api::Identity { name, restored_from: Some(dir), ..Default::default() };
+    let who = crate::runtime::Identity { name, restored_from: Some(dir), ..Default::default() };
     serve(who, vm, server, listener, signals)
 }
 
@@ -513,8 +513,9 @@ fn run_child() -> CliResult {
     // SAFETY: the parent's fork made fd 3 our end of its socket pair (see fork.rs), and
     // nothing else in this process owns it.
     let sock = unsafe { std::os::unix::net::UnixStream::from_raw_fd(3) };
-    let (vm, who, server, listener) =
-        crate::fork::become_child(&sock).map_err(|e| format!("fork child: {e}"))?;
+    let bind = |name: &str| api::Server::bind(name).map_err(|e| e.to_string());
+    let (vm, who, (server, listener)) =
+        crate::fork::become_child(&sock, bind).map_err(|e| format!("fork child: {e}"))?;
     eprintln!(
         "vmfork: VM {} forked from {} ({}), pid {}",
         who.name,
@@ -561,7 +562,7 @@ fn fork(args: ForkArgs) -> CliResult {
 /// Status of every live VM; stale sockets are removed with a message.
 pub fn statuses() -> Result<Vec<Status>, api::Error> {
     let mut out = Vec::new();
-    for name in api::names()? {
+    for name in crate::runtime::names()? {
         match api::call(&name, &Request::Status) {
             Ok((v, _)) => match serde_json::from_value(v["status"].clone()) {
                 Ok(s) => out.push(s),
@@ -615,7 +616,7 @@ fn simple(name: &str, req: Request, done: &str) -> CliResult {
 
 fn stop(name: &str) -> CliResult {
     api::call(name, &Request::Stop)?;
-    let path = api::socket_path(name)?;
+    let path = crate::runtime::socket_path(name)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while path.exists() {
         if Instant::now() > deadline {

@@ -23,7 +23,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Identity, Server};
 use crate::memory::transfer::{recv_with_fds, send_with_fds};
 use crate::memory::uffd::{RemoteSource, sys::Uffd};
 use crate::memory::{GuestMemory, Strategy};
+use crate::runtime::Identity;
 use crate::vmm::guest::{self, ENTROPY_GPA, ENTROPY_LEN};
 use crate::vmm::{RunState, Vm, VmState};
 
@@ -257,17 +257,18 @@ fn spawn_child(name: &str, sock: UnixStream) -> Result<std::process::Child> {
 
 /// Where a child's stdout and stderr (its guest's console echo included) go.
 fn child_log(name: &str) -> Result<std::path::PathBuf> {
-    let dir = crate::api::runtime_dir().map_err(|e| Error::Spawn(std::io::Error::other(e.to_string())))?;
-    Ok(dir.join(format!("{name}.log")))
+    crate::runtime::log_path(name).map_err(|e| Error::Spawn(std::io::Error::other(e.to_string())))
 }
 
-/// What a forked child runs on: its VM, who it is, and its bound control socket.
-pub type ChildVm = (Arc<Vm>, Identity, Server, UnixListener);
-
 /// The child's side, run as `vmfork __child` with the socket to the parent on fd 3.
-/// Returns once the guest runs and the control socket is bound; the caller then serves
-/// the VM like any other.
-pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
+/// `bind(name)` makes the child reachable under the name the parent gave it (its
+/// control socket); it is called before the guest runs, so that once the parent hears
+/// the child is ready, the child answers. Returns once the guest runs: the VM, who it
+/// is, and what `bind` returned; the caller then serves the VM like any other.
+pub fn become_child<T>(
+    sock: &UnixStream,
+    bind: impl FnOnce(&str) -> std::result::Result<T, String>,
+) -> std::result::Result<(Arc<Vm>, Identity, T), String> {
     let t0 = Instant::now();
     let (json, _) = recv_with_fds(sock).map_err(|e| format!("receiving the fork: {e}"))?;
     let hello: Hello = serde_json::from_slice(&json).map_err(|e| format!("bad fork hello: {e}"))?;
@@ -292,7 +293,7 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
         send_with_fds(sock, &serde_json::to_vec(&ranges).unwrap_or_default(), &fds)
             .map_err(|e| fail(sock, format!("handing back userfaultfds: {e}")))?;
     }
-    let (server, listener) = Server::bind(&hello.name).map_err(|e| fail(sock, e.to_string()))?;
+    let bound = bind(&hello.name).map_err(|e| fail(sock, e))?;
     let vm = restore_as_new_vm(Arc::new(memory), &hello.state).map_err(|e| fail(sock, e))?;
     let restored = t0.elapsed();
     let reports = vm.subscribe();
@@ -335,7 +336,7 @@ pub fn become_child(sock: &UnixStream) -> std::result::Result<ChildVm, String> {
         strategy: Some(hello.strategy),
         restored_from: None,
     };
-    Ok((Arc::new(vm), who, server, listener))
+    Ok((Arc::new(vm), who, bound))
 }
 
 /// The VM `state` describes, over `memory`, as a VM of its own: a new generation id and

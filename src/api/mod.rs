@@ -20,7 +20,7 @@
 //! Anything else gets `{"ok":false,"error":"..."}` and the VM keeps running.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::memory::Strategy;
+use crate::runtime::{Identity, check_name, names, socket_path};
 use crate::vmm::{Report, RunState, Vm};
 
 /// Longest request line accepted.
@@ -43,10 +44,8 @@ pub enum Error {
     Stale { name: String, path: PathBuf },
     #[error("a VM named {0:?} is already running")]
     NameTaken(String),
-    #[error("bad VM name {0:?}: use letters, digits, '.', '_' and '-' (at most 64)")]
-    BadName(String),
-    #[error("cannot use runtime directory {path}: {source}")]
-    RuntimeDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::Error),
     #[error("control socket {path}: {source}")]
     Socket { path: PathBuf, source: io::Error },
     #[error("the VM answered: {0}")]
@@ -114,20 +113,6 @@ fn one() -> u32 {
     1
 }
 
-/// Who a VM process is: its name, whether it may be forked, and whom it was forked from.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Identity {
-    pub name: String,
-    /// Started with `--private`: never forked.
-    pub private: bool,
-    /// The VM this one was forked from, and how.
-    pub parent: Option<String>,
-    pub strategy: Option<Strategy>,
-    /// The snapshot directory this VM was restored from.
-    #[serde(default)]
-    pub restored_from: Option<PathBuf>,
-}
-
 /// What `status` reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -156,50 +141,6 @@ pub struct Status {
     pub shared_bytes: u64,
     pub uptime_secs: f64,
     pub reports: Vec<Option<Report>>,
-}
-
-/// The per-user directory holding the control sockets, created (mode 0700) if needed.
-pub fn runtime_dir() -> Result<PathBuf> {
-    let dir = if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
-        PathBuf::from(x).join("vmfork")
-    } else if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/vmfork")
-    } else {
-        PathBuf::from(format!("/tmp/vmfork-{}", nix::unistd::geteuid()))
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
-    Ok(dir)
-}
-
-/// Checks a VM name (it becomes a file name).
-pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok { Ok(()) } else { Err(Error::BadName(name.to_string())) }
-}
-
-/// Path of VM `name`'s socket.
-pub fn socket_path(name: &str) -> Result<PathBuf> {
-    check_name(name)?;
-    Ok(runtime_dir()?.join(format!("{name}.sock")))
-}
-
-/// Names of every VM with a socket in the runtime directory (live or stale), sorted.
-pub fn names() -> Result<Vec<String>> {
-    let dir = runtime_dir()?;
-    let rd = std::fs::read_dir(&dir).map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
-    let mut v: Vec<String> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))
-        .collect();
-    v.sort();
-    Ok(v)
 }
 
 /// Connects to VM `name`. A socket nobody listens on is removed ([`Error::Stale`]).
