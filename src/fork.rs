@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::memory::transfer::{recv_with_fds, send_with_fds};
-use crate::memory::uffd::{RemoteSource, sys::Uffd};
+use crate::memory::uffd::RemoteSource;
 use crate::memory::{GuestMemory, Strategy};
 use crate::runtime::Identity;
 use crate::vmm::guest::{self, ENTROPY_GPA, ENTROPY_LEN};
@@ -168,12 +168,7 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
             Frozen::Ready(child_memory) => child_memory.send(&ours).map_err(std::io::Error::other)?,
             Frozen::Lazy(mut source, child_memory) => {
                 child_memory.send(&ours).map_err(std::io::Error::other)?;
-                let (addrs, fds) = recv_with_fds(&ours)?;
-                let ranges: Vec<(usize, usize)> =
-                    serde_json::from_slice(&addrs).map_err(std::io::Error::other)?;
-                for (i, (fd, (addr, len))) in fds.into_iter().zip(ranges).enumerate() {
-                    source.serve(i, Uffd::from_fd(fd), addr, len).map_err(std::io::Error::other)?;
-                }
+                source.serve_handed_back(&ours).map_err(std::io::Error::other)?;
                 let keep = ours.try_clone()?;
                 PAGE_SERVERS.lock().unwrap_or_else(|p| p.into_inner()).push((source, keep));
             }
@@ -285,13 +280,8 @@ pub fn become_child<T>(
     };
     let memory = GuestMemory::receive(sock).map_err(|e| fail(sock, format!("receiving memory: {e}")))?;
     if matches!(hello.strategy, Strategy::Uffd | Strategy::UffdMinor) {
-        let targets =
-            memory.expect_remote_fill(sock).map_err(|e| fail(sock, format!("registering memory: {e}")))?;
-        let ranges: Vec<(usize, usize)> =
-            memory.regions().iter().map(|r| (r.host_addr() as usize, r.size())).collect();
-        let fds: Vec<_> = targets.iter().map(|(u, _)| u.as_raw_fd()).collect();
-        send_with_fds(sock, &serde_json::to_vec(&ranges).unwrap_or_default(), &fds)
-            .map_err(|e| fail(sock, format!("handing back userfaultfds: {e}")))?;
+        crate::memory::uffd::hand_back(&memory, sock)
+            .map_err(|e| fail(sock, format!("registering memory and handing back its userfaultfds: {e}")))?;
     }
     let bound = bind(&hello.name).map_err(|e| fail(sock, e))?;
     let vm = restore_as_new_vm(Arc::new(memory), &hello.state).map_err(|e| fail(sock, e))?;

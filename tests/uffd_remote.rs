@@ -3,12 +3,9 @@
 //! when the parent dies instead of hanging.
 
 use std::io::Read;
-use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use vmfork::memory::transfer::{recv_with_fds, send_with_fds};
-use vmfork::memory::uffd::sys::Uffd;
 use vmfork::memory::{Error, GuestMemory, MemoryOptions, PAGE_SIZE, Strategy};
 
 const PAGES: usize = 512;
@@ -32,11 +29,7 @@ fn page_server_subprocess() {
     let sock = UnixStream::connect(path).unwrap();
     child.send(&sock).unwrap();
     drop(child);
-    let (addrs, fds) = recv_with_fds(&sock).unwrap();
-    let addrs: Vec<usize> = serde_json::from_slice(&addrs).unwrap();
-    for (i, (fd, addr)) in fds.into_iter().zip(addrs).enumerate() {
-        remote.serve(i, Uffd::from_fd(fd), addr, PAGES * PAGE_SIZE).unwrap();
-    }
+    remote.serve_handed_back(&sock).unwrap();
     // Serve until the child hangs up (or we are killed).
     let mut buf = [0u8; 1];
     let _ = (&sock).read(&mut buf);
@@ -63,11 +56,7 @@ fn remote_fill(strategy: &str) {
     let _ = std::fs::remove_file(&dir);
 
     let child = GuestMemory::receive(&sock).unwrap();
-    let targets = child.expect_remote_fill(&sock.as_fd()).unwrap();
-    let addrs: Vec<usize> = targets.iter().map(|(_, a)| *a).collect();
-    let fds: Vec<_> = targets.iter().map(|(u, _)| u.as_raw_fd()).collect();
-    send_with_fds(&sock, &serde_json::to_vec(&addrs).unwrap(), &fds).unwrap();
-    drop(targets);
+    vmfork::memory::uffd::hand_back(&child, &sock).unwrap();
 
     // Pages come from the other process, as of the clone instant.
     let read = |p: usize| {

@@ -481,7 +481,44 @@ impl GuestMemory {
     }
 }
 
+/// The child's half of the userfaultfd hand-back of a lazy fork: registers `memory`
+/// (received from the page server's process) for remote fill, watched through `sock`
+/// ([`GuestMemory::expect_remote_fill`]), and sends each region's userfaultfd with its
+/// range over `sock`, in region order. The page server's half is
+/// [`RemoteSource::serve_handed_back`]; nothing else speaks this message.
+pub fn hand_back(memory: &GuestMemory, sock: &std::os::unix::net::UnixStream) -> Result<()> {
+    let targets = memory.expect_remote_fill(sock)?;
+    let ranges: Vec<(usize, usize)> =
+        targets.iter().zip(memory.regions()).map(|((_, a), r)| (*a, r.size())).collect();
+    let fds: Vec<_> = targets.iter().map(|(u, _)| u.as_raw_fd()).collect();
+    let json = serde_json::to_vec(&ranges).expect("ranges serialize");
+    super::transfer::send_with_fds(sock, &json, &fds).map_err(Error::Uffd)
+}
+
 impl RemoteSource {
+    /// The page server's half of the hand-back ([`hand_back`]): receives the child's
+    /// userfaultfds and ranges over `sock` and serves each region through its own.
+    pub fn serve_handed_back(&mut self, sock: &std::os::unix::net::UnixStream) -> Result<()> {
+        let (json, fds) = super::transfer::recv_with_fds(sock).map_err(Error::Uffd)?;
+        let ranges: Vec<(usize, usize)> = serde_json::from_slice(&json)
+            .map_err(|e| Error::Uffd(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        if ranges.len() != fds.len() || ranges.len() != self.fills.len() {
+            return Err(Error::Uffd(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the child handed back {} ranges and {} userfaultfds for {} regions",
+                    ranges.len(),
+                    fds.len(),
+                    self.fills.len()
+                ),
+            )));
+        }
+        for (i, (fd, (addr, len))) in fds.into_iter().zip(ranges).enumerate() {
+            self.serve(i, Uffd::from_fd(fd), addr, len)?;
+        }
+        Ok(())
+    }
+
     /// Starts serving region `index` of the child through `uffd`, registered at `addr`
     /// in the child's address space, `len` bytes.
     pub fn serve(&mut self, index: usize, uffd: Uffd, addr: usize, len: usize) -> Result<()> {
