@@ -378,6 +378,37 @@ fn linux_guest_snapshot_restores_twice_with_a_reseed_in_each() {
         "{test}: source stopped at tick {last_of_source}; restores continued at ticks {firsts:?}, {} common ticks all differ",
         common.len()
     );
-    rt.ok(&["stop", "r1"]);
     rt.ok(&["stop", "r2"]);
+
+    // A snapshot of a restored VM against the snapshot it came from stores what its
+    // kernel and processes changed since, not the kernel again; and restores.
+    let first: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let child_dir = rt.dir.join("snap-child");
+    let child: serde_json::Value = serde_json::from_str(&rt.ok(&[
+        "snapshot",
+        "r1",
+        child_dir.to_str().unwrap(),
+        "--parent",
+        dir.to_str().unwrap(),
+        "--stop",
+        "--json",
+    ]))
+    .unwrap();
+    let (new, parent_stored) =
+        (child["new_bytes"].as_u64().unwrap(), first["stored_bytes"].as_u64().unwrap());
+    eprintln!(
+        "{test}: child snapshot of r1 referenced {} chunks and stored {new} new bytes; the parent stored {parent_stored}",
+        child["parent_chunks"]
+    );
+    assert!(child["parent_chunks"].as_u64().unwrap() > 0, "{child}");
+    assert!(new * 2 < parent_stored, "the child stored {new} bytes anew of the parent's {parent_stored}");
+    let r1_last = *rt.ticks("r1").keys().last().unwrap();
+    rt.ok(&["restore", child_dir.to_str().unwrap(), "--name", "r3", "--detach"]);
+    let ticks = rt.wait_ticks("r3", 0, 2, Duration::from_secs(120));
+    let first_r3 = *ticks.keys().next().unwrap();
+    assert!(
+        first_r3 > start && first_r3 <= r1_last + 1,
+        "r3 starts at tick {first_r3}, not where r1 stopped ({r1_last})"
+    );
+    rt.ok(&["stop", "r3"]);
 }
