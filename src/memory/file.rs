@@ -147,6 +147,15 @@ pub enum Share {
     Private,
 }
 
+/// The `madvise(2)` advice vmfork gives guest memory: only kinds that keep its contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_HUGEPAGE`: back the range with transparent huge pages where the kernel can.
+    HugePage,
+    /// `MADV_POPULATE_READ`: fault every page of the range in for reading.
+    PopulateRead,
+}
+
 /// An owned, page-aligned virtual address range, unmapped on drop.
 ///
 /// A region reserves its whole range once and then maps files over parts of it with
@@ -226,7 +235,7 @@ impl Mapping {
             return Err(Error::Mmap(std::io::Error::last_os_error()));
         }
         if self.huge.load(Ordering::Relaxed) {
-            self.madvise(offset, len, libc::MADV_HUGEPAGE)?;
+            self.madvise(offset, len, Advice::HugePage)?;
         }
         Ok(())
     }
@@ -235,15 +244,20 @@ impl Mapping {
     /// shmem uses them also depends on `/sys/kernel/mm/transparent_hugepage/shmem_enabled`.
     pub fn advise_huge(&self) -> Result<()> {
         self.huge.store(true, Ordering::Relaxed);
-        self.madvise(0, self.len, libc::MADV_HUGEPAGE)
+        self.madvise(0, self.len, Advice::HugePage)
     }
 
-    /// `madvise(2)` over a sub-range.
-    pub fn madvise(&self, offset: usize, len: usize, advice: libc::c_int) -> Result<()> {
+    /// `madvise(2)` over a sub-range, with one of the pieces of advice that leave the
+    /// contents as they are.
+    pub fn madvise(&self, offset: usize, len: usize, advice: Advice) -> Result<()> {
         self.check_range(offset, len)?;
-        // SAFETY: the range lies inside our reservation; madvise advice values used by
-        // vmfork (HUGEPAGE, POPULATE_*, DONTNEED on guest memory we own) do not invalidate
-        // any Rust reference.
+        let advice = match advice {
+            Advice::HugePage => libc::MADV_HUGEPAGE,
+            Advice::PopulateRead => libc::MADV_POPULATE_READ,
+        };
+        // SAFETY: the range lies inside our reservation, and neither piece of advice
+        // changes what the memory holds (no DONTNEED, FREE or REMOVE), so no Rust
+        // reference into it is invalidated.
         let rc = unsafe { libc::madvise(self.addr.as_ptr().add(offset).cast(), len, advice) };
         if rc < 0 {
             return Err(Error::Mmap(std::io::Error::last_os_error()));

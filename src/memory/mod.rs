@@ -32,7 +32,7 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use file::{MFD_REFLINK, Mapping, MemFile, PAGE_SIZE, Share, check_size};
+pub use file::{Advice, MFD_REFLINK, Mapping, MemFile, PAGE_SIZE, Share, check_size};
 
 /// Errors of the memory layer. The message says what happened and, where it helps, what
 /// to do about it.

@@ -186,7 +186,7 @@ impl LazyFill {
         };
         for (start, end) in unserved {
             // A read fault on each page not served yet goes to the server.
-            region.mapping().madvise(start, end - start, libc::MADV_POPULATE_READ)?;
+            region.mapping().madvise(start, end - start, super::Advice::PopulateRead)?;
         }
         if self.is_dead() {
             return Err(Error::PageServerDied);
