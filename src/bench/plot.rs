@@ -45,16 +45,8 @@ const SNAPSHOT_COLOURS: [RGBColor; 5] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
-/// The remote suite's restore columns, in legend order, and their colours.
-const REMOTE_ORDER: [&str; 7] = [
-    "local",
-    "local-prefetch",
-    "s3-cold",
-    "s3-warm",
-    "s3-cold-prefetch",
-    "s3-rtt20-cold",
-    "s3-rtt20-prefetch",
-];
+/// The remote suite's restore columns' colours, in its column order
+/// (`remote::column_names`).
 const REMOTE_COLOURS: [RGBColor; 7] = [
     RGBColor(0x55, 0x55, 0x55),
     RGBColor(0xbc, 0xbd, 0x22),
@@ -67,7 +59,8 @@ const REMOTE_COLOURS: [RGBColor; 7] = [
 
 fn colour(strategy: &str) -> RGBColor {
     let snapshot = || SNAPSHOT_ORDER.iter().position(|s| *s == strategy).map(|i| SNAPSHOT_COLOURS[i]);
-    let remote = || REMOTE_ORDER.iter().position(|s| *s == strategy).map(|i| REMOTE_COLOURS[i]);
+    let remote =
+        || super::remote::column_names().iter().position(|s| *s == strategy).map(|i| REMOTE_COLOURS[i]);
     ORDER
         .iter()
         .position(|s| *s == strategy)
@@ -203,7 +196,8 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
         curves(&path, "First touch of a restored chunk: p50 (solid) and p99 (dashed)", &p50, &p99)?;
         written.push(path);
     }
-    let remote = |metric: &str| series_of(records, "remote", "written25", metric, &REMOTE_ORDER);
+    let remote_order = super::remote::column_names();
+    let remote = |metric: &str| series_of(records, "remote", "written25", metric, &remote_order);
     let (restore, ready) = (remote("restore_ns"), remote("ready_ns"));
     if !restore.is_empty() || !ready.is_empty() {
         let path = dir.join("remote_restore.svg");
@@ -420,7 +414,7 @@ mod tests {
     #[test]
     fn the_remote_suite_gets_curves_of_its_restore_columns() {
         let mut records = Vec::new();
-        for (i, s) in REMOTE_ORDER.into_iter().enumerate() {
+        for (i, s) in super::super::remote::column_names().into_iter().enumerate() {
             for size in [256u64 << 20, 1 << 30] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e2;
                 for m in ["restore_ns", "ready_ns"] {
@@ -433,7 +427,7 @@ mod tests {
         assert_eq!(written.len(), 1);
         let svg = std::fs::read_to_string(&written[0]).unwrap();
         assert!(written[0].ends_with("remote_restore.svg"));
-        for s in REMOTE_ORDER {
+        for s in super::super::remote::column_names() {
             assert!(svg.contains(&format!(">\n{s}\n<")), "no legend entry for {s}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

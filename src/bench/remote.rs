@@ -107,6 +107,11 @@ const COLUMNS: [Column; 7] = [
     Column::S3RttPrefetch,
 ];
 
+/// The columns' names, in table order (the plots' legend order too).
+pub(super) fn column_names() -> Vec<&'static str> {
+    COLUMNS.iter().map(|c| c.name()).collect()
+}
+
 /// The latency the `s3-rtt20-*` columns add to every request: 10 ms each way.
 const ONE_WAY: Duration = Duration::from_millis(10);
 /// The `family` measurement rewrites every 25th page of the text area (a quarter of the
@@ -553,9 +558,8 @@ mod tests {
 
     #[test]
     fn columns_are_named_and_classified() {
-        let names: Vec<&str> = COLUMNS.iter().map(|c| c.name()).collect();
         assert_eq!(
-            names,
+            column_names(),
             [
                 "local",
                 "local-prefetch",
