@@ -475,8 +475,9 @@ fn restore_foreground(args: RestoreArgs) -> CliResult {
     let opts = crate::snapshot::RestoreOptions { eager: args.eager, no_prefetch: args.no_prefetch };
     let (memory, stats) = crate::snapshot::restore_memory(snap.clone(), &opts)?;
     let memory = Arc::new(memory);
-    // A VM of its own, before any vCPU runs: as a fork child.
-    let vm = Arc::new(crate::fork::restore_as_new_vm(memory, &state)?);
+    // A VM of its own, as a fork child: its new identity is in the memory already,
+    // written into its chunk as that is placed.
+    let vm = Arc::new(crate::fork::vm_with_new_identity(memory, &state)?);
     let prefetch =
         snap.working_set.as_ref().filter(|_| !args.no_prefetch && !args.eager).map(|w| w.chunks.len());
     crate::snapshot::set_restored(snap, stats);

@@ -335,19 +335,33 @@ pub fn become_child<T>(
 /// a VM restored from a snapshot both start from.
 pub fn restore_as_new_vm(memory: Arc<GuestMemory>, state: &VmState) -> std::result::Result<Vm, String> {
     refresh_identity(&memory, state.config.genid_gpa())?;
+    vm_with_new_identity(memory, state)
+}
+
+/// [`restore_as_new_vm`] for memory that holds its new identity already: a snapshot's
+/// page servers write [`new_identity`] into the chunks they place, so that no page has
+/// to be faulted in (from an object store: fetched) before the vCPUs run.
+pub fn vm_with_new_identity(memory: Arc<GuestMemory>, state: &VmState) -> std::result::Result<Vm, String> {
     let vm = Vm::restore(memory, state).map_err(|e| format!("restoring the VM: {e}"))?;
     vm.notify_generation_changed().map_err(|e| format!("announcing the new generation id: {e}"))?;
     Ok(vm)
 }
 
-/// Writes a fresh random VM generation id at `genid_gpa`, and fresh entropy beside it,
-/// into guest memory: what makes a fork child, or a VM restored from a snapshot, a VM of
-/// its own before any of its vCPUs runs.
-pub fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), String> {
+/// A fresh random VM generation id for the one at `genid_gpa`, and fresh entropy beside
+/// it: the guest-physical writes, `(address, bytes)`, that make a fork child or a
+/// restored VM a VM of its own.
+pub fn new_identity(genid_gpa: u64) -> std::result::Result<Vec<(u64, Vec<u8>)>, String> {
     let mut bytes = [0u8; 16 + ENTROPY_LEN];
     getrandom(&mut bytes)?;
-    memory.write(genid_gpa, &bytes[..16]).map_err(|e| e.to_string())?;
-    memory.write(genid_gpa + ENTROPY_OFFSET, &bytes[16..]).map_err(|e| e.to_string())
+    Ok(vec![(genid_gpa, bytes[..16].to_vec()), (genid_gpa + ENTROPY_OFFSET, bytes[16..].to_vec())])
+}
+
+/// Writes [`new_identity`] into guest memory, before any of the VM's vCPUs runs.
+pub fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), String> {
+    for (gpa, bytes) in new_identity(genid_gpa)? {
+        memory.write(gpa, &bytes).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn getrandom(buf: &mut [u8]) -> std::result::Result<(), String> {

@@ -517,7 +517,7 @@ fn restore_vm(
     let state = snap.state().map_err(err)?;
     let (memory, stats) = snapshot::restore_memory(snap.clone(), opts).map_err(err)?;
     let memory = Arc::new(memory);
-    let vm = crate::fork::restore_as_new_vm(memory, &state).map_err(err)?;
+    let vm = crate::fork::vm_with_new_identity(memory, &state).map_err(err)?;
     let reports = vm.subscribe();
     vm.resume().map_err(err)?;
     let restore_ns = t0.elapsed().as_nanos() as f64;

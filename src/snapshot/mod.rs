@@ -13,9 +13,10 @@
 //! # Restoring one ([`restore_memory`])
 //! A new VM gets empty memfds, registered for missing-page faults; a page server thread
 //! answers each fault by decoding the chunk around it once and placing the whole chunk
-//! with one `UFFDIO_COPY` (`UFFDIO_ZEROPAGE` for a zero chunk). Before its vCPUs run the
-//! VM gets a new generation id and fresh entropy, exactly as a fork child does
-//! ([`crate::fork::refresh_identity`]). Where the snapshot has a working set (`ws.bin`,
+//! with one `UFFDIO_COPY` (`UFFDIO_ZEROPAGE` for a zero chunk). The VM gets a new
+//! generation id and fresh entropy, as a fork child does ([`crate::fork::new_identity`]),
+//! written into the chunk that holds them as it is placed: nothing has to be faulted in
+//! before the vCPUs run. Where the snapshot has a working set (`ws.bin`,
 //! recorded from an earlier restore's first touches by `vmfork snapshot record-ws`), a
 //! prefetch thread places those chunks in recorded order from the moment the memory
 //! exists; demand faults never wait for it (they are served by the other thread, and a
@@ -73,6 +74,8 @@ pub enum Error {
     Remote { object: String, what: String },
     #[error("parent snapshot {location}: {what}")]
     Parent { location: String, what: String },
+    #[error("cannot make the restored VM's new identity: {0}")]
+    Identity(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

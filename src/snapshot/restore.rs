@@ -465,8 +465,34 @@ impl RestoreStats {
     }
 }
 
+/// Bytes written over the snapshot's own as its chunks are placed, `(guest-physical
+/// address, bytes)`: the restored VM's new identity.
+#[derive(Debug, Default)]
+struct Patches(Vec<(u64, Vec<u8>)>);
+
+impl Patches {
+    /// Whether any patch falls in the chunk of `len` bytes at `gpa`.
+    fn touch(&self, gpa: u64, len: usize) -> bool {
+        self.0.iter().any(|(at, b)| *at < gpa + len as u64 && gpa < at + b.len() as u64)
+    }
+
+    /// Writes the patches' bytes that fall in `chunk` (the chunk at `gpa`).
+    fn apply(&self, gpa: u64, chunk: &mut [u8]) {
+        for (at, bytes) in &self.0 {
+            let (start, end) = ((*at).max(gpa), (at + bytes.len() as u64).min(gpa + chunk.len() as u64));
+            if start < end {
+                let (from, to) = ((start - at) as usize, (start - gpa) as usize);
+                let n = (end - start) as usize;
+                chunk[to..to + n].copy_from_slice(&bytes[from..from + n]);
+            }
+        }
+    }
+}
+
 /// Builds guest memory for the snapshot `snap`: lazily filled through userfaultfd, or
-/// decoded whole with `opts.eager`. See the module documentation.
+/// decoded whole with `opts.eager`. The memory holds the restored VM's new identity
+/// ([`crate::fork::new_identity`]; start the VM with [`crate::fork::vm_with_new_identity`]).
+/// See the module documentation.
 pub fn restore_memory(
     snap: Arc<Snapshot>,
     opts: &RestoreOptions,
@@ -491,6 +517,8 @@ pub fn restore_memory(
         prefetch_set,
         eager: opts.eager,
     });
+    let genid_gpa = snap.state()?.config.genid_gpa();
+    let patches = Arc::new(Patches(crate::fork::new_identity(genid_gpa).map_err(Error::Identity)?));
     let cs = m.chunk_size as usize;
     let mut regions = Vec::with_capacity(m.regions.len());
     for (ri, r) in m.regions.iter().enumerate() {
@@ -511,15 +539,29 @@ pub fn restore_memory(
             regions.push(region);
             continue;
         }
-        let source = ChunkSource::new(snap.clone(), ri, stats.clone())?;
+        let source = ChunkSource::new(snap.clone(), ri, stats.clone(), patches.clone())?;
         let region = uffd::fill_from_source(region, &file, Box::new(source))?;
         if !stats.prefetch_set.is_empty() {
             let uffd = region.with_page_server(|f| f.uffd()).expect("the region was just made lazy");
-            spawn_prefetch(snap.clone(), ri, region.host_addr() as usize, uffd, stats.clone());
+            spawn_prefetch(
+                snap.clone(),
+                ri,
+                region.host_addr() as usize,
+                uffd,
+                stats.clone(),
+                patches.clone(),
+            );
         }
         regions.push(region);
     }
-    Ok((GuestMemory::from_regions(regions, false)?, stats))
+    let memory = GuestMemory::from_regions(regions, false)?;
+    if opts.eager {
+        // Nothing faults in eager memory: the identity is written as it is.
+        for (gpa, bytes) in &patches.0 {
+            memory.write(*gpa, bytes)?;
+        }
+    }
+    Ok((memory, stats))
 }
 
 /// Serves the faults of one region from the snapshot's chunks.
@@ -530,13 +572,19 @@ struct ChunkSource {
     dec: zstd::bulk::Decompressor<'static>,
     buf: Vec<u8>,
     out: Vec<u8>,
+    patches: Arc<Patches>,
 }
 
 impl ChunkSource {
-    fn new(snap: Arc<Snapshot>, region: usize, stats: Arc<RestoreStats>) -> Result<Self> {
+    fn new(
+        snap: Arc<Snapshot>,
+        region: usize,
+        stats: Arc<RestoreStats>,
+        patches: Arc<Patches>,
+    ) -> Result<Self> {
         let dec = zstd::bulk::Decompressor::new().map_err(io_err(&snap.dir))?;
         let out = vec![0u8; snap.manifest.chunk_size as usize];
-        Ok(ChunkSource { snap, region, stats, dec, buf: Vec::new(), out })
+        Ok(ChunkSource { snap, region, stats, dec, buf: Vec::new(), out, patches })
     }
 }
 
@@ -547,9 +595,15 @@ impl PageSource for ChunkSource {
         let start = offset - offset % cs;
         let chunk = self.snap.manifest.regions[self.region].first_chunk + (start / cs) as u64;
         self.stats.touch(chunk);
+        let gpa = self.snap.guest_addr(chunk);
         if self.snap.index.entries[chunk as usize].kind == Kind::Zero {
             self.stats.zero_faults.fetch_add(1, Ordering::Relaxed);
-            return Ok((start, cs, None));
+            if !self.patches.touch(gpa, cs) {
+                return Ok((start, cs, None));
+            }
+            self.out.fill(0);
+            self.patches.apply(gpa, &mut self.out);
+            return Ok((start, cs, Some(&self.out)));
         }
         if let Err(e) = self.snap.decode(chunk, &mut self.dec, &mut self.buf, &mut self.out) {
             return Err(std::io::Error::other(format!(
@@ -559,6 +613,7 @@ impl PageSource for ChunkSource {
                 self.snap.guest_addr(chunk)
             )));
         }
+        self.patches.apply(gpa, &mut self.out);
         self.stats.decoded_faults.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_decoded.fetch_add(cs as u64, Ordering::Relaxed);
         let mut ns = self.stats.fault_ns.lock().unwrap_or_else(|p| p.into_inner());
@@ -577,6 +632,7 @@ fn spawn_prefetch(
     addr: usize,
     uffd: Arc<uffd::sys::Uffd>,
     stats: Arc<RestoreStats>,
+    patches: Arc<Patches>,
 ) {
     let _ = std::thread::Builder::new().name("vmfork-prefetch".into()).spawn(move || {
         // SAFETY: setpriority only changes this thread's nice value.
@@ -593,13 +649,15 @@ fn spawn_prefetch(
                 continue;
             }
             let dst = addr + (c - r.first_chunk) as usize * cs;
-            let placed = if snap.index.entries[c as usize].kind == Kind::Zero {
+            let gpa = snap.guest_addr(c);
+            let placed = if snap.index.entries[c as usize].kind == Kind::Zero && !patches.touch(gpa, cs) {
                 uffd.zeropage(dst, cs).map(|()| cs)
             } else {
                 // A bad chunk stops the prefetch; the demand fault on it reports it.
                 if snap.decode(c, &mut dec, &mut buf, &mut out).is_err() {
                     return;
                 }
+                patches.apply(gpa, &mut out);
                 uffd.copy(dst, &out[..cs])
             };
             match placed {
@@ -623,4 +681,25 @@ fn host_memory_bytes() -> Option<u64> {
     let kb: u64 =
         info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb << 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Patches;
+
+    #[test]
+    fn patches_land_in_the_chunks_they_overlap_and_nowhere_else() {
+        let p = Patches(vec![(0x1ffe, vec![1, 2, 3, 4]), (0x3000, vec![9])]);
+        assert!(p.touch(0x1000, 0x1000) && p.touch(0x2000, 0x1000) && p.touch(0x3000, 0x1000));
+        assert!(!p.touch(0x4000, 0x1000) && !p.touch(0, 0x1000));
+        let mut a = vec![0u8; 0x1000];
+        p.apply(0x1000, &mut a);
+        assert_eq!((&a[0xffe..], a[..0xffe].iter().all(|&b| b == 0)), (&[1u8, 2][..], true));
+        let mut b = vec![7u8; 0x1000];
+        p.apply(0x2000, &mut b);
+        assert_eq!(&b[..3], &[3, 4, 7]);
+        let mut c = vec![0u8; 0x1000];
+        p.apply(0x3000, &mut c);
+        assert_eq!(c[0], 9);
+    }
 }
