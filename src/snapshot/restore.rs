@@ -83,7 +83,7 @@ fn open_packs(m: &Manifest, own: Own<'_>) -> Result<(Vec<Pack>, Vec<Arc<Remote>>
         Own::Store(r) => vec![r.clone()],
         Own::Dir(_) => vec![],
     };
-    let remote_pack = |remote: &Arc<Remote>, i: usize, size, crc| Pack::Remote {
+    let in_store = |remote: &Arc<Remote>, i: usize, size, crc| Pack::Remote {
         remote: remote.clone(),
         name: Manifest::pack_name(i),
         size,
@@ -94,7 +94,7 @@ fn open_packs(m: &Manifest, own: Own<'_>) -> Result<(Vec<Pack>, Vec<Arc<Remote>>
     for (at, i, size, crc) in m.all_packs() {
         let pack = match (at, own) {
             (None, Own::Dir(dir)) => Pack::Local(local_pack(&dir.join(Manifest::pack_name(i)), size)?),
-            (None, Own::Store(r)) => remote_pack(r, i, size, crc),
+            (None, Own::Store(r)) => in_store(r, i, size, crc),
             (Some(at), _) => {
                 let parent = |what: String| Error::Parent { location: at.to_string(), what };
                 match S3Url::parse(at) {
@@ -111,7 +111,7 @@ fn open_packs(m: &Manifest, own: Own<'_>) -> Result<(Vec<Pack>, Vec<Arc<Remote>>
                                 r
                             }
                         };
-                        remote_pack(&remote, i, size, crc)
+                        in_store(&remote, i, size, crc)
                     }
                     None if matches!(own, Own::Store(_)) => {
                         return Err(parent(
@@ -208,15 +208,15 @@ impl Snapshot {
             });
         }
         let (packs, remotes) = open_packs(&manifest, own)?;
-        let mut pack_starts = Vec::new();
+        let sizes: Vec<u64> = manifest.all_packs().map(|p| p.2).collect();
+        let mut pack_starts = Vec::with_capacity(sizes.len());
         let mut total = 0u64;
-        for (_, _, size, _) in manifest.all_packs() {
+        for &size in &sizes {
             pack_starts.push(total);
             total += size;
         }
         let index = Index::decode(&read("index.bin")?, manifest.chunks(), total)?;
         // A chunk lies in one pack.
-        let sizes: Vec<u64> = manifest.all_packs().map(|p| p.2).collect();
         for (i, e) in index.entries.iter().enumerate() {
             if e.kind != Kind::Zero {
                 let p = pack_starts.partition_point(|&s| s <= e.offset) - 1;

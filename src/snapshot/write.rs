@@ -80,6 +80,8 @@ pub struct Parent {
     manifest: Manifest,
     index: Index,
     hashes: Hashes,
+    /// Bytes of every pack its index points into: where a child's own packs start.
+    packs_bytes: u64,
 }
 
 impl Parent {
@@ -116,7 +118,7 @@ impl Parent {
                 ));
             }
         };
-        Ok(Parent { location, manifest, index, hashes })
+        Ok(Parent { location, manifest, index, hashes, packs_bytes: total })
     }
 
     /// The entry of chunk `c` in the parent, where its bytes are `data` (hash `h`).
@@ -504,7 +506,7 @@ fn write_chunks<'a>(
     let mut entries = vec![Entry::ZERO; n as usize];
     let mut hashes = vec![[0u8; format::HASH_LEN]; n as usize];
     // This snapshot's packs come after its parents' in the index's offsets.
-    let base = parent.map_or(0, |p| p.manifest.all_packs().map(|p| p.2).sum());
+    let base = parent.map_or(0, |p| p.packs_bytes);
     let mut w = PackWriter::new(dir);
     let mut last_report = Instant::now();
     let mut stored = 0u64;
