@@ -1,6 +1,8 @@
 //! The clone engine's contract, for every strategy: the child holds exactly the parent's
 //! contents at the clone instant, and afterwards neither side sees the other's writes.
 
+mod common;
+
 use vmfork::memory::{Error, GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, accounting};
 
 const PAGES: usize = 1024; // 4 MiB: big enough for several extents and fault-around windows.
@@ -15,7 +17,11 @@ fn strategies() -> Vec<Strategy> {
         .into_iter()
         .filter(|&s| {
             if s == Strategy::Reflink && vmfork::memory::reflink::probe().is_err() {
-                eprintln!("reflink left out of the matrix: this kernel lacks memfd reflink (see reflink_reports_unsupported)");
+                common::skip_part(
+                    "the clone matrix",
+                    "reflink",
+                    "this kernel lacks memfd reflink (see reflink_reports_unsupported)",
+                );
                 return false;
             }
             true

@@ -40,7 +40,7 @@ fn guest_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
             panic!("{test}: a Linux guest is required here but {why}")
         }
         Err(why) => {
-            eprintln!("{test}: skipped: {why}");
+            common::skip(test, &why);
             None
         }
     }
@@ -141,7 +141,7 @@ fn an_elf_vmlinux_boots_like_the_bzimage() {
         Ok(p) => p,
         Err(why) if std::env::var_os("VMFORK_LINUX_REQUIRED").is_some() => panic!("{test}: {why}"),
         Err(why) => {
-            eprintln!("{test}: skipped: {why}");
+            common::skip(test, &why);
             return;
         }
     };
@@ -230,7 +230,7 @@ fn fork_with(strategy: &str, vcpus: u32) {
             {
                 panic!("{test}: reflink is required here but {e}");
             }
-            eprintln!("{test}: skipped: this kernel has no memfd reflink ({e})");
+            common::skip(&test, &format!("this kernel has no memfd reflink ({e})"));
             return;
         }
     }

@@ -27,8 +27,9 @@ fn store(test: &str) -> Option<String> {
             )
         }
         _ => {
-            eprintln!(
-                "SKIP {test}: no object store (VMFORK_S3_ENDPOINT unset; scripts/s3-server start prints it)"
+            common::skip(
+                test,
+                "no object store (VMFORK_S3_ENDPOINT unset; scripts/s3-server start prints it)",
             );
             None
         }
@@ -290,7 +291,7 @@ fn host_b(test: &str, endpoint: &str, n: u8) -> Option<(Netns, String)> {
             panic!("{test}: cannot make a network namespace: {why}")
         }
         Err(why) => {
-            eprintln!("SKIP {test}: cannot make a network namespace here: {why}");
+            common::skip(test, &format!("cannot make a network namespace here: {why}"));
             return None;
         }
     };

@@ -490,8 +490,9 @@ fn cli_without_kvm_access_says_what_to_do() {
     let runuser =
         std::path::Path::new("/usr/sbin/runuser").exists() || std::path::Path::new("/sbin/runuser").exists();
     if !as_root || !runuser {
-        eprintln!(
-            "SKIP cli_without_kvm_access_says_what_to_do: needs root and runuser to act as a user without /dev/kvm access"
+        common::skip(
+            "cli_without_kvm_access_says_what_to_do",
+            "needs root and runuser to act as a user without /dev/kvm access",
         );
         return;
     }
@@ -504,8 +505,9 @@ fn cli_without_kvm_access_says_what_to_do() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     if err.contains("Permission denied") && err.contains("target") {
-        eprintln!(
-            "SKIP cli_without_kvm_access_says_what_to_do: nobody cannot execute the test binary: {err}"
+        common::skip(
+            "cli_without_kvm_access_says_what_to_do",
+            &format!("nobody cannot execute the test binary: {err}"),
         );
         return;
     }

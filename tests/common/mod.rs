@@ -20,8 +20,38 @@ pub fn kvm_available(test: &str) -> Option<MutexGuard<'static, ()>> {
     } else if std::env::var("VMFORK_KVM_REQUIRED").as_deref() == Ok("1") {
         panic!("{test}: VMFORK_KVM_REQUIRED=1 but /dev/kvm is absent on this host")
     } else {
-        eprintln!("SKIP {test}: /dev/kvm is absent on this host");
+        skip(test, "/dev/kvm is absent on this host");
         None
+    }
+}
+
+/// Says that `test` skips, and why: on stderr, and as a line of the file
+/// `$VMFORK_SKIP_LOG` where that is set, so that `scripts/test` counts the test as
+/// skipped rather than passed (cargo cannot tell a test that returned early).
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIP {test}: {why}");
+    log_skip("skip", test, why);
+}
+
+/// Says that a part of `test` is left out, and why; the rest of it runs. `scripts/test`
+/// lists these beside the skips, without counting the test as skipped.
+pub fn skip_part(test: &str, part: &str, why: &str) {
+    eprintln!("SKIP {test} ({part}): {why}");
+    log_skip("part", &format!("{test} ({part})"), why);
+}
+
+fn log_skip(kind: &str, what: &str, why: &str) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("VMFORK_SKIP_LOG") else { return };
+    let line = format!("{kind}\t{what}\t{}\n", why.replace(['\n', '\t'], " "));
+    // One write of one short line to an O_APPEND file: lines of parallel tests do not mix.
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        panic!("cannot record a skip in VMFORK_SKIP_LOG={}: {e}", std::path::Path::new(&path).display());
     }
 }
 
