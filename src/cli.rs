@@ -514,7 +514,7 @@ fn run_child() -> CliResult {
     // SAFETY: the parent's fork made fd 3 our end of its socket pair (see fork.rs), and
     // nothing else in this process owns it.
     let sock = unsafe { std::os::unix::net::UnixStream::from_raw_fd(3) };
-    let bind = |name: &str| api::Server::bind(name).map_err(|e| e.to_string());
+    let bind = api::Server::bind;
     let (vm, who, (server, listener)) =
         crate::fork::become_child(&sock, bind).map_err(|e| format!("fork child: {e}"))?;
     eprintln!(

@@ -49,22 +49,63 @@ pub enum Error {
     #[error("VM {0:?} is private (started with --private) and is never forked")]
     Private(String),
     #[error("cannot pause the parent: {0}")]
-    Pause(#[source] crate::vmm::Error),
+    Pause(crate::vmm::Error),
     #[error("cannot capture the parent's state: {0}")]
-    Capture(#[source] crate::vmm::Error),
-    #[error("cannot clone guest memory with {strategy}: {source}")]
-    Clone { strategy: Strategy, source: crate::memory::Error },
+    Capture(crate::vmm::Error),
+    #[error("cannot clone guest memory with {strategy}: {error}")]
+    Clone { strategy: Strategy, error: crate::memory::Error },
     #[error("cannot start the child process: {0}")]
-    Spawn(#[source] std::io::Error),
+    Spawn(std::io::Error),
     #[error("the child failed: {0}")]
     Child(String),
     #[error("lost contact with the child: {0}")]
-    Handoff(#[source] std::io::Error),
+    Handoff(std::io::Error),
     #[error(
         "the child did not answer within {} s and was stopped; its log: {log}",
         HANDOFF_WAIT.as_secs()
     )]
     Unresponsive { log: String },
+    /// The runtime directory (where the child's log goes) is unusable.
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::Error),
+}
+
+/// Why a child could not become the VM its parent sent: the child's side of a fork.
+/// The parent hears the message (as [`Error::Child`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("receiving the fork: {0}")]
+    Receive(std::io::Error),
+    #[error("bad fork hello: {0}")]
+    Hello(serde_json::Error),
+    #[error("receiving memory: {0}")]
+    Memory(crate::memory::Error),
+    #[error("registering memory and handing back its userfaultfds: {0}")]
+    HandBack(crate::memory::Error),
+    /// The caller's `bind` failed (the name's control socket).
+    #[error("{0}")]
+    Bind(Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    NewVm(#[from] NewVmError),
+    #[error("resuming: {0}")]
+    Resume(crate::vmm::Error),
+    #[error("the guest did not run: {0}")]
+    DidNotRun(RunState),
+    #[error("answering the parent: {0}")]
+    Answer(std::io::Error),
+}
+
+/// Why captured state and memory could not become a VM of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum NewVmError {
+    #[error("cannot draw a new generation id and entropy: getrandom: {0}")]
+    Random(std::io::Error),
+    #[error("cannot write the new generation id into guest memory: {0}")]
+    Write(crate::memory::Error),
+    #[error("restoring the VM: {0}")]
+    Restore(crate::vmm::Error),
+    #[error("announcing the new generation id: {0}")]
+    Announce(crate::vmm::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -215,7 +256,7 @@ fn capture_and_clone(
 ) -> Result<(VmState, Frozen)> {
     let state = vm.capture().map_err(Error::Capture)?;
     timings.captured_ns = t0.elapsed().as_nanos() as u64;
-    let clone_err = |source| Error::Clone { strategy, source };
+    let clone_err = |error| Error::Clone { strategy, error };
     let memory = match strategy {
         Strategy::Uffd | Strategy::UffdMinor => {
             let (source, child) = vm.memory().lazy_clone_for_remote(strategy).map_err(clone_err)?;
@@ -252,7 +293,7 @@ fn spawn_child(name: &str, sock: UnixStream) -> Result<std::process::Child> {
 
 /// Where a child's stdout and stderr (its guest's console echo included) go.
 fn child_log(name: &str) -> Result<std::path::PathBuf> {
-    crate::runtime::log_path(name).map_err(|e| Error::Spawn(std::io::Error::other(e.to_string())))
+    Ok(crate::runtime::log_path(name)?)
 }
 
 /// The child's side, run as `vmfork __child` with the socket to the parent on fd 3.
@@ -260,38 +301,38 @@ fn child_log(name: &str) -> Result<std::path::PathBuf> {
 /// control socket); it is called before the guest runs, so that once the parent hears
 /// the child is ready, the child answers. Returns once the guest runs: the VM, who it
 /// is, and what `bind` returned; the caller then serves the VM like any other.
-pub fn become_child<T>(
+pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     sock: &UnixStream,
-    bind: impl FnOnce(&str) -> std::result::Result<T, String>,
-) -> std::result::Result<(Arc<Vm>, Identity, T), String> {
+    bind: impl FnOnce(&str) -> std::result::Result<T, E>,
+) -> std::result::Result<(Arc<Vm>, Identity, T), ChildError> {
     let t0 = Instant::now();
-    let (json, _) = recv_with_fds(sock).map_err(|e| format!("receiving the fork: {e}"))?;
-    let hello: Hello = serde_json::from_slice(&json).map_err(|e| format!("bad fork hello: {e}"))?;
-    let fail = |sock: &UnixStream, msg: String| -> String {
+    let (json, _) = recv_with_fds(sock).map_err(ChildError::Receive)?;
+    let hello: Hello = serde_json::from_slice(&json).map_err(ChildError::Hello)?;
+    // From here on the parent waits for a Ready: a failure is told to it as well.
+    let fail = |e: ChildError| -> ChildError {
         let ready = Ready {
             ok: false,
-            error: Some(msg.clone()),
+            error: Some(e.to_string()),
             pid: std::process::id(),
             restored_after_ns: 0,
             first_report_after_ns: None,
         };
         let _ = writeln!(&*sock, "{}", serde_json::to_string(&ready).unwrap_or_default());
-        msg
+        e
     };
-    let memory = GuestMemory::receive(sock).map_err(|e| fail(sock, format!("receiving memory: {e}")))?;
+    let memory = GuestMemory::receive(sock).map_err(|e| fail(ChildError::Memory(e)))?;
     if matches!(hello.strategy, Strategy::Uffd | Strategy::UffdMinor) {
-        crate::memory::uffd::hand_back(&memory, sock)
-            .map_err(|e| fail(sock, format!("registering memory and handing back its userfaultfds: {e}")))?;
+        crate::memory::uffd::hand_back(&memory, sock).map_err(|e| fail(ChildError::HandBack(e)))?;
     }
-    let bound = bind(&hello.name).map_err(|e| fail(sock, e))?;
-    let vm = restore_as_new_vm(Arc::new(memory), &hello.state).map_err(|e| fail(sock, e))?;
+    let bound = bind(&hello.name).map_err(|e| fail(ChildError::Bind(e.into())))?;
+    let vm = restore_as_new_vm(Arc::new(memory), &hello.state).map_err(|e| fail(e.into()))?;
     let restored = t0.elapsed();
     let reports = vm.subscribe();
     let (_, lines) = vm.console().subscribe();
     // The child's log must hold everything the guest prints once it runs: a Linux
     // guest's first lines are its kernel's reaction to the new generation id.
     vm.console().set_echo(true);
-    vm.resume().map_err(|e| fail(sock, format!("resuming: {e}")))?;
+    vm.resume().map_err(|e| fail(ChildError::Resume(e)))?;
     // The guest's first sign of life (a report; a Linux guest's first console line) is
     // the proof it runs. A workload may report rarely (and run slowly at first, paying
     // for first touches), so no report within the wait is fine as long as the VM still
@@ -308,7 +349,7 @@ pub fn become_child<T>(
                 eprintln!("vmfork: no sign of the guest since its resume; vCPUs: {}", vm.describe_vcpus());
                 None
             }
-            state => return Err(fail(sock, format!("the guest did not run: {state}"))),
+            state => return Err(fail(ChildError::DidNotRun(state))),
         },
     };
     let ready = Ready {
@@ -318,7 +359,7 @@ pub fn become_child<T>(
         restored_after_ns: restored.as_nanos() as u64,
         first_report_after_ns: first_report,
     };
-    writeln!(&*sock, "{}", serde_json::to_string(&ready).unwrap_or_default()).map_err(|e| e.to_string())?;
+    writeln!(&*sock, "{}", serde_json::to_string(&ready).unwrap_or_default()).map_err(ChildError::Answer)?;
     let who = Identity {
         name: hello.name,
         private: false,
@@ -333,7 +374,7 @@ pub fn become_child<T>(
 /// fresh entropy written before any vCPU runs, and (for a Linux guest) the generation
 /// change pending as an interrupt. Paused; the caller resumes it. What a fork child and
 /// a VM restored from a snapshot both start from.
-pub fn restore_as_new_vm(memory: Arc<GuestMemory>, state: &VmState) -> std::result::Result<Vm, String> {
+pub fn restore_as_new_vm(memory: Arc<GuestMemory>, state: &VmState) -> std::result::Result<Vm, NewVmError> {
     refresh_identity(&memory, state.config.genid_gpa())?;
     vm_with_new_identity(memory, state)
 }
@@ -341,36 +382,39 @@ pub fn restore_as_new_vm(memory: Arc<GuestMemory>, state: &VmState) -> std::resu
 /// [`restore_as_new_vm`] for memory that holds its new identity already: a snapshot's
 /// page servers write [`new_identity`] into the chunks they place, so that no page has
 /// to be faulted in (from an object store: fetched) before the vCPUs run.
-pub fn vm_with_new_identity(memory: Arc<GuestMemory>, state: &VmState) -> std::result::Result<Vm, String> {
-    let vm = Vm::restore(memory, state).map_err(|e| format!("restoring the VM: {e}"))?;
-    vm.notify_generation_changed().map_err(|e| format!("announcing the new generation id: {e}"))?;
+pub fn vm_with_new_identity(
+    memory: Arc<GuestMemory>,
+    state: &VmState,
+) -> std::result::Result<Vm, NewVmError> {
+    let vm = Vm::restore(memory, state).map_err(NewVmError::Restore)?;
+    vm.notify_generation_changed().map_err(NewVmError::Announce)?;
     Ok(vm)
 }
 
 /// A fresh random VM generation id for the one at `genid_gpa`, and fresh entropy beside
 /// it: the guest-physical writes, `(address, bytes)`, that make a fork child or a
 /// restored VM a VM of its own.
-pub fn new_identity(genid_gpa: u64) -> std::result::Result<Vec<(u64, Vec<u8>)>, String> {
+pub fn new_identity(genid_gpa: u64) -> std::result::Result<Vec<(u64, Vec<u8>)>, NewVmError> {
     let mut bytes = [0u8; 16 + ENTROPY_LEN];
     getrandom(&mut bytes)?;
     Ok(vec![(genid_gpa, bytes[..16].to_vec()), (genid_gpa + ENTROPY_OFFSET, bytes[16..].to_vec())])
 }
 
 /// Writes [`new_identity`] into guest memory, before any of the VM's vCPUs runs.
-pub fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), String> {
+pub fn refresh_identity(memory: &GuestMemory, genid_gpa: u64) -> std::result::Result<(), NewVmError> {
     for (gpa, bytes) in new_identity(genid_gpa)? {
-        memory.write(gpa, &bytes).map_err(|e| e.to_string())?;
+        memory.write(gpa, &bytes).map_err(NewVmError::Write)?;
     }
     Ok(())
 }
 
-fn getrandom(buf: &mut [u8]) -> std::result::Result<(), String> {
+fn getrandom(buf: &mut [u8]) -> std::result::Result<(), NewVmError> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`.
         let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n < 0 {
-            return Err(format!("getrandom: {}", std::io::Error::last_os_error()));
+            return Err(NewVmError::Random(std::io::Error::last_os_error()));
         }
         filled += n as usize;
     }

@@ -4,6 +4,12 @@
 //! auto); [`vmm`] runs the built-in guest in KVM VMs over that memory; [`fork`] turns one
 //! running VM into two processes; [`snapshot`] persists one as compressed chunks and
 //! restores it lazily; [`bench`] compares the strategies side by side.
+//!
+//! Errors are an enum per module, one meaning per variant. Each message says what
+//! happened, includes its cause, and where it helps what to do: the `vmfork` command
+//! prints only the top error's message. So variants do not also expose the cause as
+//! `source()` (a reporter walking the chain would print it twice); wrappers that add
+//! nothing are `#[error(transparent)]`.
 
 pub mod api;
 pub mod bench;

@@ -15,8 +15,8 @@ use crate::memory::Strategy;
 pub enum Error {
     #[error("bad VM name {0:?}: use letters, digits, '.', '_' and '-' (at most 64)")]
     BadName(String),
-    #[error("cannot use runtime directory {path}: {source}")]
-    RuntimeDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot use runtime directory {path}: {error}")]
+    RuntimeDir { path: PathBuf, error: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -48,7 +48,7 @@ pub fn runtime_dir() -> Result<PathBuf> {
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
+        .map_err(|error| Error::RuntimeDir { path: dir.clone(), error })?;
     Ok(dir)
 }
 
@@ -70,7 +70,7 @@ pub fn socket_path(name: &str) -> Result<PathBuf> {
 /// Names of every VM with a socket in the runtime directory (live or stale), sorted.
 pub fn names() -> Result<Vec<String>> {
     let dir = runtime_dir()?;
-    let rd = std::fs::read_dir(&dir).map_err(|source| Error::RuntimeDir { path: dir.clone(), source })?;
+    let rd = std::fs::read_dir(&dir).map_err(|error| Error::RuntimeDir { path: dir.clone(), error })?;
     let mut v: Vec<String> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.strip_suffix(".sock").map(str::to_string))

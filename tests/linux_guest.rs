@@ -27,7 +27,7 @@ const RESEED: &str = "crng reseeded due to virtual machine fork";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Kernel and initrd, or why the test cannot run.
-fn guest() -> Result<(PathBuf, PathBuf), String> {
+fn guest() -> Result<(PathBuf, PathBuf), vmfork::vmm::linux::Unavailable> {
     vmfork::vmm::linux::host_can_boot_linux()?;
     vmfork::vmm::linux::reference_guest_files()
 }
@@ -40,7 +40,7 @@ fn guest_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
             panic!("{test}: a Linux guest is required here but {why}")
         }
         Err(why) => {
-            common::skip(test, &why);
+            common::skip(test, &why.to_string());
             None
         }
     }
@@ -141,7 +141,7 @@ fn an_elf_vmlinux_boots_like_the_bzimage() {
         Ok(p) => p,
         Err(why) if std::env::var_os("VMFORK_LINUX_REQUIRED").is_some() => panic!("{test}: {why}"),
         Err(why) => {
-            common::skip(test, &why);
+            common::skip(test, &why.to_string());
             return;
         }
     };

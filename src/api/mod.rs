@@ -46,8 +46,8 @@ pub enum Error {
     NameTaken(String),
     #[error(transparent)]
     Runtime(#[from] crate::runtime::Error),
-    #[error("control socket {path}: {source}")]
-    Socket { path: PathBuf, source: io::Error },
+    #[error("control socket {path}: {error}")]
+    Socket { path: PathBuf, error: io::Error },
     #[error("the VM answered: {0}")]
     Refused(String),
     #[error("bad answer from the VM: {0}")]
@@ -153,7 +153,7 @@ pub fn connect(name: &str) -> Result<UnixStream> {
             let _ = std::fs::remove_file(&path);
             Err(Error::Stale { name: name.to_string(), path })
         }
-        Err(source) => Err(Error::Socket { path, source }),
+        Err(error) => Err(Error::Socket { path, error }),
     }
 }
 
@@ -163,10 +163,10 @@ pub fn call(name: &str, req: &Request) -> Result<(serde_json::Value, BufReader<U
     let mut s = connect(name)?;
     let path = || socket_path(name).unwrap_or_default();
     let line = serde_json::to_string(req).expect("requests serialize");
-    s.write_all(format!("{line}\n").as_bytes()).map_err(|source| Error::Socket { path: path(), source })?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(|error| Error::Socket { path: path(), error })?;
     let mut r = BufReader::new(s);
     let mut answer = String::new();
-    r.read_line(&mut answer).map_err(|source| Error::Socket { path: path(), source })?;
+    r.read_line(&mut answer).map_err(|error| Error::Socket { path: path(), error })?;
     let v: serde_json::Value =
         serde_json::from_str(&answer).map_err(|e| Error::BadAnswer(format!("{e}: {answer:?}")))?;
     if v["ok"] == serde_json::Value::Bool(true) {
@@ -186,11 +186,11 @@ pub fn call_with_progress(
     let mut s = connect(name)?;
     let path = || socket_path(name).unwrap_or_default();
     let line = serde_json::to_string(req).expect("requests serialize");
-    s.write_all(format!("{line}\n").as_bytes()).map_err(|source| Error::Socket { path: path(), source })?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(|error| Error::Socket { path: path(), error })?;
     let mut r = BufReader::new(s);
     loop {
         let mut answer = String::new();
-        let n = r.read_line(&mut answer).map_err(|source| Error::Socket { path: path(), source })?;
+        let n = r.read_line(&mut answer).map_err(|error| Error::Socket { path: path(), error })?;
         if n == 0 {
             return Err(Error::BadAnswer("the VM hung up before it answered".into()));
         }
@@ -229,7 +229,7 @@ impl Server {
         // remove the socket as stale.
         let tmp = path.with_extension(format!("sock.new-{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        let err = |source| Error::Socket { path: path.clone(), source };
+        let err = |error| Error::Socket { path: path.clone(), error };
         let l = UnixListener::bind(&tmp).map_err(err)?;
         // A link, not a rename: a VM of this name that bound meanwhile keeps its socket.
         let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
@@ -433,21 +433,32 @@ fn free_child_name(parent: &str) -> Result<String> {
 /// Serde ignores unknown fields of internally tagged enums, so they are checked here,
 /// against the fields the parsed request serializes (every field, `null` when unset):
 /// the enum is the one list of what each command takes.
-pub fn parse_request(line: &str) -> std::result::Result<Request, String> {
-    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
-    let Some(o) = v.as_object() else {
-        return Err("a request is a JSON object like {\"cmd\":\"status\"}".into());
-    };
+pub fn parse_request(line: &str) -> std::result::Result<Request, BadRequest> {
+    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(BadRequest::Json)?;
+    let Some(o) = v.as_object() else { return Err(BadRequest::NotAnObject) };
     if !o.contains_key("cmd") {
-        return Err("a request needs a \"cmd\"".into());
+        return Err(BadRequest::NoCmd);
     }
     let keys: Vec<String> = o.keys().cloned().collect();
-    let req: Request = serde_json::from_value(v).map_err(|e| e.to_string())?;
-    let known = serde_json::to_value(&req).map_err(|e| e.to_string())?;
-    if let Some(k) = keys.iter().find(|k| known.get(k.as_str()).is_none()) {
-        return Err(format!("unknown field {k:?}"));
+    let req: Request = serde_json::from_value(v).map_err(BadRequest::Json)?;
+    let known = serde_json::to_value(&req).map_err(BadRequest::Json)?;
+    if let Some(k) = keys.into_iter().find(|k| known.get(k.as_str()).is_none()) {
+        return Err(BadRequest::UnknownField(k));
     }
     Ok(req)
+}
+
+/// Why a request line is not a request.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRequest {
+    #[error("{0}")]
+    Json(serde_json::Error),
+    #[error("a request is a JSON object like {{\"cmd\":\"status\"}}")]
+    NotAnObject,
+    #[error("a request needs a \"cmd\"")]
+    NoCmd,
+    #[error("unknown field {0:?}")]
+    UnknownField(String),
 }
 
 /// Whether `path` is a socket file (for tests and listings).
@@ -488,11 +499,11 @@ mod tests {
             assert_eq!(parse_request(&line).unwrap(), req, "{line}");
             let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
             v["surplus"] = 1.into();
-            let err = parse_request(&v.to_string()).unwrap_err();
+            let err = parse_request(&v.to_string()).unwrap_err().to_string();
             assert!(err.contains("unknown field") && err.contains("surplus"), "{err}");
         }
         let nested = r#"{"cmd":"snapshot","dir":"/s","parent":{"location":"/p","meta":"/p","x":1}}"#;
-        assert!(parse_request(nested).unwrap_err().contains("unknown field"));
+        assert!(parse_request(nested).unwrap_err().to_string().contains("unknown field"));
         assert!(parse_request(r#"{"cmd":"snapshot","dir":"/s"}"#).is_ok(), "optional fields are optional");
     }
 

@@ -73,7 +73,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         Err(why) => {
             eprintln!("linux suite skipped: {why}");
             for &size in &sizes {
-                skip(out, size, "all", &why);
+                skip(out, size, "all", &why.to_string());
             }
             return Ok(());
         }

@@ -55,9 +55,7 @@ pub(super) fn clone_region(src: &Region, huge_pages: bool) -> Result<Region> {
                 })
             })
             .collect();
-        workers.into_iter().try_for_each(|w| {
-            w.join().map_err(|_| Error::Copy(std::io::Error::other("copy worker panicked")))?
-        })
+        workers.into_iter().try_for_each(|w| w.join().map_err(|_| Error::CopyWorkerPanicked)?)
     })?;
     Ok(child)
 }

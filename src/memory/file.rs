@@ -35,7 +35,7 @@ impl MemFile {
     /// Wraps a memfd received from elsewhere (e.g. over a Unix socket).
     pub fn from_fd(fd: OwnedFd) -> Result<Self> {
         let file = File::from(fd);
-        let size = file.metadata().map_err(Error::Memfd)?.len() as usize;
+        let size = file.metadata().map_err(Error::File)?.len() as usize;
         check_size(size)?;
         Ok(MemFile { file, size })
     }
@@ -53,7 +53,7 @@ impl MemFile {
     /// Bytes of memory the file holds (allocated pages), whoever maps it.
     pub fn allocated_bytes(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata().map_err(Error::Memfd)?.blocks() * 512)
+        Ok(self.file.metadata().map_err(Error::File)?.blocks() * 512)
     }
 
     /// Makes the file immutable: no write, grow or shrink, ever again.
@@ -74,7 +74,7 @@ impl MemFile {
     /// touching any page table: the fastest way to fill a fresh memfd.
     pub fn write_all_at(&self, data: &[u8], offset: u64) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file.write_all_at(data, offset).map_err(Error::Memfd)
+        self.file.write_all_at(data, offset).map_err(Error::File)
     }
 
     /// Ranges `[start, end)` of the file that hold data (allocated pages), from

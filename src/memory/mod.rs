@@ -51,38 +51,50 @@ pub enum Error {
     #[error("invalid region layout: {0}")]
     BadLayout(String),
     #[error("cannot create memfd: {0}")]
-    Memfd(#[source] std::io::Error),
+    Memfd(std::io::Error),
+    /// Reading, writing or sizing up a memory file failed.
+    #[error("cannot read or write the guest memory file: {0}")]
+    File(std::io::Error),
+    #[error("cannot duplicate a file descriptor: {0}")]
+    Dup(std::io::Error),
+    /// A helper thread (page server, watchdog) could not start.
+    #[error("cannot start thread {name}: {error}")]
+    Thread { name: String, error: std::io::Error },
+    /// Two things that must be the same size are not.
+    #[error("{what} is {got:#x} bytes, expected {expected:#x}")]
+    SizeMismatch { what: &'static str, expected: usize, got: usize },
     #[error("cannot map guest memory: {0}")]
-    Mmap(#[source] std::io::Error),
+    Mmap(std::io::Error),
     #[error(
         "cannot seal the memory file as an immutable base: {0} (is it mapped shared and writable by another process?)"
     )]
-    Seal(#[source] std::io::Error),
+    Seal(std::io::Error),
     #[error("cannot read the page map of guest memory: {0}")]
-    PageMap(#[source] std::io::Error),
+    PageMap(std::io::Error),
     /// The kernel has no reflink for memfd/tmpfs.
     #[error(
         "this kernel cannot reflink memfd/tmpfs files (FICLONE: {0}); vmfork's kernel-patch/ adds it (memfds made with MFD_REFLINK). Use --strategy cow, or auto, which falls back to cow"
     )]
-    ReflinkUnsupported(#[source] std::io::Error),
+    ReflinkUnsupported(std::io::Error),
     /// FICLONE failed for another reason.
     #[error("FICLONE failed: {0}")]
-    Reflink(#[source] std::io::Error),
+    Reflink(std::io::Error),
 
     #[error("userfaultfd: {0}")]
-    Uffd(#[source] std::io::Error),
+    Uffd(std::io::Error),
     /// The page server of a lazily filled memory is gone.
     #[error("the page server of this lazily cloned memory died; pages it never served are lost")]
     PageServerDied,
     #[error("unknown clone strategy {0:?}: expected one of copy, cow, reflink, uffd, uffd-minor, auto")]
     UnknownStrategy(String),
-    #[error("cannot copy guest memory: {0}")]
-    Copy(#[source] std::io::Error),
+    /// A worker of an eager copy panicked; the child's memory is incomplete.
+    #[error("a guest memory copy worker panicked; the clone was abandoned")]
+    CopyWorkerPanicked,
     /// A memory manifest that does not match the files sent with it.
     #[error("invalid guest memory manifest: {0}")]
     BadManifest(String),
     #[error("cannot pass guest memory between processes: {0}")]
-    Transfer(#[source] std::io::Error),
+    Transfer(std::io::Error),
 }
 
 /// Result of the memory layer.

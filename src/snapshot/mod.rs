@@ -50,10 +50,10 @@ pub enum Error {
     Private(String),
     #[error("{0} already exists: snapshot into a new directory, or remove it first")]
     Exists(PathBuf),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a complete snapshot: {source} (was it written to the end?)")]
-    Missing { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path} is not a complete snapshot: {error} (was it written to the end?)")]
+    Missing { path: PathBuf, error: std::io::Error },
     #[error("bad snapshot ({file}): {what}")]
     Format { file: &'static str, what: String },
     #[error("snapshot format version {0} is not supported by this vmfork (it reads version 1)")]
@@ -64,9 +64,9 @@ pub enum Error {
         "the snapshot holds a {guest_mib} MiB guest and this host has {host_mib} MiB of memory: restore it on a bigger host"
     )]
     TooBig { guest_mib: u64, host_mib: u64 },
-    #[error("{0}")]
+    #[error(transparent)]
     Vm(#[from] crate::vmm::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Memory(#[from] crate::memory::Error),
     #[error("bad VM state in state.json: {0}")]
     State(String),
@@ -75,14 +75,14 @@ pub enum Error {
     #[error("parent snapshot {location}: {what}")]
     Parent { location: String, what: String },
     #[error("cannot make the restored VM's new identity: {0}")]
-    Identity(String),
+    Identity(crate::fork::NewVmError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
-    move |source| Error::Io { path, source }
+    move |error| Error::Io { path, error }
 }
 
 /// The snapshot this process's VM was restored from, and its page servers' counters (a

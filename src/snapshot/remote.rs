@@ -31,18 +31,16 @@ pub struct S3Url {
 
 impl S3Url {
     /// Parses `s3://BUCKET[/PREFIX]`; `None` when `s` is not an `s3://` address.
-    pub fn parse(s: &str) -> Option<std::result::Result<S3Url, String>> {
+    pub fn parse(s: &str) -> Option<std::result::Result<S3Url, BadS3Url>> {
         let rest = s.strip_prefix("s3://")?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
         if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
-            return Some(Err(format!(
-                "{s:?}: the bucket name must be 3 to 63 characters of a-z, 0-9, '-' and '.'"
-            )));
+            return Some(Err(BadS3Url::Bucket(s.into())));
         }
         let prefix = prefix.trim_matches('/');
         if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
-            return Some(Err(format!("{s:?}: the prefix has an empty, '.' or '..' part")));
+            return Some(Err(BadS3Url::Prefix(s.into())));
         }
         Some(Ok(S3Url { bucket: bucket.into(), prefix: prefix.into() }))
     }
@@ -51,6 +49,15 @@ impl S3Url {
     pub fn key(&self, name: &str) -> String {
         if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) }
     }
+}
+
+/// Why an `s3://` address is not one a snapshot can live at.
+#[derive(Debug, thiserror::Error)]
+pub enum BadS3Url {
+    #[error("{0:?}: the bucket name must be 3 to 63 characters of a-z, 0-9, '-' and '.'")]
+    Bucket(String),
+    #[error("{0:?}: the prefix has an empty, '.' or '..' part")]
+    Prefix(String),
 }
 
 impl std::fmt::Display for S3Url {

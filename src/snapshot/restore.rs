@@ -64,7 +64,7 @@ enum Own<'a> {
 
 /// Opens pack file `path`, which the manifest says is `size` bytes.
 fn local_pack(path: &Path, size: u64) -> Result<File> {
-    let f = File::open(path).map_err(|source| Error::Missing { path: path.to_path_buf(), source })?;
+    let f = File::open(path).map_err(|error| Error::Missing { path: path.to_path_buf(), error })?;
     let len = f.metadata().map_err(io_err(path))?.len();
     if len != size {
         return Err(Error::Format {
@@ -99,7 +99,7 @@ fn open_packs(m: &Manifest, own: Own<'_>) -> Result<(Vec<Pack>, Vec<Arc<Remote>>
                 let parent = |what: String| Error::Parent { location: at.to_string(), what };
                 match S3Url::parse(at) {
                     Some(url) => {
-                        let url = url.map_err(parent)?;
+                        let url = url.map_err(|e| parent(e.to_string()))?;
                         let remote = match remotes.iter().find(|r| r.url == url) {
                             Some(r) => r.clone(),
                             None => {
@@ -195,7 +195,7 @@ impl Snapshot {
         let read = |name: &str| {
             read_opt(name)?.ok_or_else(|| Error::Missing {
                 path: dir.join(name),
-                source: std::io::ErrorKind::NotFound.into(),
+                error: std::io::ErrorKind::NotFound.into(),
             })
         };
         let manifest: Manifest = serde_json::from_slice(&read("snapshot.json")?)
@@ -265,9 +265,9 @@ impl Snapshot {
         let p = self.pack_starts.partition_point(|&s| s <= e.offset) - 1;
         buf.resize(e.len as usize, 0);
         let at = e.offset - self.pack_starts[p];
-        let io = |source| Error::Io {
+        let io = |error| Error::Io {
             path: PathBuf::from(format!("{} (chunk {chunk})", self.pack_place(p))),
-            source,
+            error,
         };
         match &self.packs[p] {
             Pack::Local(f) => f.read_exact_at(buf, at).map_err(io),

@@ -90,7 +90,7 @@ impl Parent {
     pub fn load(meta: &Path, location: String) -> Result<Parent> {
         let read = |name: &str| {
             let path = meta.join(name);
-            std::fs::read(&path).map_err(|source| Error::Missing { path: path.clone(), source })
+            std::fs::read(&path).map_err(|error| Error::Missing { path: path.clone(), error })
         };
         let refuse = |what: String| Error::Format {
             file: "snapshot.json",
@@ -460,7 +460,7 @@ impl PackWriter {
     fn close_current(&mut self) -> Result<()> {
         if let Some(w) = self.current.take() {
             let path = self.dir.join(Manifest::pack_name(self.sizes.len() - 1));
-            let f = w.into_inner().map_err(|e| Error::Io { path: path.clone(), source: e.into_error() })?;
+            let f = w.into_inner().map_err(|e| Error::Io { path: path.clone(), error: e.into_error() })?;
             f.sync_all().map_err(io_err(path))?;
         }
         Ok(())

@@ -47,16 +47,16 @@ pub enum Error {
     #[error(
         "cannot open /dev/kvm: {0}. vmfork runs VMs on KVM: load the kvm module (modprobe kvm_intel, kvm_amd or kvm_pvm) and give this user read-write access to /dev/kvm (e.g. add it to the `kvm` group, then log in again)"
     )]
-    KvmOpen(#[source] kvm_ioctls::Error),
+    KvmOpen(kvm_ioctls::Error),
     /// A KVM ioctl failed.
-    #[error("KVM {what} failed: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("KVM {what} failed: {error}")]
+    Kvm { what: &'static str, error: kvm_ioctls::Error },
     #[error("{asked} vCPUs requested; this host's KVM runs 1 to {max}")]
     VcpuCount { asked: u32, max: u32 },
     #[error("the VM is {now}; {action} needs it {need}")]
     WrongState { now: RunState, action: &'static str, need: &'static str },
     #[error("cannot start vCPU thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(std::io::Error),
     #[error("the saved state does not fit this VM: {0}")]
     StateMismatch(String),
     #[error(transparent)]
@@ -64,7 +64,7 @@ pub enum Error {
     #[error(transparent)]
     Boot(#[from] linux::BootError),
     #[error("cannot create an event fd: {0}")]
-    EventFd(#[source] std::io::Error),
+    EventFd(std::io::Error),
     #[error(transparent)]
     Memory(#[from] crate::memory::Error),
 }
@@ -73,7 +73,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
+    move |error| Error::Kvm { what, error }
 }
 
 /// What a VM runs.

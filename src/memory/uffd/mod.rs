@@ -378,7 +378,7 @@ impl Helper {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || body(stop_rx))
-            .map_err(Error::Copy)?;
+            .map_err(|error| Error::Thread { name: name.into(), error })?;
         Ok(Helper { stop_tx: Some(stop_tx), thread: Some(thread) })
     }
 }
@@ -473,7 +473,7 @@ impl GuestMemory {
                 // SAFETY: as said above, for its view of the layers.
                 Layout::Layers(_) => unsafe { LazyTarget::register_minor(addr, r.size()) }?,
             };
-            target.watch(liveness.as_fd().try_clone_to_owned().map_err(Error::Uffd)?)?;
+            target.watch(liveness.as_fd().try_clone_to_owned().map_err(Error::Dup)?)?;
             out.push((target.uffd().clone(), target.addr));
             r.set_remote_fill(target);
         }
@@ -492,14 +492,14 @@ pub fn hand_back(memory: &GuestMemory, sock: &std::os::unix::net::UnixStream) ->
         targets.iter().zip(memory.regions()).map(|((_, a), r)| (*a, r.size())).collect();
     let fds: Vec<_> = targets.iter().map(|(u, _)| u.as_raw_fd()).collect();
     let json = serde_json::to_vec(&ranges).expect("ranges serialize");
-    super::transfer::send_with_fds(sock, &json, &fds).map_err(Error::Uffd)
+    super::transfer::send_with_fds(sock, &json, &fds).map_err(Error::Transfer)
 }
 
 impl RemoteSource {
     /// The page server's half of the hand-back ([`hand_back`]): receives the child's
     /// userfaultfds and ranges over `sock` and serves each region through its own.
     pub fn serve_handed_back(&mut self, sock: &std::os::unix::net::UnixStream) -> Result<()> {
-        let (json, fds) = super::transfer::recv_with_fds(sock).map_err(Error::Uffd)?;
+        let (json, fds) = super::transfer::recv_with_fds(sock).map_err(Error::Transfer)?;
         let ranges: Vec<(usize, usize)> = serde_json::from_slice(&json)
             .map_err(|e| Error::Uffd(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         if ranges.len() != fds.len() || ranges.len() != self.fills.len() {
@@ -528,7 +528,11 @@ impl RemoteSource {
             })?;
         if let Fill::Copy(image) = &fill {
             if image.size() != len {
-                return Err(Error::BadRange { offset: 0, len });
+                return Err(Error::SizeMismatch {
+                    what: "the image of a lazily filled region",
+                    expected: len,
+                    got: image.size(),
+                });
             }
         }
         self.servers.push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);

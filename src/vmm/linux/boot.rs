@@ -63,7 +63,7 @@ pub fn load(mem: &GuestMemory, boot: &LinuxBoot) -> Result<Loaded, BootError> {
     };
     let read_err = |path: &std::path::Path| {
         let path = path.to_path_buf();
-        move |source| BootError::Read { path, source }
+        move |error| BootError::Read { path, error }
     };
     let view = vm_memory_view(mem)?;
     let mut kernel = File::open(&boot.kernel).map_err(read_err(&boot.kernel))?;

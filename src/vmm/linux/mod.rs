@@ -90,8 +90,8 @@ pub enum BootError {
         "guest memory of {0} bytes is outside what a Linux guest gets here ({MIN_MEM}..={MAX_MEM} bytes)"
     )]
     MemorySize(usize),
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{0} is neither a bzImage nor an ELF vmlinux: {1}")]
     Kernel(PathBuf, String),
     #[error("the initrd ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel")]
@@ -102,15 +102,30 @@ pub enum BootError {
     Memory(#[from] crate::memory::Error),
 }
 
+/// Why a stock Linux guest cannot run here, or its files are missing.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("/dev/kvm is absent")]
+    NoKvm,
+    #[error("this host's KVM is PVM-based (kvm_pvm), which cannot run a stock Linux guest")]
+    Pvm,
+    #[error("the CPU has no VMX/SVM: this KVM is not hardware-assisted and cannot run a stock Linux guest")]
+    NoHardwareVirt,
+    #[error("no initramfs in {0} (run qemu-testbed/linux-guest)")]
+    NoInitramfs(PathBuf),
+    #[error("{0} is missing (run qemu-testbed/linux-guest)")]
+    Missing(PathBuf),
+}
+
 /// Whether this host's KVM can run a stock Linux guest, and if not, why. PVM-based KVM
 /// (the `kvm_pvm` module, no VMX/SVM in the CPU flags) runs ring-3 code only: Linux dies
 /// in the instruction emulator early in boot.
-pub fn host_can_boot_linux() -> Result<(), String> {
+pub fn host_can_boot_linux() -> Result<(), Unavailable> {
     if !std::path::Path::new("/dev/kvm").exists() {
-        return Err("/dev/kvm is absent".into());
+        return Err(Unavailable::NoKvm);
     }
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        return Err("this host's KVM is PVM-based (kvm_pvm), which cannot run a stock Linux guest".into());
+        return Err(Unavailable::Pvm);
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let hw = cpuinfo
@@ -118,10 +133,7 @@ pub fn host_can_boot_linux() -> Result<(), String> {
         .filter(|l| l.starts_with("flags"))
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     if !hw {
-        return Err(
-            "the CPU has no VMX/SVM: this KVM is not hardware-assisted and cannot run a stock Linux guest"
-                .into(),
-        );
+        return Err(Unavailable::NoHardwareVirt);
     }
     Ok(())
 }
@@ -129,7 +141,7 @@ pub fn host_can_boot_linux() -> Result<(), String> {
 /// Kernel and initrd of the reference guest that `qemu-testbed/linux-guest` builds:
 /// `$VMFORK_LINUX_KERNEL` / `$VMFORK_LINUX_INITRD`, else the newest in its cache
 /// (`$VMFORK_CACHE/linux-guest`), or why they are missing.
-pub fn reference_guest_files() -> Result<(PathBuf, PathBuf), String> {
+pub fn reference_guest_files() -> Result<(PathBuf, PathBuf), Unavailable> {
     let cache = reference_guest_cache();
     let kernel = std::env::var_os("VMFORK_LINUX_KERNEL").map_or_else(|| cache.join("vmlinuz"), PathBuf::from);
     let initrd = match std::env::var_os("VMFORK_LINUX_INITRD") {
@@ -141,11 +153,11 @@ pub fn reference_guest_files() -> Result<(PathBuf, PathBuf), String> {
             .filter(|e| e.file_name().to_string_lossy().starts_with("initramfs-"))
             .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
             .map(|e| e.path())
-            .ok_or_else(|| format!("no initramfs in {} (run qemu-testbed/linux-guest)", cache.display()))?,
+            .ok_or_else(|| Unavailable::NoInitramfs(cache.clone()))?,
     };
     for f in [&kernel, &initrd] {
         if !f.exists() {
-            return Err(format!("{} is missing (run qemu-testbed/linux-guest)", f.display()));
+            return Err(Unavailable::Missing(f.clone()));
         }
     }
     Ok((kernel, initrd))
@@ -159,12 +171,8 @@ fn reference_guest_cache() -> PathBuf {
 
 /// The reference guest's kernel as an ELF `vmlinux` (unpacked from its bzImage by
 /// `qemu-testbed/linux-guest`): `$VMFORK_LINUX_VMLINUX`, else the testbed cache.
-pub fn reference_vmlinux() -> Result<PathBuf, String> {
+pub fn reference_vmlinux() -> Result<PathBuf, Unavailable> {
     let path = std::env::var_os("VMFORK_LINUX_VMLINUX")
         .map_or_else(|| reference_guest_cache().join("vmlinux"), PathBuf::from);
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(format!("{} is missing (run qemu-testbed/linux-guest)", path.display()))
-    }
+    if path.exists() { Ok(path) } else { Err(Unavailable::Missing(path)) }
 }
