@@ -21,6 +21,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../scripts/lib/packages.sh
+. "$HERE/../scripts/lib/packages.sh"
 CACHE=${VMFORK_CACHE:-/var/cache/vmfork}
 VARIANT=testbed
 PRISTINE=0
@@ -55,18 +57,9 @@ die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 
 # 1. Packages --------------------------------------------------------------
 step "checking Debian packages"
-PKGS="qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils git rsync"
-missing=""
-for p in $PKGS; do
-	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-	echo "installing:$missing"
-	apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing
-else
-	echo "all present"
-fi
+need_packages qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make \
+	xz-utils git rsync || exit 1
+echo "all present"
 
 # 2. Pristine tree of the base, as a git repository -------------------------
 mkdir -p "$CACHE"
