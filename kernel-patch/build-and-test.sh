@@ -72,6 +72,7 @@ echo "all present"
 
 # 2. Pristine tree of the base, as a git repository -------------------------
 mkdir -p "$CACHE"
+# shellcheck source=base.sh
 . "$HERE/base.sh"
 step "kernel base: $BASE_PKG $(base_wanted) ($(base_origin))"
 base_resolve || die "no kernel base to build on"
@@ -121,7 +122,7 @@ else
 		make -s -C "$SRC" O="$OUT" tinyconfig >/dev/null
 		"$SRC/scripts/kconfig/merge_config.sh" -m -O "$OUT" "$OUT/.config" "${CONFIGS[@]}" >/dev/null
 		make -s -C "$SRC" O="$OUT" olddefconfig
-		for c in $(grep -h '^CONFIG_' "${CONFIGS[@]}" | cut -d= -f1); do
+		(grep -h '^CONFIG_' "${CONFIGS[@]}" || true) | cut -d= -f1 | while read -r c; do
 			grep -q "^$c=" "$OUT/.config" || echo "warning: $c did not stick in .config"
 		done
 		echo "$CFG_HASH" >"$OUT/.vmfork-config"
