@@ -3,24 +3,35 @@
 # kernel-patch/BASE) with the tmpfs/memfd reflink series and run the
 # selftests inside QEMU TCG.  Idempotent: every step is cached under
 # $VMFORK_CACHE (default /var/cache/vmfork), keyed by what it depends on.
-#
-# Usage: kernel-patch/build-and-test.sh [options]
-#   --debug        build the debug variant (DEBUG_VM, PROVE_LOCKING, ...)
-#   --kasan        debug variant plus KASAN
-#   --pristine     do not apply the series (baseline kernel)
-#   --tests LIST   space separated guest tests (default: "selftest fsx")
-#                  known: selftest fsx fsx-thp fsx-swap cp-reflink bench bench-sealed
-#                  fsx-thp: shmem THP forced, 4 MiB files; fsx-swap: zram swap and
-#                  memory.high of 8 MiB so that bases and clones get swapped
-#   --fsx-ops N    operations for the randomized checker (default 20000)
-#   --seed N       seed for the randomized checker (default: time)
-#   --mem SIZE     guest memory (default 2G)
-#   --build-only   stop after building the kernel
-#   --timeout S    guest timeout in seconds (default 1800)
-# Exit status: 0 when every guest test printed PASS and no oops was seen.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../scripts/lib/packages.sh
+. "$HERE/../scripts/lib/packages.sh"
+usage() {
+	cat <<'EOF'
+Usage: kernel-patch/build-and-test.sh [OPTIONS]
+  --debug         build the debug variant (DEBUG_VM, PROVE_LOCKING, ...)
+  --kasan         the debug variant plus KASAN
+  --pristine      do not apply the series (baseline kernel)
+  --tests LIST    space-separated guest tests (default: "selftest fsx"); known:
+                  selftest fsx fsx-thp fsx-swap cp-reflink bench bench-sealed
+                  fsx-thp: shmem THP forced, 4 MiB files; fsx-swap: zram swap and
+                  memory.high of 8 MiB so that bases and clones get swapped
+  --fsx-ops N     operations for the randomized checker (default 20000)
+  --seed N        seed for the randomized checker (default: the time)
+  --mem SIZE      guest memory (default 2G)
+  --timeout S     guest timeout in seconds (default 1800)
+  --build-only    stop after building the kernel; prints "base: VERSION" and
+                  "kernel: IMAGE"
+  -h, --help      this text
+Environment:
+  VMFORK_CACHE          where every step is cached (default /var/cache/vmfork)
+  VMFORK_KERNEL_BASE    build on this linux-source-6.12 version instead of BASE's
+  VMFORK_EXTRA_CONFIG   one more kernel config fragment (qemu-testbed/run adds its own)
+Exit status: 0 when every guest test printed PASS and no oops was seen.
+EOF
+}
 CACHE=${VMFORK_CACHE:-/var/cache/vmfork}
 VARIANT=testbed
 PRISTINE=0
@@ -43,8 +54,8 @@ while [ $# -gt 0 ]; do
 	--mem) MEM=$2; shift ;;
 	--build-only) BUILD_ONLY=1 ;;
 	--timeout) TIMEOUT=$2; shift ;;
-	-h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-	*) echo "unknown option: $1" >&2; exit 2 ;;
+	-h|--help) usage; exit 0 ;;
+	*) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
 	esac
 	shift
 done
@@ -55,21 +66,13 @@ die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 
 # 1. Packages --------------------------------------------------------------
 step "checking Debian packages"
-PKGS="qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils git rsync"
-missing=""
-for p in $PKGS; do
-	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-	echo "installing:$missing"
-	apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing
-else
-	echo "all present"
-fi
+need_packages qemu-system-x86 busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make \
+	xz-utils git rsync || exit 1
+echo "all present"
 
 # 2. Pristine tree of the base, as a git repository -------------------------
 mkdir -p "$CACHE"
+# shellcheck source=base.sh
 . "$HERE/base.sh"
 step "kernel base: $BASE_PKG $(base_wanted) ($(base_origin))"
 base_resolve || die "no kernel base to build on"
@@ -119,7 +122,7 @@ else
 		make -s -C "$SRC" O="$OUT" tinyconfig >/dev/null
 		"$SRC/scripts/kconfig/merge_config.sh" -m -O "$OUT" "$OUT/.config" "${CONFIGS[@]}" >/dev/null
 		make -s -C "$SRC" O="$OUT" olddefconfig
-		for c in $(grep -h '^CONFIG_' "${CONFIGS[@]}" | cut -d= -f1); do
+		(grep -h '^CONFIG_' "${CONFIGS[@]}" || true) | cut -d= -f1 | while read -r c; do
 			grep -q "^$c=" "$OUT/.config" || echo "warning: $c did not stick in .config"
 		done
 		echo "$CFG_HASH" >"$OUT/.vmfork-config"
