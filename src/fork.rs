@@ -217,7 +217,7 @@ fn capture_and_clone(
     timings.captured_ns = t0.elapsed().as_nanos() as u64;
     let clone_err = |source| Error::Clone { strategy, source };
     let memory = match strategy {
-        Strategy::Uffd | Strategy::UffdMinor => {
+        s if s.is_lazy() => {
             let (source, child) = vm.memory().lazy_clone_for_remote(strategy).map_err(clone_err)?;
             Frozen::Lazy(source, child)
         }
@@ -279,7 +279,7 @@ pub fn become_child<T>(
         msg
     };
     let memory = GuestMemory::receive(sock).map_err(|e| fail(sock, format!("receiving memory: {e}")))?;
-    if matches!(hello.strategy, Strategy::Uffd | Strategy::UffdMinor) {
+    if hello.strategy.is_lazy() {
         crate::memory::uffd::hand_back(&memory, sock)
             .map_err(|e| fail(sock, format!("registering memory and handing back its userfaultfds: {e}")))?;
     }

@@ -92,7 +92,7 @@ fn one_strategy(
     put(out, "child_private_bytes", accounting::usage(&reader)?.private_bytes as f64, "bytes");
     let read_ns = touch(&reader, false);
     put(out, "first_read_ns_per_page", read_ns, "ns");
-    if matches!(strategy, Strategy::Uffd | Strategy::UffdMinor) {
+    if strategy.is_lazy() {
         if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| s.service_time()).flatten() {
             if faults > 0 {
                 put(out, "uffd_fault_service_ns", ns as f64 / faults as f64, "ns");
