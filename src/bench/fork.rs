@@ -57,9 +57,6 @@ impl Plan {
 const SMALL: usize = 256 << 20;
 /// `--quick`'s only size (fan-out and chain included): a smoke run.
 const QUICK: usize = 64 << 20;
-/// Every strategy, in table order.
-const STRATEGIES: [Strategy; 5] =
-    [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
 fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("fork bench: {e}"))
@@ -85,7 +82,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     for &size in &sizes {
         eprintln!("fork suite at {}", human_bytes(size as u64));
         let sz = size as u64;
-        for strategy in STRATEGIES {
+        for strategy in Strategy::CONCRETE {
             let name = strategy.name();
             eprintln!("  {name}");
             let skip = |out: &mut Vec<Record>, scenario: &str, metric: &str, why: &str| {
@@ -111,7 +108,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                 match child_workload(size, strategy, huge, percent) {
                     Ok((native, child)) => {
                         let m = "child_workload_ns";
-                        if strategy == STRATEGIES[0] {
+                        if strategy == Strategy::CONCRETE[0] {
                             out.push(Record::value(SUITE, scenario, "native", sz, m, native, "ns"));
                         }
                         out.push(Record::value(SUITE, scenario, name, sz, m, child, "ns"));
@@ -420,7 +417,7 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             push(format!("{s} fork_parent_pause_ms"), size, ms, "<= 1", ms.is_some_and(|v| v <= 1.0));
         }
         for scenario in &chains {
-            for s in STRATEGIES.map(Strategy::name) {
+            for s in Strategy::CONCRETE.map(Strategy::name) {
                 let ratio = value(scenario, s, "last_fork_ns", size)
                     .zip(value(scenario, s, "first_fork_ns", size))
                     .map(|(l, f)| l / f);

@@ -50,8 +50,6 @@ impl Plan {
 
 /// How long the idle children run before their memory is measured.
 pub const IDLE_TIME: Duration = Duration::from_secs(2);
-const STRATEGIES: [Strategy; 5] =
-    [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
 fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("linux fork bench: {e}"))
@@ -136,14 +134,14 @@ fn at_size(
     let parent = format!("bench-linux-{}-{}", std::process::id(), sz >> 20);
     let bytes_now = |children: &[Child]| held_bytes(shmem_before, children) as f64;
     out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), "bytes"));
-    for strategy in STRATEGIES {
+    for strategy in Strategy::CONCRETE {
         let name = strategy.name();
         // A parent that died leaves nothing to fork: say why once, with its last words.
         if let RunState::Stopped(why) = vm.state() {
             let (lines, _) = vm.console().subscribe();
             let tail = lines[lines.len().saturating_sub(40)..].join("\n");
             eprintln!("  the parent guest stopped ({why}); its console's last lines:\n{tail}");
-            for s in STRATEGIES.iter().skip_while(|s| **s != strategy) {
+            for s in Strategy::CONCRETE.iter().skip_while(|s| **s != strategy) {
                 let note = format!("the parent guest stopped before this strategy: {why}");
                 out.push(Record::skipped(SUITE, "fork", s.name(), sz, "fork_parent_pause_ns", &note));
             }
@@ -223,7 +221,7 @@ pub(super) fn ratios(records: &[Record]) -> Vec<super::Ratio> {
             .collect();
         idle.sort_unstable();
         idle.dedup();
-        for s in STRATEGIES.map(Strategy::name) {
+        for s in Strategy::CONCRETE.map(Strategy::name) {
             if s != "copy" {
                 let v = pause("copy").zip(pause(s)).map(|(c, x)| c / x);
                 push(format!("linux copy/{s} fork_parent_pause_ns"), v, 1.0, true);

@@ -22,10 +22,20 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{BenchError, Record, human_bytes};
+use crate::memory::Strategy;
 
-/// Strategies in legend order; each keeps its colour in every chart.
-const ORDER: [&str; 6] = ["native", "copy", "cow", "reflink", "uffd", "uffd-minor"];
-const COLOURS: [RGBColor; 6] = [
+/// Strategies in legend order, the `native` baseline first, then [`Strategy::CONCRETE`];
+/// each keeps its colour in every chart.
+const ORDER: [&str; 1 + Strategy::CONCRETE.len()] = {
+    let mut order = ["native"; 1 + Strategy::CONCRETE.len()];
+    let mut i = 0;
+    while i < Strategy::CONCRETE.len() {
+        order[i + 1] = Strategy::CONCRETE[i].name();
+        i += 1;
+    }
+    order
+};
+const COLOURS: [RGBColor; ORDER.len()] = [
     RGBColor(0x55, 0x55, 0x55),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x1f, 0x77, 0xb4),
