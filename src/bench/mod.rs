@@ -403,3 +403,49 @@ impl From<serde_json::Error> for BenchError {
         BenchError(e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real report: `vmfork bench --quick --json` on a KVM host with an object store
+    /// (`scripts/s3-server start`), written by vmfork at 9cd59d0, when every field of a
+    /// record was a string. Every suite and every strategy of the table is in it.
+    const QUICK_REPORT: &str = include_str!("testdata/quick-report.json");
+    /// `vmfork report` of that file, by the same vmfork.
+    const QUICK_REPORT_TEXT: &str = include_str!("testdata/quick-report.txt");
+
+    fn quick_report() -> Report {
+        serde_json::from_str(QUICK_REPORT).expect("the saved report reads")
+    }
+
+    /// Saved reports are read and written unchanged, byte for byte.
+    #[test]
+    fn a_saved_report_reads_and_writes_back_byte_for_byte() {
+        let json = serde_json::to_string_pretty(&quick_report()).unwrap();
+        assert!(json == QUICK_REPORT, "the report changed:\n{json}");
+    }
+
+    /// The ratios taken from the saved records are the ones saved with them.
+    #[test]
+    fn the_ratios_of_a_saved_report_are_taken_again_alike() {
+        let report = quick_report();
+        let records = &report.records;
+        let mut ratios = clone::ratios(records);
+        ratios.extend(fork::ratios(records));
+        ratios.extend(linux_fork::ratios(records));
+        ratios.extend(snapshot::ratios(records));
+        ratios.extend(remote::ratios(records));
+        let json = |r: &[Ratio]| serde_json::to_string_pretty(r).unwrap();
+        assert_eq!(json(&ratios), json(&report.ratios));
+    }
+
+    /// The table and ratios printed of a saved report are what `vmfork report` printed.
+    #[test]
+    fn a_saved_report_prints_as_it_did() {
+        let mut out = Vec::new();
+        print_report(&quick_report(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text == QUICK_REPORT_TEXT, "the printed report changed:\n{text}");
+    }
+}
