@@ -38,14 +38,15 @@ pub fn deserialize<'de, T: Named, D: serde::Deserializer<'de>>(d: D) -> Result<T
     T::from_name(&name).ok_or_else(|| serde::de::Error::custom(unknown::<T>(&name)))
 }
 
-/// Implements `Display`, `Serialize` and `Deserialize` of a [`Named`] type as its name.
+/// Implements `Display` (padded as a `str` is), `Serialize` and `Deserialize` of a
+/// [`Named`] type as its name.
 /// `by_name!(T, value_enum)` also implements `clap::ValueEnum` from `T::ALL` (every
 /// value, a constant) and `T::help` (a line of `--help` per value).
 macro_rules! by_name {
     ($t:ty) => {
         impl ::std::fmt::Display for $t {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-                f.write_str($crate::names::Named::name(*self))
+                f.pad($crate::names::Named::name(*self))
             }
         }
 
@@ -77,3 +78,38 @@ macro_rules! by_name {
     };
 }
 pub(crate) use by_name;
+
+/// Checks that every value of `T` has a name of its own, and is written and read back
+/// by it: by [`Named::from_name`], `Display` and serde.
+#[cfg(test)]
+pub(crate) fn check_round_trips<T>()
+where
+    T: Named + std::fmt::Debug + std::fmt::Display + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let names: Vec<&str> = T::all().map(T::name).collect();
+    let mut unique = names.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "every {} has a name of its own: {names:?}", T::KIND);
+    for v in T::all() {
+        let name = v.name();
+        assert_eq!(T::from_name(name), Some(v));
+        assert_eq!(v.to_string(), name);
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(json, serde_json::to_string(name).unwrap());
+        assert_eq!(serde_json::from_str::<T>(&json).unwrap(), v);
+        assert_eq!(serde_json::from_value::<T>(name.into()).unwrap(), v);
+    }
+    let e = serde_json::from_str::<T>("\"no such name\"").unwrap_err().to_string();
+    assert!(e.contains(&T::name_list()), "{e}");
+}
+
+/// Checks that clap knows `T`'s values by their names, in order.
+#[cfg(test)]
+pub(crate) fn check_value_enum<T: Named + clap::ValueEnum + std::fmt::Debug>() {
+    assert_eq!(T::value_variants().to_vec(), T::all().collect::<Vec<_>>());
+    for v in T::all() {
+        assert_eq!(v.to_possible_value().unwrap().get_name(), v.name());
+        assert_eq!(T::from_str(v.name(), false), Ok(v));
+    }
+}

@@ -16,10 +16,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, human_bytes};
 use crate::memory::{GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, accounting, reflink};
 
-const SUITE: &str = "clone";
+const SUITE: Suite = Suite::Clone;
 
 pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
     let sizes = if !opts.sizes.is_empty() {

@@ -26,13 +26,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, human_bytes};
 use crate::api::{self, Request};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, PAGE_SIZE, Strategy, reflink};
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
-const SUITE: &str = "fork";
+const SUITE: Suite = Suite::Fork;
 /// How much one run measures.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::clone::settled_meminfo;
 use super::fork::{fork_timings, held_bytes, stop_all};
-use super::{BenchError, BenchOptions, Record};
+use super::{BenchError, BenchOptions, Record, Suite};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
@@ -32,7 +32,7 @@ use crate::vmm::linux::{
 };
 use crate::vmm::{RunState, Vm, VmConfig};
 
-const SUITE: &str = "linux";
+const SUITE: Suite = Suite::Linux;
 /// How much one size measures.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {

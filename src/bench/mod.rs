@@ -20,10 +20,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::names::Named;
+
 /// One measurement.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
-    pub suite: String,
+    pub suite: Suite,
     pub scenario: String,
     pub strategy: String,
     pub size_bytes: u64,
@@ -38,7 +40,7 @@ pub struct Record {
 impl Record {
     /// A measured value.
     pub fn value(
-        suite: &str,
+        suite: Suite,
         scenario: &str,
         strategy: &str,
         size: u64,
@@ -47,7 +49,7 @@ impl Record {
         unit: &str,
     ) -> Self {
         Record {
-            suite: suite.into(),
+            suite,
             scenario: scenario.into(),
             strategy: strategy.into(),
             size_bytes: size,
@@ -59,7 +61,7 @@ impl Record {
     }
 
     /// A scenario that could not run here, with the reason.
-    pub fn skipped(suite: &str, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
+    pub fn skipped(suite: Suite, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
         let measured = Record::value(suite, scenario, strategy, size, metric, 0.0, "");
         Record { value: None, note: Some(why.into()), ..measured }
     }
@@ -81,23 +83,57 @@ pub struct BenchOptions {
     pub suites: Vec<Suite>,
 }
 
-/// The benchmark suites.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// The benchmark suites (`--suite`, and each record's `suite`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Suite {
-    /// Memory clones, no VM: every strategy, first touches, fan-out, re-clone.
     Clone,
-    /// VM start, pause and resume.
     Vm,
-    /// Forking a running VM: pause, child start, child workload, fan-out, chains.
     Fork,
-    /// Booting and forking a Linux guest (where KVM can run one: the testbed).
     Linux,
-    /// Snapshots of a running VM: pause, write, size; restores by every strategy.
     Snapshot,
-    /// Restores from an S3-compatible object store against local ones (skipped without
-    /// a store: `scripts/s3-server start`).
     Remote,
 }
+
+impl Suite {
+    /// Every suite, in the order a run takes them.
+    pub const ALL: [Suite; 6] =
+        [Suite::Clone, Suite::Vm, Suite::Fork, Suite::Linux, Suite::Snapshot, Suite::Remote];
+
+    /// The suite's line of `--help`.
+    fn help(self) -> &'static str {
+        match self {
+            Suite::Clone => "Memory clones, no VM: every strategy, first touches, fan-out, re-clone",
+            Suite::Vm => "VM start, pause and resume",
+            Suite::Fork => "Forking a running VM: pause, child start, child workload, fan-out, chains",
+            Suite::Linux => "Booting and forking a Linux guest (where KVM can run one: the testbed)",
+            Suite::Snapshot => "Snapshots of a running VM: pause, write, size; restores by every strategy",
+            Suite::Remote => {
+                "Restores from an S3-compatible object store against local ones (skipped without a store: `scripts/s3-server start`)"
+            }
+        }
+    }
+}
+
+impl Named for Suite {
+    const KIND: &'static str = "bench suite";
+
+    fn all() -> impl Iterator<Item = Self> {
+        Suite::ALL.into_iter()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Suite::Clone => "clone",
+            Suite::Vm => "vm",
+            Suite::Fork => "fork",
+            Suite::Linux => "linux",
+            Suite::Snapshot => "snapshot",
+            Suite::Remote => "remote",
+        }
+    }
+}
+
+crate::names::by_name!(Suite, value_enum);
 
 impl BenchOptions {
     fn runs(&self, suite: Suite) -> bool {
@@ -165,7 +201,7 @@ pub struct Ratio {
 /// The record of one measurement in `records`, if any.
 fn find<'a>(
     records: &'a [Record],
-    suite: &str,
+    suite: Suite,
     scenario: &str,
     strategy: &str,
     metric: &str,
@@ -181,7 +217,7 @@ fn find<'a>(
 }
 
 /// The sizes `suite` has records for, smallest first.
-fn sizes_of(records: &[Record], suite: &str) -> Vec<u64> {
+fn sizes_of(records: &[Record], suite: Suite) -> Vec<u64> {
     let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == suite).map(|r| r.size_bytes).collect();
     sizes.sort_unstable();
     sizes.dedup();
@@ -215,8 +251,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         if opts.runs(suite) {
             let t0 = std::time::Instant::now();
             run_suite(opts, &mut records)?;
-            let name = format!("{suite:?}").to_lowercase();
-            eprintln!("{name} suite done in {:.1} s", t0.elapsed().as_secs_f64());
+            eprintln!("{suite} suite done in {:.1} s", t0.elapsed().as_secs_f64());
         }
     }
     let mut ratios = clone::ratios(&records);
@@ -300,10 +335,10 @@ pub fn render(
 /// A table per suite: one row per (scenario, metric, size), one column per strategy
 /// of that suite.
 pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<()> {
-    let mut suites: Vec<&str> = Vec::new();
+    let mut suites: Vec<Suite> = Vec::new();
     for r in records {
-        if !suites.contains(&r.suite.as_str()) {
-            suites.push(&r.suite);
+        if !suites.contains(&r.suite) {
+            suites.push(r.suite);
         }
     }
     for suite in suites {
@@ -414,6 +449,13 @@ mod tests {
     const QUICK_REPORT: &str = include_str!("testdata/quick-report.json");
     /// `vmfork report` of that file, by the same vmfork.
     const QUICK_REPORT_TEXT: &str = include_str!("testdata/quick-report.txt");
+
+    #[test]
+    fn every_suite_round_trips_by_one_name_everywhere() {
+        assert_eq!(Suite::ALL.map(Named::name), ["clone", "vm", "fork", "linux", "snapshot", "remote"]);
+        crate::names::check_round_trips::<Suite>();
+        crate::names::check_value_enum::<Suite>();
+    }
 
     fn quick_report() -> Report {
         serde_json::from_str(QUICK_REPORT).expect("the saved report reads")

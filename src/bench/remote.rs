@@ -54,13 +54,13 @@ use std::time::{Duration, Instant};
 
 use super::delay::DelayProxy;
 use super::snapshot::{Contents, WorkDir, median, room, source_vm, text_area, write_text};
-use super::{BenchError, BenchOptions, Ratio, Record, find, human_bytes, sizes_of};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, find, human_bytes, sizes_of};
 use crate::memory::PAGE_SIZE;
 use crate::snapshot::cache::PackCache;
 use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
 use crate::snapshot::{self, RestoreOptions, Snapshot, TakeOptions};
 
-const SUITE: &str = "remote";
+const SUITE: Suite = Suite::Remote;
 /// `--quick`'s only size.
 const QUICK: usize = 64 << 20;
 /// The default sizes; each runs only where [`room`] finds space for it (both take about

@@ -76,14 +76,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, human_bytes};
 use crate::memory::uffd::{self, PageSource};
 use crate::memory::{Extent, GuestMemory, MemFile, MemoryOptions, PAGE_SIZE, Region, Strategy};
 use crate::snapshot::format::{Kind, is_zero};
 use crate::snapshot::{self, RestoreOptions, RestoreStats, Snapshot, TakeOptions};
 use crate::vmm::{Vm, VmConfig, VmState, Workload, guest};
 
-const SUITE: &str = "snapshot";
+const SUITE: Suite = Suite::Snapshot;
 /// `--quick`'s only size.
 const QUICK: usize = 64 << 20;
 /// The default sizes; each runs only where [`room`] finds space for it. Not 4 GiB: it
