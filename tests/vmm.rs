@@ -604,7 +604,7 @@ fn bench_vm_run_records_every_metric() {
     for scenario in ["1vcpu", "2vcpu"] {
         for metric in ["pause_ns", "resume_ns"] {
             let r = find(scenario, metric);
-            assert!(r.value.unwrap() > 0.0 && r.unit == "ns", "{r:?}");
+            assert!(r.value.unwrap() > 0.0 && r.unit == vmfork::bench::Unit::Ns, "{r:?}");
             eprintln!("{scenario} {metric}: {:.0} ns", r.value.unwrap());
         }
     }

@@ -26,7 +26,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Ratio, Record, Suite, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
 use crate::api::{self, Request};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, PAGE_SIZE, Strategy, reflink};
@@ -98,9 +98,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             match forks(size, strategy, huge, plan.forks) {
                 Ok((pause, running)) => {
                     let m = "fork_parent_pause_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, pause, "ns"));
+                    out.push(Record::value(SUITE, m, name, sz, m, pause, Unit::Ns));
                     let m = "fork_to_child_running_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, running, "ns"));
+                    out.push(Record::value(SUITE, m, name, sz, m, running, Unit::Ns));
                 }
                 Err(e) => skip(out, "fork", "fork_parent_pause_ns", &e.0),
             }
@@ -109,9 +109,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                     Ok((native, child)) => {
                         let m = "child_workload_ns";
                         if strategy == Strategy::CONCRETE[0] {
-                            out.push(Record::value(SUITE, scenario, "native", sz, m, native, "ns"));
+                            out.push(Record::value(SUITE, scenario, "native", sz, m, native, Unit::Ns));
                         }
-                        out.push(Record::value(SUITE, scenario, name, sz, m, child, "ns"));
+                        out.push(Record::value(SUITE, scenario, name, sz, m, child, Unit::Ns));
                     }
                     Err(e) => skip(out, scenario, "child_workload_ns", &e.0),
                 }
@@ -122,7 +122,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             let scenario = format!("fanout{}", plan.fanout);
             match fan_out(size, strategy, huge, plan.fanout) {
                 Ok(bytes) => {
-                    out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, "bytes"))
+                    out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, Unit::Bytes))
                 }
                 Err(e) => skip(out, &scenario, "total_bytes", &e.0),
             }
@@ -138,7 +138,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                         ("first_pause_ns", pause(first)),
                         ("last_pause_ns", pause(last)),
                     ] {
-                        out.push(Record::value(SUITE, &scenario, name, sz, metric, v, "ns"));
+                        out.push(Record::value(SUITE, &scenario, name, sz, metric, v, Unit::Ns));
                     }
                 }
                 Err(e) => skip(out, &scenario, "first_fork_ns", &e.0),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::clone::settled_meminfo;
 use super::fork::{fork_timings, held_bytes, stop_all};
-use super::{BenchError, BenchOptions, Record, Suite};
+use super::{BenchError, BenchOptions, Record, Suite, Unit};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
@@ -121,7 +121,7 @@ fn at_size(
             break;
         }
     }
-    let value = |scenario: &str, strategy: &str, metric: &str, v: f64, unit: &str| {
+    let value = |scenario: &str, strategy: &str, metric: &str, v: f64, unit: Unit| {
         Record::value(SUITE, scenario, strategy, sz, metric, v, unit)
     };
     out.push(value(
@@ -129,11 +129,11 @@ fn at_size(
         "native",
         "boot_to_first_tick_ns",
         t0.elapsed().as_nanos() as f64,
-        "ns",
+        Unit::Ns,
     ));
     let parent = format!("bench-linux-{}-{}", std::process::id(), sz >> 20);
     let bytes_now = |children: &[Child]| held_bytes(shmem_before, children) as f64;
-    out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), "bytes"));
+    out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), Unit::Bytes));
     for strategy in Strategy::CONCRETE {
         let name = strategy.name();
         // A parent that died leaves nothing to fork: say why once, with its last words.
@@ -156,8 +156,14 @@ fn at_size(
         eprintln!("  {name}");
         match fork_timings(&vm, &parent, size, strategy, plan.forks) {
             Ok((pause, console)) => {
-                out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", pause, "ns"));
-                out.push(value("fork_to_child_console_ns", name, "fork_to_child_console_ns", console, "ns"));
+                out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", pause, Unit::Ns));
+                out.push(value(
+                    "fork_to_child_console_ns",
+                    name,
+                    "fork_to_child_console_ns",
+                    console,
+                    Unit::Ns,
+                ));
             }
             Err(BenchError(why)) => {
                 eprintln!("  {name}: {why}");
@@ -178,7 +184,7 @@ fn at_size(
         }
         if failed.is_none() {
             std::thread::sleep(IDLE_TIME);
-            out.push(value(&scenario, name, "total_bytes", bytes_now(&children), "bytes"));
+            out.push(value(&scenario, name, "total_bytes", bytes_now(&children), Unit::Bytes));
         }
         stop_all(&children);
         if let Some(why) = failed {
@@ -245,7 +251,7 @@ mod tests {
     fn idle_memory_targets_follow_the_number_of_children() {
         let size = 256 << 20;
         let rec = |scenario: &str, strategy: &str, metric: &str, v: f64| {
-            Record::value(SUITE, scenario, strategy, size, metric, v, "bytes")
+            Record::value(SUITE, scenario, strategy, size, metric, v, Unit::Bytes)
         };
         let records = vec![
             rec("idle", "native", "parent_bytes", 100.0),

@@ -32,7 +32,7 @@ pub struct Record {
     pub metric: String,
     /// `None` when the scenario was skipped; `note` then says why.
     pub value: Option<f64>,
-    pub unit: String,
+    pub unit: Unit,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -46,7 +46,7 @@ impl Record {
         size: u64,
         metric: &str,
         value: f64,
-        unit: &str,
+        unit: Unit,
     ) -> Self {
         Record {
             suite,
@@ -55,17 +55,54 @@ impl Record {
             size_bytes: size,
             metric: metric.into(),
             value: Some(value),
-            unit: unit.into(),
+            unit,
             note: None,
         }
     }
 
     /// A scenario that could not run here, with the reason.
     pub fn skipped(suite: Suite, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
-        let measured = Record::value(suite, scenario, strategy, size, metric, 0.0, "");
+        let measured = Record::value(suite, scenario, strategy, size, metric, 0.0, Unit::Skipped);
         Record { value: None, note: Some(why.into()), ..measured }
     }
 }
+
+/// What a record's value counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Nanoseconds.
+    Ns,
+    Bytes,
+    /// A number of things (faults, requests, packs).
+    Count,
+    /// A multiple (`x`): a compression ratio.
+    X,
+    /// MiB of guest memory per second.
+    MibPerSec,
+    /// None: a skipped record has no value (`""`).
+    Skipped,
+}
+
+impl Named for Unit {
+    const KIND: &'static str = "unit";
+
+    fn all() -> impl Iterator<Item = Self> {
+        [Unit::Ns, Unit::Bytes, Unit::Count, Unit::X, Unit::MibPerSec, Unit::Skipped].into_iter()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Unit::Ns => "ns",
+            Unit::Bytes => "bytes",
+            Unit::Count => "count",
+            Unit::X => "x",
+            Unit::MibPerSec => "MiB/s",
+            Unit::Skipped => "",
+        }
+    }
+}
+
+crate::names::by_name!(Unit);
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -368,7 +405,7 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
                 let cell = find(records, suite, scenario, s, metric, size).map_or(String::new(), |r| match r
                     .value
                 {
-                    Some(v) => human_value(v, &r.unit),
+                    Some(v) => human_value(v, r.unit),
                     None => "skipped".into(),
                 });
                 write!(out, " {cell:>w$}", w = width(s))?;
@@ -395,17 +432,17 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
 
 pub use crate::units::human_bytes;
 
-pub(crate) fn human_value(v: f64, unit: &str) -> String {
+pub(crate) fn human_value(v: f64, unit: Unit) -> String {
     match unit {
-        "ns" if v >= 1e9 => format!("{:.2}s", v / 1e9),
-        "ns" if v >= 1e6 => format!("{:.2}ms", v / 1e6),
-        "ns" if v >= 1e4 => format!("{:.1}us", v / 1e3),
-        "ns" => format!("{v:.0}ns"),
-        "bytes" => human_bytes(v as u64),
-        "count" => format!("{v:.0}"),
-        "x" => format!("{v:.2}x"),
-        "MiB/s" => format!("{v:.0}MiB/s"),
-        _ => format!("{v:.3}{unit}"),
+        Unit::Ns if v >= 1e9 => format!("{:.2}s", v / 1e9),
+        Unit::Ns if v >= 1e6 => format!("{:.2}ms", v / 1e6),
+        Unit::Ns if v >= 1e4 => format!("{:.1}us", v / 1e3),
+        Unit::Ns => format!("{v:.0}ns"),
+        Unit::Bytes => human_bytes(v as u64),
+        Unit::Count => format!("{v:.0}"),
+        Unit::X => format!("{v:.2}x"),
+        Unit::MibPerSec => format!("{v:.0}MiB/s"),
+        Unit::Skipped => format!("{v:.3}"),
     }
 }
 
@@ -455,6 +492,13 @@ mod tests {
         assert_eq!(Suite::ALL.map(Named::name), ["clone", "vm", "fork", "linux", "snapshot", "remote"]);
         crate::names::check_round_trips::<Suite>();
         crate::names::check_value_enum::<Suite>();
+    }
+
+    #[test]
+    fn every_unit_round_trips_by_one_name() {
+        let names: Vec<_> = Unit::all().map(Unit::name).collect();
+        assert_eq!(names, ["ns", "bytes", "count", "x", "MiB/s", ""]);
+        crate::names::check_round_trips::<Unit>();
     }
 
     fn quick_report() -> Report {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::{BenchError, Record, Suite, human_bytes};
+use super::{BenchError, Record, Suite, Unit, human_bytes};
 use crate::memory::Strategy;
 
 /// Strategies in legend order, the `native` baseline first, then [`Strategy::CONCRETE`];
@@ -253,7 +253,7 @@ fn curves(path: &Path, caption: &str, solid: &Series, dashed_lines: &Series) -> 
         .x_label_formatter(&|x| {
             if x.fract().abs() < 1e-9 { human_bytes(2f64.powf(*x) as u64) } else { String::new() }
         })
-        .y_label_formatter(&|ns| super::human_value(*ns, "ns"))
+        .y_label_formatter(&|ns| super::human_value(*ns, Unit::Ns))
         .draw()
         .map_err(err)?;
     for (dashed, set) in [(false, solid), (true, dashed_lines)] {
@@ -372,7 +372,7 @@ mod tests {
         for (i, s) in ["copy", "cow", "uffd"].into_iter().enumerate() {
             for size in [64u64 << 20, 256 << 20] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e3;
-                records.push(Record::value(Suite::Clone, "clone_ns", s, size, "clone_ns", v, "ns"));
+                records.push(Record::value(Suite::Clone, "clone_ns", s, size, "clone_ns", v, Unit::Ns));
                 records.push(Record::value(
                     Suite::Clone,
                     "x",
@@ -380,7 +380,7 @@ mod tests {
                     size,
                     "first_read_ns_per_page",
                     10.0 + v,
-                    "ns",
+                    Unit::Ns,
                 ));
                 let bytes = size as f64 * (i as f64 + 1.0);
                 records.push(Record::value(
@@ -390,7 +390,7 @@ mod tests {
                     size,
                     "fanout16_total_bytes",
                     bytes,
-                    "bytes",
+                    Unit::Bytes,
                 ));
             }
         }
@@ -425,11 +425,11 @@ mod tests {
             for size in [256u64 << 20, 1 << 30] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e2;
                 for m in ["restore_ns", "ready_ns", "touch_p50_ns", "touch_p99_ns"] {
-                    records.push(Record::value(Suite::Snapshot, "written25", s, size, m, v, "ns"));
+                    records.push(Record::value(Suite::Snapshot, "written25", s, size, m, v, Unit::Ns));
                 }
             }
         }
-        records.push(Record::value(Suite::Snapshot, "written25", "zstd", 1 << 30, "pause_ns", 1e5, "ns"));
+        records.push(Record::value(Suite::Snapshot, "written25", "zstd", 1 << 30, "pause_ns", 1e5, Unit::Ns));
         let dir = std::env::temp_dir().join(format!("vmfork-plot-snapshot-test-{}", std::process::id()));
         let written = write_all(&records, &dir).unwrap();
         let names: Vec<_> =
@@ -451,7 +451,7 @@ mod tests {
             for size in [256u64 << 20, 1 << 30] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e2;
                 for m in ["restore_ns", "ready_ns"] {
-                    records.push(Record::value(Suite::Remote, "written25", s, size, m, v, "ns"));
+                    records.push(Record::value(Suite::Remote, "written25", s, size, m, v, Unit::Ns));
                 }
             }
         }
