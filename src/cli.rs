@@ -63,8 +63,8 @@ pub struct ForkArgs {
     /// Name of the child (with --count N, children are NAME, NAME-1, ...); default PARENT-N.
     #[arg(long)]
     pub name: Option<String>,
-    /// How to clone guest memory: auto, cow, reflink, uffd, uffd-minor or copy.
-    #[arg(long, default_value = "auto")]
+    /// How to clone guest memory.
+    #[arg(long, value_enum, default_value_t = crate::memory::Strategy::Auto)]
     pub strategy: crate::memory::Strategy,
     /// How many children.
     #[arg(long, default_value_t = 1)]

@@ -258,7 +258,7 @@ fn capture_and_clone(
     timings.captured_ns = t0.elapsed().as_nanos() as u64;
     let clone_err = |error| Error::Clone { strategy, error };
     let memory = match strategy {
-        Strategy::Uffd | Strategy::UffdMinor => {
+        s if s.is_lazy() => {
             let (source, child) = vm.memory().lazy_clone_for_remote(strategy).map_err(clone_err)?;
             Frozen::Lazy(source, child)
         }
@@ -321,7 +321,7 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         e
     };
     let memory = GuestMemory::receive(sock).map_err(|e| fail(ChildError::Memory(e)))?;
-    if matches!(hello.strategy, Strategy::Uffd | Strategy::UffdMinor) {
+    if hello.strategy.is_lazy() {
         crate::memory::uffd::hand_back(&memory, sock).map_err(|e| fail(ChildError::HandBack(e)))?;
     }
     let bound = bind(&hello.name).map_err(|e| fail(ChildError::Bind(e.into())))?;

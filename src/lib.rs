@@ -16,6 +16,7 @@ pub mod bench;
 pub mod cli;
 pub mod fork;
 pub mod memory;
+pub mod names;
 pub mod runtime;
 pub mod snapshot;
 pub mod units;

@@ -32,7 +32,7 @@ enum Command {
         /// Ask for transparent huge pages (MADV_HUGEPAGE) on guest memory.
         #[arg(long)]
         huge_pages: bool,
-        /// Run only these suites (repeatable): clone, vm, fork, linux, snapshot, remote. Default: all.
+        /// Run only these suites (repeatable; default: all).
         #[arg(long = "suite", value_enum)]
         suites: Vec<vmfork::bench::Suite>,
     },

@@ -594,14 +594,17 @@ fn bench_vm_run_records_every_metric() {
     let mut records = Vec::new();
     vmfork::bench::vm::run(&mut records).unwrap();
     let find = |scenario: &str, metric: &str| {
-        records.iter().find(|r| r.suite == "vm" && r.scenario == scenario && r.metric == metric).unwrap()
+        records
+            .iter()
+            .find(|r| r.suite == vmfork::bench::Suite::Vm && r.scenario == scenario && r.metric == metric)
+            .unwrap()
     };
     // This test binary is not vmfork, so the start measurement is skipped, with the reason.
     assert!(find("start", "vm_start_ns").note.as_deref().unwrap().contains("vmfork binary"));
     for scenario in ["1vcpu", "2vcpu"] {
         for metric in ["pause_ns", "resume_ns"] {
             let r = find(scenario, metric);
-            assert!(r.value.unwrap() > 0.0 && r.unit == "ns", "{r:?}");
+            assert!(r.value.unwrap() > 0.0 && r.unit == vmfork::bench::Unit::Ns, "{r:?}");
             eprintln!("{scenario} {metric}: {:.0} ns", r.value.unwrap());
         }
     }

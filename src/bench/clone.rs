@@ -16,10 +16,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
 use crate::memory::{GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, accounting, reflink};
 
-const SUITE: &str = "clone";
+const SUITE: Suite = Suite::Clone;
 
 pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
     let sizes = if !opts.sizes.is_empty() {
@@ -68,7 +68,7 @@ fn one_strategy(
     let name = strategy.name();
     let sz = size as u64;
     // Clone-suite records name their scenario after their metric.
-    let put = |out: &mut Vec<Record>, metric: &str, value: f64, unit: &str| {
+    let put = |out: &mut Vec<Record>, metric: &str, value: f64, unit: Unit| {
         out.push(Record::value(SUITE, metric, name, sz, metric, value, unit))
     };
     if strategy == Strategy::Reflink {
@@ -88,14 +88,14 @@ fn one_strategy(
     let t = Instant::now();
     let (reader, _) = source.clone_with(strategy)?;
     let clone_ns = t.elapsed().as_nanos() as f64;
-    put(out, "clone_ns", clone_ns, "ns");
-    put(out, "child_private_bytes", accounting::usage(&reader)?.private_bytes as f64, "bytes");
+    put(out, "clone_ns", clone_ns, Unit::Ns);
+    put(out, "child_private_bytes", accounting::usage(&reader)?.private_bytes as f64, Unit::Bytes);
     let read_ns = touch(&reader, false);
-    put(out, "first_read_ns_per_page", read_ns, "ns");
-    if matches!(strategy, Strategy::Uffd | Strategy::UffdMinor) {
+    put(out, "first_read_ns_per_page", read_ns, Unit::Ns);
+    if strategy.is_lazy() {
         if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| s.service_time()).flatten() {
             if faults > 0 {
-                put(out, "uffd_fault_service_ns", ns as f64 / faults as f64, "ns");
+                put(out, "uffd_fault_service_ns", ns as f64 / faults as f64, Unit::Ns);
             }
         }
     }
@@ -104,7 +104,7 @@ fn one_strategy(
     // A second child, written once per page.
     let (writer, _) = source.clone_with(strategy)?;
     let write_ns = touch(&writer, true);
-    put(out, "first_write_ns_per_page", write_ns, "ns");
+    put(out, "first_write_ns_per_page", write_ns, Unit::Ns);
     drop(writer);
 
     // Sixteen idle clones: what do they cost together? Stop early rather than let the
@@ -126,7 +126,7 @@ fn one_strategy(
     let total = system_bytes().saturating_sub(baseline);
     let metric = "fanout16_total_bytes";
     match short {
-        None => put(out, metric, total as f64, "bytes"),
+        None => put(out, metric, total as f64, Unit::Bytes),
         Some(available) => out.push(Record::skipped(
             SUITE,
             metric,
@@ -149,7 +149,7 @@ fn one_strategy(
     }
     let t = Instant::now();
     let (again, _) = source.clone_with(strategy)?;
-    put(out, "reclone_ns", t.elapsed().as_nanos() as f64, "ns");
+    put(out, "reclone_ns", t.elapsed().as_nanos() as f64, Unit::Ns);
     drop(again);
 
     Ok(())
@@ -211,7 +211,7 @@ fn native(size: usize, huge: bool, out: &mut Vec<Record>) {
                 sz,
                 "first_read_ns_per_page",
                 r,
-                "ns",
+                Unit::Ns,
             ));
             out.push(Record::value(
                 SUITE,
@@ -220,7 +220,7 @@ fn native(size: usize, huge: bool, out: &mut Vec<Record>) {
                 sz,
                 "first_write_ns_per_page",
                 w,
-                "ns",
+                Unit::Ns,
             ));
         }
         Err(e) => {

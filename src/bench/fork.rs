@@ -26,13 +26,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
 use crate::api::{self, Request};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, PAGE_SIZE, Strategy, reflink};
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
-const SUITE: &str = "fork";
+const SUITE: Suite = Suite::Fork;
 /// How much one run measures.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
@@ -57,9 +57,6 @@ impl Plan {
 const SMALL: usize = 256 << 20;
 /// `--quick`'s only size (fan-out and chain included): a smoke run.
 const QUICK: usize = 64 << 20;
-/// Every strategy, in table order.
-const STRATEGIES: [Strategy; 5] =
-    [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
 fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("fork bench: {e}"))
@@ -85,7 +82,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     for &size in &sizes {
         eprintln!("fork suite at {}", human_bytes(size as u64));
         let sz = size as u64;
-        for strategy in STRATEGIES {
+        for strategy in Strategy::CONCRETE {
             let name = strategy.name();
             eprintln!("  {name}");
             let skip = |out: &mut Vec<Record>, scenario: &str, metric: &str, why: &str| {
@@ -101,9 +98,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             match forks(size, strategy, huge, plan.forks) {
                 Ok((pause, running)) => {
                     let m = "fork_parent_pause_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, pause, "ns"));
+                    out.push(Record::value(SUITE, m, name, sz, m, pause, Unit::Ns));
                     let m = "fork_to_child_running_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, running, "ns"));
+                    out.push(Record::value(SUITE, m, name, sz, m, running, Unit::Ns));
                 }
                 Err(e) => skip(out, "fork", "fork_parent_pause_ns", &e.0),
             }
@@ -111,10 +108,10 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                 match child_workload(size, strategy, huge, percent) {
                     Ok((native, child)) => {
                         let m = "child_workload_ns";
-                        if strategy == STRATEGIES[0] {
-                            out.push(Record::value(SUITE, scenario, "native", sz, m, native, "ns"));
+                        if strategy == Strategy::CONCRETE[0] {
+                            out.push(Record::value(SUITE, scenario, "native", sz, m, native, Unit::Ns));
                         }
-                        out.push(Record::value(SUITE, scenario, name, sz, m, child, "ns"));
+                        out.push(Record::value(SUITE, scenario, name, sz, m, child, Unit::Ns));
                     }
                     Err(e) => skip(out, scenario, "child_workload_ns", &e.0),
                 }
@@ -125,7 +122,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             let scenario = format!("fanout{}", plan.fanout);
             match fan_out(size, strategy, huge, plan.fanout) {
                 Ok(bytes) => {
-                    out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, "bytes"))
+                    out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, Unit::Bytes))
                 }
                 Err(e) => skip(out, &scenario, "total_bytes", &e.0),
             }
@@ -141,7 +138,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                         ("first_pause_ns", pause(first)),
                         ("last_pause_ns", pause(last)),
                     ] {
-                        out.push(Record::value(SUITE, &scenario, name, sz, metric, v, "ns"));
+                        out.push(Record::value(SUITE, &scenario, name, sz, metric, v, Unit::Ns));
                     }
                 }
                 Err(e) => skip(out, &scenario, "first_fork_ns", &e.0),
@@ -420,7 +417,7 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             push(format!("{s} fork_parent_pause_ms"), size, ms, "<= 1", ms.is_some_and(|v| v <= 1.0));
         }
         for scenario in &chains {
-            for s in STRATEGIES.map(Strategy::name) {
+            for s in Strategy::CONCRETE.map(Strategy::name) {
                 let ratio = value(scenario, s, "last_fork_ns", size)
                     .zip(value(scenario, s, "first_fork_ns", size))
                     .map(|(l, f)| l / f);

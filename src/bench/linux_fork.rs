@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::clone::settled_meminfo;
 use super::fork::{fork_timings, held_bytes, stop_all};
-use super::{BenchError, BenchOptions, Record};
+use super::{BenchError, BenchOptions, Record, Suite, Unit};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
@@ -32,7 +32,7 @@ use crate::vmm::linux::{
 };
 use crate::vmm::{RunState, Vm, VmConfig};
 
-const SUITE: &str = "linux";
+const SUITE: Suite = Suite::Linux;
 /// How much one size measures.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
@@ -50,8 +50,6 @@ impl Plan {
 
 /// How long the idle children run before their memory is measured.
 pub const IDLE_TIME: Duration = Duration::from_secs(2);
-const STRATEGIES: [Strategy; 5] =
-    [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
 fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(format!("linux fork bench: {e}"))
@@ -123,7 +121,7 @@ fn at_size(
             break;
         }
     }
-    let value = |scenario: &str, strategy: &str, metric: &str, v: f64, unit: &str| {
+    let value = |scenario: &str, strategy: &str, metric: &str, v: f64, unit: Unit| {
         Record::value(SUITE, scenario, strategy, sz, metric, v, unit)
     };
     out.push(value(
@@ -131,19 +129,19 @@ fn at_size(
         "native",
         "boot_to_first_tick_ns",
         t0.elapsed().as_nanos() as f64,
-        "ns",
+        Unit::Ns,
     ));
     let parent = format!("bench-linux-{}-{}", std::process::id(), sz >> 20);
     let bytes_now = |children: &[Child]| held_bytes(shmem_before, children) as f64;
-    out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), "bytes"));
-    for strategy in STRATEGIES {
+    out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), Unit::Bytes));
+    for strategy in Strategy::CONCRETE {
         let name = strategy.name();
         // A parent that died leaves nothing to fork: say why once, with its last words.
         if let RunState::Stopped(why) = vm.state() {
             let (lines, _) = vm.console().subscribe();
             let tail = lines[lines.len().saturating_sub(40)..].join("\n");
             eprintln!("  the parent guest stopped ({why}); its console's last lines:\n{tail}");
-            for s in STRATEGIES.iter().skip_while(|s| **s != strategy) {
+            for s in Strategy::CONCRETE.iter().skip_while(|s| **s != strategy) {
                 let note = format!("the parent guest stopped before this strategy: {why}");
                 out.push(Record::skipped(SUITE, "fork", s.name(), sz, "fork_parent_pause_ns", &note));
             }
@@ -158,8 +156,14 @@ fn at_size(
         eprintln!("  {name}");
         match fork_timings(&vm, &parent, size, strategy, plan.forks) {
             Ok((pause, console)) => {
-                out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", pause, "ns"));
-                out.push(value("fork_to_child_console_ns", name, "fork_to_child_console_ns", console, "ns"));
+                out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", pause, Unit::Ns));
+                out.push(value(
+                    "fork_to_child_console_ns",
+                    name,
+                    "fork_to_child_console_ns",
+                    console,
+                    Unit::Ns,
+                ));
             }
             Err(BenchError(why)) => {
                 eprintln!("  {name}: {why}");
@@ -180,7 +184,7 @@ fn at_size(
         }
         if failed.is_none() {
             std::thread::sleep(IDLE_TIME);
-            out.push(value(&scenario, name, "total_bytes", bytes_now(&children), "bytes"));
+            out.push(value(&scenario, name, "total_bytes", bytes_now(&children), Unit::Bytes));
         }
         stop_all(&children);
         if let Some(why) = failed {
@@ -223,7 +227,7 @@ pub(super) fn ratios(records: &[Record]) -> Vec<super::Ratio> {
             .collect();
         idle.sort_unstable();
         idle.dedup();
-        for s in STRATEGIES.map(Strategy::name) {
+        for s in Strategy::CONCRETE.map(Strategy::name) {
             if s != "copy" {
                 let v = pause("copy").zip(pause(s)).map(|(c, x)| c / x);
                 push(format!("linux copy/{s} fork_parent_pause_ns"), v, 1.0, true);
@@ -247,7 +251,7 @@ mod tests {
     fn idle_memory_targets_follow_the_number_of_children() {
         let size = 256 << 20;
         let rec = |scenario: &str, strategy: &str, metric: &str, v: f64| {
-            Record::value(SUITE, scenario, strategy, size, metric, v, "bytes")
+            Record::value(SUITE, scenario, strategy, size, metric, v, Unit::Bytes)
         };
         let records = vec![
             rec("idle", "native", "parent_bytes", 100.0),

@@ -20,17 +20,19 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::names::Named;
+
 /// One measurement.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
-    pub suite: String,
+    pub suite: Suite,
     pub scenario: String,
     pub strategy: String,
     pub size_bytes: u64,
     pub metric: String,
     /// `None` when the scenario was skipped; `note` then says why.
     pub value: Option<f64>,
-    pub unit: String,
+    pub unit: Unit,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -38,32 +40,69 @@ pub struct Record {
 impl Record {
     /// A measured value.
     pub fn value(
-        suite: &str,
+        suite: Suite,
         scenario: &str,
         strategy: &str,
         size: u64,
         metric: &str,
         value: f64,
-        unit: &str,
+        unit: Unit,
     ) -> Self {
         Record {
-            suite: suite.into(),
+            suite,
             scenario: scenario.into(),
             strategy: strategy.into(),
             size_bytes: size,
             metric: metric.into(),
             value: Some(value),
-            unit: unit.into(),
+            unit,
             note: None,
         }
     }
 
     /// A scenario that could not run here, with the reason.
-    pub fn skipped(suite: &str, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
-        let measured = Record::value(suite, scenario, strategy, size, metric, 0.0, "");
+    pub fn skipped(suite: Suite, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
+        let measured = Record::value(suite, scenario, strategy, size, metric, 0.0, Unit::Skipped);
         Record { value: None, note: Some(why.into()), ..measured }
     }
 }
+
+/// What a record's value counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Nanoseconds.
+    Ns,
+    Bytes,
+    /// A number of things (faults, requests, packs).
+    Count,
+    /// A multiple (`x`): a compression ratio.
+    X,
+    /// MiB of guest memory per second.
+    MibPerSec,
+    /// None: a skipped record has no value (`""`).
+    Skipped,
+}
+
+impl Named for Unit {
+    const KIND: &'static str = "unit";
+
+    fn all() -> impl Iterator<Item = Self> {
+        [Unit::Ns, Unit::Bytes, Unit::Count, Unit::X, Unit::MibPerSec, Unit::Skipped].into_iter()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Unit::Ns => "ns",
+            Unit::Bytes => "bytes",
+            Unit::Count => "count",
+            Unit::X => "x",
+            Unit::MibPerSec => "MiB/s",
+            Unit::Skipped => "",
+        }
+    }
+}
+
+crate::names::by_name!(Unit);
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -81,23 +120,57 @@ pub struct BenchOptions {
     pub suites: Vec<Suite>,
 }
 
-/// The benchmark suites.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// The benchmark suites (`--suite`, and each record's `suite`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Suite {
-    /// Memory clones, no VM: every strategy, first touches, fan-out, re-clone.
     Clone,
-    /// VM start, pause and resume.
     Vm,
-    /// Forking a running VM: pause, child start, child workload, fan-out, chains.
     Fork,
-    /// Booting and forking a Linux guest (where KVM can run one: the testbed).
     Linux,
-    /// Snapshots of a running VM: pause, write, size; restores by every strategy.
     Snapshot,
-    /// Restores from an S3-compatible object store against local ones (skipped without
-    /// a store: `scripts/s3-server start`).
     Remote,
 }
+
+impl Suite {
+    /// Every suite, in the order a run takes them.
+    pub const ALL: [Suite; 6] =
+        [Suite::Clone, Suite::Vm, Suite::Fork, Suite::Linux, Suite::Snapshot, Suite::Remote];
+
+    /// The suite's line of `--help`.
+    fn help(self) -> &'static str {
+        match self {
+            Suite::Clone => "Memory clones, no VM: every strategy, first touches, fan-out, re-clone",
+            Suite::Vm => "VM start, pause and resume",
+            Suite::Fork => "Forking a running VM: pause, child start, child workload, fan-out, chains",
+            Suite::Linux => "Booting and forking a Linux guest (where KVM can run one: the testbed)",
+            Suite::Snapshot => "Snapshots of a running VM: pause, write, size; restores by every strategy",
+            Suite::Remote => {
+                "Restores from an S3-compatible object store against local ones (skipped without a store: `scripts/s3-server start`)"
+            }
+        }
+    }
+}
+
+impl Named for Suite {
+    const KIND: &'static str = "bench suite";
+
+    fn all() -> impl Iterator<Item = Self> {
+        Suite::ALL.into_iter()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Suite::Clone => "clone",
+            Suite::Vm => "vm",
+            Suite::Fork => "fork",
+            Suite::Linux => "linux",
+            Suite::Snapshot => "snapshot",
+            Suite::Remote => "remote",
+        }
+    }
+}
+
+crate::names::by_name!(Suite, value_enum);
 
 impl BenchOptions {
     fn runs(&self, suite: Suite) -> bool {
@@ -165,7 +238,7 @@ pub struct Ratio {
 /// The record of one measurement in `records`, if any.
 fn find<'a>(
     records: &'a [Record],
-    suite: &str,
+    suite: Suite,
     scenario: &str,
     strategy: &str,
     metric: &str,
@@ -181,7 +254,7 @@ fn find<'a>(
 }
 
 /// The sizes `suite` has records for, smallest first.
-fn sizes_of(records: &[Record], suite: &str) -> Vec<u64> {
+fn sizes_of(records: &[Record], suite: Suite) -> Vec<u64> {
     let mut sizes: Vec<u64> = records.iter().filter(|r| r.suite == suite).map(|r| r.size_bytes).collect();
     sizes.sort_unstable();
     sizes.dedup();
@@ -215,8 +288,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         if opts.runs(suite) {
             let t0 = std::time::Instant::now();
             run_suite(opts, &mut records)?;
-            let name = format!("{suite:?}").to_lowercase();
-            eprintln!("{name} suite done in {:.1} s", t0.elapsed().as_secs_f64());
+            eprintln!("{suite} suite done in {:.1} s", t0.elapsed().as_secs_f64());
         }
     }
     let mut ratios = clone::ratios(&records);
@@ -300,10 +372,10 @@ pub fn render(
 /// A table per suite: one row per (scenario, metric, size), one column per strategy
 /// of that suite.
 pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<()> {
-    let mut suites: Vec<&str> = Vec::new();
+    let mut suites: Vec<Suite> = Vec::new();
     for r in records {
-        if !suites.contains(&r.suite.as_str()) {
-            suites.push(&r.suite);
+        if !suites.contains(&r.suite) {
+            suites.push(r.suite);
         }
     }
     for suite in suites {
@@ -333,7 +405,7 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
                 let cell = find(records, suite, scenario, s, metric, size).map_or(String::new(), |r| match r
                     .value
                 {
-                    Some(v) => human_value(v, &r.unit),
+                    Some(v) => human_value(v, r.unit),
                     None => "skipped".into(),
                 });
                 write!(out, " {cell:>w$}", w = width(s))?;
@@ -360,17 +432,17 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
 
 pub use crate::units::human_bytes;
 
-pub(crate) fn human_value(v: f64, unit: &str) -> String {
+pub(crate) fn human_value(v: f64, unit: Unit) -> String {
     match unit {
-        "ns" if v >= 1e9 => format!("{:.2}s", v / 1e9),
-        "ns" if v >= 1e6 => format!("{:.2}ms", v / 1e6),
-        "ns" if v >= 1e4 => format!("{:.1}us", v / 1e3),
-        "ns" => format!("{v:.0}ns"),
-        "bytes" => human_bytes(v as u64),
-        "count" => format!("{v:.0}"),
-        "x" => format!("{v:.2}x"),
-        "MiB/s" => format!("{v:.0}MiB/s"),
-        _ => format!("{v:.3}{unit}"),
+        Unit::Ns if v >= 1e9 => format!("{:.2}s", v / 1e9),
+        Unit::Ns if v >= 1e6 => format!("{:.2}ms", v / 1e6),
+        Unit::Ns if v >= 1e4 => format!("{:.1}us", v / 1e3),
+        Unit::Ns => format!("{v:.0}ns"),
+        Unit::Bytes => human_bytes(v as u64),
+        Unit::Count => format!("{v:.0}"),
+        Unit::X => format!("{v:.2}x"),
+        Unit::MibPerSec => format!("{v:.0}MiB/s"),
+        Unit::Skipped => format!("{v:.3}"),
     }
 }
 
@@ -401,5 +473,65 @@ impl From<std::io::Error> for BenchError {
 impl From<serde_json::Error> for BenchError {
     fn from(e: serde_json::Error) -> Self {
         BenchError(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real report: `vmfork bench --quick --json` on a KVM host with an object store
+    /// (`scripts/s3-server start`), written by vmfork at 9cd59d0, when every field of a
+    /// record was a string. Every suite and every strategy of the table is in it.
+    const QUICK_REPORT: &str = include_str!("testdata/quick-report.json");
+    /// `vmfork report` of that file, by the same vmfork.
+    const QUICK_REPORT_TEXT: &str = include_str!("testdata/quick-report.txt");
+
+    #[test]
+    fn every_suite_round_trips_by_one_name_everywhere() {
+        assert_eq!(Suite::ALL.map(Named::name), ["clone", "vm", "fork", "linux", "snapshot", "remote"]);
+        crate::names::check_round_trips::<Suite>();
+        crate::names::check_value_enum::<Suite>();
+    }
+
+    #[test]
+    fn every_unit_round_trips_by_one_name() {
+        let names: Vec<_> = Unit::all().map(Unit::name).collect();
+        assert_eq!(names, ["ns", "bytes", "count", "x", "MiB/s", ""]);
+        crate::names::check_round_trips::<Unit>();
+    }
+
+    fn quick_report() -> Report {
+        serde_json::from_str(QUICK_REPORT).expect("the saved report reads")
+    }
+
+    /// Saved reports are read and written unchanged, byte for byte.
+    #[test]
+    fn a_saved_report_reads_and_writes_back_byte_for_byte() {
+        let json = serde_json::to_string_pretty(&quick_report()).unwrap();
+        assert!(json == QUICK_REPORT, "the report changed:\n{json}");
+    }
+
+    /// The ratios taken from the saved records are the ones saved with them.
+    #[test]
+    fn the_ratios_of_a_saved_report_are_taken_again_alike() {
+        let report = quick_report();
+        let records = &report.records;
+        let mut ratios = clone::ratios(records);
+        ratios.extend(fork::ratios(records));
+        ratios.extend(linux_fork::ratios(records));
+        ratios.extend(snapshot::ratios(records));
+        ratios.extend(remote::ratios(records));
+        let json = |r: &[Ratio]| serde_json::to_string_pretty(r).unwrap();
+        assert_eq!(json(&ratios), json(&report.ratios));
+    }
+
+    /// The table and ratios printed of a saved report are what `vmfork report` printed.
+    #[test]
+    fn a_saved_report_prints_as_it_did() {
+        let mut out = Vec::new();
+        print_report(&quick_report(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text == QUICK_REPORT_TEXT, "the printed report changed:\n{text}");
     }
 }

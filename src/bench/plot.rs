@@ -21,11 +21,21 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::{BenchError, Record, human_bytes};
+use super::{BenchError, Record, Suite, Unit, human_bytes};
+use crate::memory::Strategy;
 
-/// Strategies in legend order; each keeps its colour in every chart.
-const ORDER: [&str; 6] = ["native", "copy", "cow", "reflink", "uffd", "uffd-minor"];
-const COLOURS: [RGBColor; 6] = [
+/// Strategies in legend order, the `native` baseline first, then [`Strategy::CONCRETE`];
+/// each keeps its colour in every chart.
+const ORDER: [&str; 1 + Strategy::CONCRETE.len()] = {
+    let mut order = ["native"; 1 + Strategy::CONCRETE.len()];
+    let mut i = 0;
+    while i < Strategy::CONCRETE.len() {
+        order[i + 1] = Strategy::CONCRETE[i].name();
+        i += 1;
+    }
+    order
+};
+const COLOURS: [RGBColor; ORDER.len()] = [
     RGBColor(0x55, 0x55, 0x55),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x1f, 0x77, 0xb4),
@@ -75,14 +85,14 @@ fn err(e: impl std::fmt::Display) -> BenchError {
 }
 
 /// Values of `metric` (suite, scenario = metric unless given) by strategy: `(size, value)`.
-fn series(records: &[Record], suite: &str, scenario: &str, metric: &str) -> Vec<(String, Vec<(u64, f64)>)> {
+fn series(records: &[Record], suite: Suite, scenario: &str, metric: &str) -> Vec<(String, Vec<(u64, f64)>)> {
     series_of(records, suite, scenario, metric, &ORDER)
 }
 
 /// [`series`] for the strategies `order`.
 fn series_of(
     records: &[Record],
-    suite: &str,
+    suite: Suite,
     scenario: &str,
     metric: &str,
     order: &[&str],
@@ -106,14 +116,14 @@ fn series_of(
 pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
     std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
     let mut written = Vec::new();
-    let clone = series(records, "clone", "clone_ns", "clone_ns");
-    let pause = series(records, "fork", "fork_parent_pause_ns", "fork_parent_pause_ns");
+    let clone = series(records, Suite::Clone, "clone_ns", "clone_ns");
+    let pause = series(records, Suite::Fork, "fork_parent_pause_ns", "fork_parent_pause_ns");
     if !clone.is_empty() || !pause.is_empty() {
         let path = dir.join("clone_latency.svg");
         latency_chart(&path, &clone, &pause)?;
         written.push(path);
     }
-    let largest = records.iter().filter(|r| r.suite == "clone").map(|r| r.size_bytes).max();
+    let largest = records.iter().filter(|r| r.suite == Suite::Clone).map(|r| r.size_bytes).max();
     if let Some(size) = largest {
         let at = |metric: &str| -> Vec<Option<f64>> {
             ORDER
@@ -122,7 +132,7 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
                     records
                         .iter()
                         .find(|r| {
-                            r.suite == "clone"
+                            r.suite == Suite::Clone
                                 && r.metric == metric
                                 && r.strategy == *s
                                 && r.size_bytes == size
@@ -142,14 +152,14 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
     }
     let mut memory: Vec<(String, Vec<Option<f64>>)> = Vec::new();
     let fanouts = records.iter().filter(|r| {
-        (r.suite == "clone" && r.metric == "fanout16_total_bytes")
-            || (r.suite == "fork" && r.scenario.starts_with("fanout") && r.metric == "total_bytes")
-            || (r.suite == "linux" && r.scenario.starts_with("idle") && r.metric == "total_bytes")
+        (r.suite == Suite::Clone && r.metric == "fanout16_total_bytes")
+            || (r.suite == Suite::Fork && r.scenario.starts_with("fanout") && r.metric == "total_bytes")
+            || (r.suite == Suite::Linux && r.scenario.starts_with("idle") && r.metric == "total_bytes")
     });
     for r in fanouts {
-        let label = match r.suite.as_str() {
-            "clone" => format!("16 clones, {}", human_bytes(r.size_bytes)),
-            "linux" => {
+        let label = match r.suite {
+            Suite::Clone => format!("16 clones, {}", human_bytes(r.size_bytes)),
+            Suite::Linux => {
                 format!(
                     "{} Linux forks, {}",
                     r.scenario.trim_start_matches("idle"),
@@ -182,7 +192,7 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
         )?;
         written.push(path);
     }
-    let snapshot = |metric: &str| series_of(records, "snapshot", "written25", metric, &SNAPSHOT_ORDER);
+    let snapshot = |metric: &str| series_of(records, Suite::Snapshot, "written25", metric, &SNAPSHOT_ORDER);
     let (restore, ready) = (snapshot("restore_ns"), snapshot("ready_ns"));
     if !restore.is_empty() || !ready.is_empty() {
         let path = dir.join("snapshot_restore.svg");
@@ -197,7 +207,7 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
         written.push(path);
     }
     let remote_order = super::remote::column_names();
-    let remote = |metric: &str| series_of(records, "remote", "written25", metric, &remote_order);
+    let remote = |metric: &str| series_of(records, Suite::Remote, "written25", metric, &remote_order);
     let (restore, ready) = (remote("restore_ns"), remote("ready_ns"));
     if !restore.is_empty() || !ready.is_empty() {
         let path = dir.join("remote_restore.svg");
@@ -243,7 +253,7 @@ fn curves(path: &Path, caption: &str, solid: &Series, dashed_lines: &Series) -> 
         .x_label_formatter(&|x| {
             if x.fract().abs() < 1e-9 { human_bytes(2f64.powf(*x) as u64) } else { String::new() }
         })
-        .y_label_formatter(&|ns| super::human_value(*ns, "ns"))
+        .y_label_formatter(&|ns| super::human_value(*ns, Unit::Ns))
         .draw()
         .map_err(err)?;
     for (dashed, set) in [(false, solid), (true, dashed_lines)] {
@@ -362,13 +372,36 @@ mod tests {
         for (i, s) in ["copy", "cow", "uffd"].into_iter().enumerate() {
             for size in [64u64 << 20, 256 << 20] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e3;
-                records.push(Record::value("clone", "clone_ns", s, size, "clone_ns", v, "ns"));
-                records.push(Record::value("clone", "x", s, size, "first_read_ns_per_page", 10.0 + v, "ns"));
+                records.push(Record::value(Suite::Clone, "clone_ns", s, size, "clone_ns", v, Unit::Ns));
+                records.push(Record::value(
+                    Suite::Clone,
+                    "x",
+                    s,
+                    size,
+                    "first_read_ns_per_page",
+                    10.0 + v,
+                    Unit::Ns,
+                ));
                 let bytes = size as f64 * (i as f64 + 1.0);
-                records.push(Record::value("clone", "x", s, size, "fanout16_total_bytes", bytes, "bytes"));
+                records.push(Record::value(
+                    Suite::Clone,
+                    "x",
+                    s,
+                    size,
+                    "fanout16_total_bytes",
+                    bytes,
+                    Unit::Bytes,
+                ));
             }
         }
-        records.push(Record::skipped("clone", "clone_ns", "reflink", 64 << 20, "clone_ns", "no reflink"));
+        records.push(Record::skipped(
+            Suite::Clone,
+            "clone_ns",
+            "reflink",
+            64 << 20,
+            "clone_ns",
+            "no reflink",
+        ));
         let dir = std::env::temp_dir().join(format!("vmfork-plot-test-{}", std::process::id()));
         let written = write_all(&records, &dir).unwrap();
         let names: Vec<_> =
@@ -392,11 +425,11 @@ mod tests {
             for size in [256u64 << 20, 1 << 30] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e2;
                 for m in ["restore_ns", "ready_ns", "touch_p50_ns", "touch_p99_ns"] {
-                    records.push(Record::value("snapshot", "written25", s, size, m, v, "ns"));
+                    records.push(Record::value(Suite::Snapshot, "written25", s, size, m, v, Unit::Ns));
                 }
             }
         }
-        records.push(Record::value("snapshot", "written25", "zstd", 1 << 30, "pause_ns", 1e5, "ns"));
+        records.push(Record::value(Suite::Snapshot, "written25", "zstd", 1 << 30, "pause_ns", 1e5, Unit::Ns));
         let dir = std::env::temp_dir().join(format!("vmfork-plot-snapshot-test-{}", std::process::id()));
         let written = write_all(&records, &dir).unwrap();
         let names: Vec<_> =
@@ -418,7 +451,7 @@ mod tests {
             for size in [256u64 << 20, 1 << 30] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e2;
                 for m in ["restore_ns", "ready_ns"] {
-                    records.push(Record::value("remote", "written25", s, size, m, v, "ns"));
+                    records.push(Record::value(Suite::Remote, "written25", s, size, m, v, Unit::Ns));
                 }
             }
         }

@@ -54,13 +54,13 @@ use std::time::{Duration, Instant};
 
 use super::delay::DelayProxy;
 use super::snapshot::{Contents, WorkDir, median, room, source_vm, text_area, write_text};
-use super::{BenchError, BenchOptions, Ratio, Record, find, human_bytes, sizes_of};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, find, human_bytes, sizes_of};
 use crate::memory::PAGE_SIZE;
 use crate::snapshot::cache::PackCache;
 use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
 use crate::snapshot::{self, RestoreOptions, Snapshot, TakeOptions};
 
-const SUITE: &str = "remote";
+const SUITE: Suite = Suite::Remote;
 /// `--quick`'s only size.
 const QUICK: usize = 64 << 20;
 /// The default sizes; each runs only where [`room`] finds space for it (both take about
@@ -324,21 +324,21 @@ fn measure_family(
     let no_prefetch = RestoreOptions { eager: false, no_prefetch: true };
     for ((col, _, prefix), (summary, pushed, push_ns)) in columns.iter().zip(taken) {
         eprintln!("    {col}: {summary}; pushed {} in {:.2} s", human_bytes(pushed), push_ns / 1e9);
-        let v = |metric: &str, value: f64, unit: &str| {
+        let v = |metric: &str, value: f64, unit: Unit| {
             Record::value(SUITE, "family", col, sz, metric, value, unit)
         };
-        out.push(v("pause_ns", summary.pause_ns as f64, "ns"));
-        out.push(v("write_ns", summary.write_secs * 1e9, "ns"));
-        out.push(v("new_bytes", summary.new_bytes as f64, "bytes"));
-        out.push(v("pushed_bytes", pushed as f64, "bytes"));
-        out.push(v("push_ns", push_ns, "ns"));
+        out.push(v("pause_ns", summary.pause_ns as f64, Unit::Ns));
+        out.push(v("write_ns", summary.write_secs * 1e9, Unit::Ns));
+        out.push(v("new_bytes", summary.new_bytes as f64, Unit::Bytes));
+        out.push(v("pushed_bytes", pushed as f64, Unit::Bytes));
+        out.push(v("push_ns", push_ns, Unit::Ns));
         let cache = PackCache { dir: dir.join(format!("cache-{col}")), limit_bytes: 16 << 30 };
         let open = || Snapshot::open_remote_with_cache(store.remote(prefix)?, cache.clone()).map_err(err);
         match restore_vm(open, &no_prefetch, Contents::Idle) {
             Ok((run, _)) => {
-                out.push(v("ready_ns", run.ready_ns, "ns"));
-                out.push(v("requests", run.requests as f64, "count"));
-                out.push(v("fetched_bytes", run.fetched_bytes as f64, "bytes"));
+                out.push(v("ready_ns", run.ready_ns, Unit::Ns));
+                out.push(v("requests", run.requests as f64, Unit::Count));
+                out.push(v("fetched_bytes", run.fetched_bytes as f64, Unit::Bytes));
             }
             Err(e) => out.push(Record::skipped(SUITE, "family", col, sz, "ready_ns", &e.0)),
         }
@@ -474,8 +474,8 @@ fn measure(
     }
     let _ = std::fs::remove_dir_all(&caches);
 
-    out.push(Record::value(SUITE, sc, "local", sz, "stored_bytes", summary.stored_bytes as f64, "bytes"));
-    out.push(Record::value(SUITE, sc, "local", sz, "packs", packs as f64, "count"));
+    out.push(Record::value(SUITE, sc, "local", sz, "stored_bytes", summary.stored_bytes as f64, Unit::Bytes));
+    out.push(Record::value(SUITE, sc, "local", sz, "packs", packs as f64, Unit::Count));
     for (i, k) in COLUMNS.into_iter().enumerate() {
         let name = k.name();
         if runs[i].is_empty() {
@@ -484,20 +484,28 @@ fn measure(
             continue;
         }
         let m = |f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
-        out.push(Record::value(SUITE, sc, name, sz, "restore_ns", m(|r| r.restore_ns), "ns"));
-        out.push(Record::value(SUITE, sc, name, sz, "ready_ns", m(|r| r.ready_ns), "ns"));
-        out.push(Record::value(SUITE, sc, name, sz, "faults", m(|r| r.faults as f64), "count"));
+        out.push(Record::value(SUITE, sc, name, sz, "restore_ns", m(|r| r.restore_ns), Unit::Ns));
+        out.push(Record::value(SUITE, sc, name, sz, "ready_ns", m(|r| r.ready_ns), Unit::Ns));
+        out.push(Record::value(SUITE, sc, name, sz, "faults", m(|r| r.faults as f64), Unit::Count));
         if k.prefetch() {
-            out.push(Record::value(SUITE, sc, name, sz, "prefetched", m(|r| r.prefetched as f64), "count"));
+            out.push(Record::value(
+                SUITE,
+                sc,
+                name,
+                sz,
+                "prefetched",
+                m(|r| r.prefetched as f64),
+                Unit::Count,
+            ));
         }
         if k.remote() {
-            out.push(Record::value(SUITE, sc, name, sz, "requests", m(|r| r.requests as f64), "count"));
+            out.push(Record::value(SUITE, sc, name, sz, "requests", m(|r| r.requests as f64), Unit::Count));
             let bytes = m(|r| r.fetched_bytes as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "fetched_bytes", bytes, "bytes"));
+            out.push(Record::value(SUITE, sc, name, sz, "fetched_bytes", bytes, Unit::Bytes));
             let fetched = m(|r| r.packs_fetched as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "packs_fetched", fetched, "count"));
+            out.push(Record::value(SUITE, sc, name, sz, "packs_fetched", fetched, Unit::Count));
             let hits = m(|r| r.cache_hits as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "pack_cache_hits", hits, "count"));
+            out.push(Record::value(SUITE, sc, name, sz, "pack_cache_hits", hits, Unit::Count));
         }
     }
     Ok(())

@@ -76,14 +76,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Ratio, Record, human_bytes};
+use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
 use crate::memory::uffd::{self, PageSource};
 use crate::memory::{Extent, GuestMemory, MemFile, MemoryOptions, PAGE_SIZE, Region, Strategy};
 use crate::snapshot::format::{Kind, is_zero};
 use crate::snapshot::{self, RestoreOptions, RestoreStats, Snapshot, TakeOptions};
 use crate::vmm::{Vm, VmConfig, VmState, Workload, guest};
 
-const SUITE: &str = "snapshot";
+const SUITE: Suite = Suite::Snapshot;
 /// `--quick`'s only size.
 const QUICK: usize = 64 << 20;
 /// The default sizes; each runs only where [`room`] finds space for it. Not 4 GiB: it
@@ -292,11 +292,11 @@ fn measure(
         cow_pauses.push(pause?);
     }
     let summary = summary.ok_or_else(|| err("no snapshot taken"))?;
-    out.push(Record::value(SUITE, sc, "zstd", sz, "pause_ns", median(pauses), "ns"));
-    out.push(Record::value(SUITE, sc, "zstd", sz, "write_mib_s", median(writes), "MiB/s"));
-    out.push(Record::value(SUITE, sc, "zstd", sz, "stored_bytes", summary.stored_bytes as f64, "bytes"));
-    out.push(Record::value(SUITE, sc, "zstd", sz, "ratio", summary.ratio, "x"));
-    out.push(Record::value(SUITE, sc, "cow-fork", sz, "pause_ns", median(cow_pauses), "ns"));
+    out.push(Record::value(SUITE, sc, "zstd", sz, "pause_ns", median(pauses), Unit::Ns));
+    out.push(Record::value(SUITE, sc, "zstd", sz, "write_mib_s", median(writes), Unit::MibPerSec));
+    out.push(Record::value(SUITE, sc, "zstd", sz, "stored_bytes", summary.stored_bytes as f64, Unit::Bytes));
+    out.push(Record::value(SUITE, sc, "zstd", sz, "ratio", summary.ratio, Unit::X));
+    out.push(Record::value(SUITE, sc, "cow-fork", sz, "pause_ns", median(cow_pauses), Unit::Ns));
 
     let nonzero = (summary.chunks - summary.zero_chunks) * TakeOptions::default().chunk_size as u64;
     let raw = match write_raw(&snap_dir, &raw_path) {
@@ -308,11 +308,11 @@ fn measure(
                 sz,
                 "write_mib_s",
                 sz as f64 / (1 << 20) as f64 / secs,
-                "MiB/s",
+                Unit::MibPerSec,
             ));
-            out.push(Record::value(SUITE, sc, "raw", sz, "stored_bytes", allocated as f64, "bytes"));
+            out.push(Record::value(SUITE, sc, "raw", sz, "stored_bytes", allocated as f64, Unit::Bytes));
             let ratio = if allocated == 0 { 0.0 } else { nonzero as f64 / allocated as f64 };
-            out.push(Record::value(SUITE, sc, "raw", sz, "ratio", ratio, "x"));
+            out.push(Record::value(SUITE, sc, "raw", sz, "ratio", ratio, Unit::X));
             Ok(())
         }
         Err(e) => {
@@ -387,8 +387,8 @@ fn measure(
             continue;
         }
         let m = |f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
-        out.push(Record::value(SUITE, sc, name, sz, "restore_ns", m(|r| r.restore_ns), "ns"));
-        out.push(Record::value(SUITE, sc, name, sz, "ready_ns", m(|r| r.ready_ns), "ns"));
+        out.push(Record::value(SUITE, sc, name, sz, "restore_ns", m(|r| r.restore_ns), Unit::Ns));
+        out.push(Record::value(SUITE, sc, name, sz, "ready_ns", m(|r| r.ready_ns), Unit::Ns));
         if runs[i][0].faults.is_some() {
             out.push(Record::value(
                 SUITE,
@@ -397,26 +397,26 @@ fn measure(
                 sz,
                 "faults",
                 m(|r| r.faults.unwrap_or(0) as f64),
-                "count",
+                Unit::Count,
             ));
         }
         if k == Restore::ZstdPrefetch {
             let v = m(|r| r.prefetched as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "prefetched", v, "count"));
+            out.push(Record::value(SUITE, sc, name, sz, "prefetched", v, Unit::Count));
         }
         match &ws_touches[i] {
             None => {}
-            Some(Ok(ns)) => out.push(Record::value(SUITE, sc, name, sz, "ws_touch_ns", *ns, "ns")),
+            Some(Ok(ns)) => out.push(Record::value(SUITE, sc, name, sz, "ws_touch_ns", *ns, Unit::Ns)),
             Some(Err(e)) => out.push(Record::skipped(SUITE, sc, name, sz, "ws_touch_ns", &e.0)),
         }
         match &touches[i] {
             None => {}
             Some(Ok(t)) => {
-                out.push(Record::value(SUITE, sc, name, sz, "touch_p50_ns", t.p50, "ns"));
-                out.push(Record::value(SUITE, sc, name, sz, "touch_p99_ns", t.p99, "ns"));
+                out.push(Record::value(SUITE, sc, name, sz, "touch_p50_ns", t.p50, Unit::Ns));
+                out.push(Record::value(SUITE, sc, name, sz, "touch_p99_ns", t.p99, Unit::Ns));
                 if let Some((p50, p99)) = t.server {
-                    out.push(Record::value(SUITE, sc, name, sz, "srv_p50_ns", p50, "ns"));
-                    out.push(Record::value(SUITE, sc, name, sz, "srv_p99_ns", p99, "ns"));
+                    out.push(Record::value(SUITE, sc, name, sz, "srv_p50_ns", p50, Unit::Ns));
+                    out.push(Record::value(SUITE, sc, name, sz, "srv_p99_ns", p99, Unit::Ns));
                 }
             }
             Some(Err(e)) => out.push(Record::skipped(SUITE, sc, name, sz, "touch_p50_ns", &e.0)),
@@ -916,7 +916,7 @@ mod tests {
     fn ratios_are_taken_at_each_size_against_their_targets() {
         let size = 256u64 << 20;
         let rec = |scenario: &str, strategy: &str, metric: &str, v: f64| {
-            Record::value(SUITE, scenario, strategy, size, metric, v, "ns")
+            Record::value(SUITE, scenario, strategy, size, metric, v, Unit::Ns)
         };
         let records = vec![
             rec("written25", "zstd-uffd", "touch_p50_ns", 30_000.0),

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, Record};
+use super::{BenchError, Record, Suite, Unit};
 use crate::memory::MemoryOptions;
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
@@ -103,7 +103,7 @@ pub fn run(records: &mut Vec<Record>) -> Result<(), BenchError> {
     if let Err(e) = kvm_ioctls::Kvm::new() {
         let why = format!("no usable /dev/kvm: {e}");
         for m in ["vm_start_ns", "pause_ns", "resume_ns"] {
-            records.push(Record::skipped("vm", m, "kvm", size, m, &why));
+            records.push(Record::skipped(Suite::Vm, m, "kvm", size, m, &why));
         }
         return Ok(());
     }
@@ -111,16 +111,16 @@ pub fn run(records: &mut Vec<Record>) -> Result<(), BenchError> {
     let is_vmfork = exe.file_name().is_some_and(|n| n == "vmfork");
     if is_vmfork {
         let t = vm_start(&exe, STARTS, None)?;
-        records.push(Record::value("vm", "start", "kvm", size, "vm_start_ns", median(t), "ns"));
+        records.push(Record::value(Suite::Vm, "start", "kvm", size, "vm_start_ns", median(t), Unit::Ns));
     } else {
         let why = "needs the vmfork binary (run `vmfork bench`)";
-        records.push(Record::skipped("vm", "start", "kvm", size, "vm_start_ns", why));
+        records.push(Record::skipped(Suite::Vm, "start", "kvm", size, "vm_start_ns", why));
     }
     for vcpus in [1, 2] {
         let (p, r) = pause_resume(vcpus, CYCLES)?;
         let scenario = format!("{vcpus}vcpu");
-        records.push(Record::value("vm", &scenario, "kvm", size, "pause_ns", median(p), "ns"));
-        records.push(Record::value("vm", &scenario, "kvm", size, "resume_ns", median(r), "ns"));
+        records.push(Record::value(Suite::Vm, &scenario, "kvm", size, "pause_ns", median(p), Unit::Ns));
+        records.push(Record::value(Suite::Vm, &scenario, "kvm", size, "resume_ns", median(r), Unit::Ns));
     }
     Ok(())
 }

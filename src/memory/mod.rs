@@ -27,10 +27,11 @@ pub mod reflink;
 pub mod transfer;
 pub mod uffd;
 
-use std::fmt;
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::names::Named;
 
 pub use file::{Advice, MFD_REFLINK, Mapping, MemFile, PAGE_SIZE, Share, check_size};
 
@@ -85,7 +86,7 @@ pub enum Error {
     /// The page server of a lazily filled memory is gone.
     #[error("the page server of this lazily cloned memory died; pages it never served are lost")]
     PageServerDied,
-    #[error("unknown clone strategy {0:?}: expected one of copy, cow, reflink, uffd, uffd-minor, auto")]
+    #[error("{}", crate::names::unknown::<Strategy>(.0))]
     UnknownStrategy(String),
     /// A worker of an eager copy panicked; the child's memory is incomplete.
     #[error("a guest memory copy worker panicked; the clone was abandoned")]
@@ -101,25 +102,37 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// How a clone is made. See the module documentation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+///
+/// [`Strategy::name`] is the one place a strategy's name is spelled: `FromStr`, serde
+/// (the API, fork messages, benchmark records) and the command line (`clap::ValueEnum`)
+/// all go through it ([`crate::names`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
     Copy,
     Cow,
     Reflink,
     Uffd,
-    #[serde(rename = "uffd-minor")]
     UffdMinor,
     Auto,
 }
 
 impl Strategy {
-    /// Every strategy that does real work (`auto` only picks one of them).
+    /// Every strategy that does real work (`auto` only picks one of them), in table order.
     pub const CONCRETE: [Strategy; 5] =
         [Strategy::Copy, Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor];
 
-    /// The name used on the command line and in benchmark records.
-    pub fn name(self) -> &'static str {
+    /// Every strategy: the concrete ones, then `auto`.
+    pub const ALL: [Strategy; 6] = [
+        Strategy::CONCRETE[0],
+        Strategy::CONCRETE[1],
+        Strategy::CONCRETE[2],
+        Strategy::CONCRETE[3],
+        Strategy::CONCRETE[4],
+        Strategy::Auto,
+    ];
+
+    /// The name used on the command line, in the API and in benchmark records.
+    pub const fn name(self) -> &'static str {
         match self {
             Strategy::Copy => "copy",
             Strategy::Cow => "cow",
@@ -128,6 +141,24 @@ impl Strategy {
             Strategy::UffdMinor => "uffd-minor",
             Strategy::Auto => "auto",
         }
+    }
+
+    /// The strategy's line of `--help`.
+    fn help(self) -> &'static str {
+        match self {
+            Strategy::Copy => "eager copy into a new memfd (the baseline)",
+            Strategy::Cow => "freeze the memory as immutable layers, both sides map them copy-on-write",
+            Strategy::Reflink => "FICLONE into a new memfd (needs vmfork's kernel patch)",
+            Strategy::Uffd => "the child's memory is filled lazily by a userfaultfd page server",
+            Strategy::UffdMinor => "a cow view whose first touch of each page goes through a page server",
+            Strategy::Auto => "reflink where the kernel has it, else cow",
+        }
+    }
+
+    /// Whether the child's memory is served lazily by a page server of the parent
+    /// (`uffd`, `uffd-minor`).
+    pub fn is_lazy(self) -> bool {
+        matches!(self, Strategy::Uffd | Strategy::UffdMinor)
     }
 
     /// Turns `auto` into the strategy it stands for on this kernel, with the reason.
@@ -142,24 +173,24 @@ impl Strategy {
     }
 }
 
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+impl Named for Strategy {
+    const KIND: &'static str = "clone strategy";
+
+    fn all() -> impl Iterator<Item = Self> {
+        Strategy::ALL.into_iter()
+    }
+
+    fn name(self) -> &'static str {
+        Strategy::name(self)
     }
 }
+
+crate::names::by_name!(Strategy, value_enum);
 
 impl FromStr for Strategy {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "copy" => Strategy::Copy,
-            "cow" => Strategy::Cow,
-            "reflink" => Strategy::Reflink,
-            "uffd" => Strategy::Uffd,
-            "uffd-minor" => Strategy::UffdMinor,
-            "auto" => Strategy::Auto,
-            other => return Err(Error::UnknownStrategy(other.to_string())),
-        })
+        Strategy::from_name(s).ok_or_else(|| Error::UnknownStrategy(s.to_string()))
     }
 }
 
@@ -430,5 +461,51 @@ impl Drop for Region {
         if let Some(fill) = self.lazy().take() {
             fill.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Strategy;
+
+    /// The names on the wire (API, fork messages, benchmark JSON): changing one breaks
+    /// saved reports and older peers, so they are pinned here.
+    const WIRE_NAMES: [&str; 6] = ["copy", "cow", "reflink", "uffd", "uffd-minor", "auto"];
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[arg(long, value_enum)]
+        strategy: Strategy,
+    }
+
+    #[test]
+    fn every_strategy_round_trips_by_one_name_everywhere() {
+        use clap::Parser;
+        assert_eq!(Strategy::ALL.map(Strategy::name), WIRE_NAMES);
+        assert_eq!(Strategy::ALL[..5], Strategy::CONCRETE);
+        crate::names::check_round_trips::<Strategy>();
+        crate::names::check_value_enum::<Strategy>();
+        for s in Strategy::ALL {
+            assert_eq!(s.name().parse::<Strategy>().unwrap(), s);
+            assert_eq!(Cli::try_parse_from(["t", "--strategy", s.name()]).unwrap().strategy, s);
+        }
+    }
+
+    #[test]
+    fn an_unknown_strategy_is_refused_with_the_list_everywhere() {
+        use clap::Parser;
+        let list = "copy, cow, reflink, uffd, uffd-minor, auto";
+        let e = "fork".parse::<Strategy>().unwrap_err().to_string();
+        assert!(e.contains(list), "{e}");
+        let e = serde_json::from_str::<Strategy>("\"uffd_minor\"").unwrap_err().to_string();
+        assert!(e.contains(list), "{e}");
+        let e = Cli::try_parse_from(["t", "--strategy", "fork"]).unwrap_err().to_string();
+        assert!(e.contains("[possible values: copy, cow, reflink, uffd, uffd-minor, auto]"), "{e}");
+    }
+
+    #[test]
+    fn the_lazy_strategies_are_the_page_served_ones() {
+        let lazy: Vec<_> = Strategy::ALL.into_iter().filter(|s| s.is_lazy()).collect();
+        assert_eq!(lazy, [Strategy::Uffd, Strategy::UffdMinor]);
     }
 }

@@ -12,6 +12,7 @@
 //!   stop (or guest reset / crash) ──► Stopped
 //! ```
 
+pub mod consts;
 pub mod devices;
 pub mod guest;
 pub mod linux;
@@ -32,6 +33,10 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::memory::GuestMemory;
+use consts::{
+    APIC_LVT_MASKED, APIC_LVT0, APIC_LVT1, APIC_MODE_EXTINT, APIC_MODE_MASK, APIC_MODE_NMI, APIC_MODE_SHIFT,
+    MSR_IA32_APICBASE, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, X2APIC_MSRS,
+};
 use devices::{Console, Devices, SerialSnapshot};
 pub use guest::{Report, Workload};
 pub use state::{VcpuState, VmState};
@@ -296,8 +301,8 @@ impl Vm {
             // keeps an ExtINT pending from the first instruction, while interrupts are
             // off; under nested KVM in QEMU TCG we saw boots stall at the entry point in
             // runs that had it unmasked (and not since masking it).
-            set_lvt(&mut lapic, 0x350, 0x1_0700);
-            set_lvt(&mut lapic, 0x360, 0x400);
+            set_lvt(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT, true);
+            set_lvt(&mut lapic, APIC_LVT1, APIC_MODE_NMI, false);
             v.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
             let entries: Vec<kvm_msr_entry> = linux::boot::BOOT_MSRS
                 .iter()
@@ -654,14 +659,15 @@ impl Vm {
     }
 }
 
-/// Sets the delivery mode (bits 8..=10) and mask (bit 16) of the local APIC LVT register
+/// Sets the delivery mode (`APIC_MODE_*`) and the mask bit of the local APIC LVT register
 /// at `offset`.
-fn set_lvt(lapic: &mut kvm_bindings::kvm_lapic_state, offset: usize, mode: u32) {
+fn set_lvt(lapic: &mut kvm_bindings::kvm_lapic_state, offset: usize, mode: u32, masked: bool) {
     let mut b = [0u8; 4];
     for (d, s) in b.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
         *d = *s as u8;
     }
-    let v = (u32::from_le_bytes(b) & !0x1_0700) | mode;
+    let mask = if masked { APIC_LVT_MASKED } else { 0 };
+    let v = (u32::from_le_bytes(b) & !(APIC_LVT_MASKED | APIC_MODE_MASK)) | (mode << APIC_MODE_SHIFT) | mask;
     for (d, s) in lapic.regs[offset..offset + 4].iter_mut().zip(v.to_le_bytes()) {
         *d = s as _;
     }
@@ -694,7 +700,7 @@ fn linux_msrs(listed: &[u32], vcpu: &VcpuFd) -> Vec<u32> {
     let mut out: Vec<u32> = listed
         .iter()
         .copied()
-        .filter(|&i| i != 0x1b && !(0x800..0x900).contains(&i))
+        .filter(|&i| i != MSR_IA32_APICBASE && !X2APIC_MSRS.contains(&i))
         .filter(|&index| {
             let Ok(mut m) = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]) else {
                 return false;
@@ -703,8 +709,8 @@ fn linux_msrs(listed: &[u32], vcpu: &VcpuFd) -> Vec<u32> {
         })
         .collect();
     out.sort_by_key(|&i| match i {
-        0x10 => 0,
-        0x6e0 => 2,
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
         _ => 1,
     });
     out
@@ -713,5 +719,45 @@ fn linux_msrs(listed: &[u32], vcpu: &VcpuFd) -> Vec<u32> {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names stand for exactly the numbers they replaced.
+    #[test]
+    fn named_registers_and_msrs_keep_their_values() {
+        let mut lapic = kvm_bindings::kvm_lapic_state::default();
+        lapic.regs[APIC_LVT0..APIC_LVT0 + 4].fill(0x55);
+        set_lvt(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT, true);
+        set_lvt(&mut lapic, APIC_LVT1, APIC_MODE_NMI, false);
+        let reg = |at: usize| u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[at + i] as u8));
+        assert_eq!(reg(0x350), (0x5555_5555 & !0x1_0700) | 0x1_0700, "LINT0: ExtINT, masked");
+        assert_eq!(reg(0x360), 0x400, "LINT1: NMI, not masked");
+        assert_eq!(linux::boot::BOOT_MSRS, [(0x1a0, 1), (0x2ff, 0x806)]);
+        let old_list = [
+            0x10,
+            0x174,
+            0x175,
+            0x176,
+            0x1a0,
+            0x277,
+            0xc000_0081,
+            0xc000_0082,
+            0xc000_0083,
+            0xc000_0084,
+            0xc000_0102,
+            0xc000_0103,
+            0x4b56_4d00,
+            0x4b56_4d01,
+            0x6e0,
+        ];
+        assert_eq!(state::MSRS_TO_SAVE, old_list);
+        assert_eq!((MSR_IA32_APICBASE, X2APIC_MSRS), (0x1b, 0x800..0x900));
+        let base = kvm_bindings::kvm_sregs::default();
+        assert_eq!(linux::boot::sregs(&base).efer, 0x500);
+        assert_eq!(guest::sregs(&base, false).efer, 0x501);
     }
 }

@@ -17,26 +17,31 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use super::consts::{
+    MSR_CSTAR, MSR_IA32_CR_PAT, MSR_IA32_MISC_ENABLE, MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_SYSENTER_ESP, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE, MSR_KERNEL_GS_BASE, MSR_KVM_SYSTEM_TIME_NEW,
+    MSR_KVM_WALL_CLOCK_NEW, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK, MSR_TSC_AUX,
+};
 use super::devices::SerialSnapshot;
 use super::{Error, Result, VmConfig, kvm_err};
 
 /// MSRs saved with a vCPU (those the host's KVM lists). TSC comes before TSC_DEADLINE.
 pub const MSRS_TO_SAVE: &[u32] = &[
-    0x10,        // IA32_TSC
-    0x174,       // IA32_SYSENTER_CS
-    0x175,       // IA32_SYSENTER_ESP
-    0x176,       // IA32_SYSENTER_EIP
-    0x1a0,       // IA32_MISC_ENABLE
-    0x277,       // IA32_PAT
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-    0xc000_0103, // TSC_AUX
-    0x4b56_4d00, // MSR_KVM_WALL_CLOCK_NEW
-    0x4b56_4d01, // MSR_KVM_SYSTEM_TIME_NEW
-    0x6e0,       // IA32_TSC_DEADLINE (last: needs the LAPIC and the TSC)
+    MSR_IA32_TSC,
+    MSR_IA32_SYSENTER_CS,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_MISC_ENABLE,
+    MSR_IA32_CR_PAT,
+    MSR_STAR,
+    MSR_LSTAR,
+    MSR_CSTAR,
+    MSR_SYSCALL_MASK,
+    MSR_KERNEL_GS_BASE,
+    MSR_TSC_AUX,
+    MSR_KVM_WALL_CLOCK_NEW,
+    MSR_KVM_SYSTEM_TIME_NEW,
+    MSR_IA32_TSC_DEADLINE, // last: needs the LAPIC and the TSC
 ];
 
 /// Everything KVM holds about one vCPU.

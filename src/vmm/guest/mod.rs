@@ -32,6 +32,7 @@ use std::str::FromStr;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use crate::memory::GuestMemory;
+use crate::vmm::consts::{EFER_LMA, EFER_LME, EFER_SCE};
 
 /// The assembled guest program (flat binary, loaded at [`CODE_GPA`]).
 pub const GUEST_BIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
@@ -386,7 +387,7 @@ pub fn sregs(base: &kvm_sregs, user: bool) -> kvm_sregs {
     s.cr3 = PML4_GPA;
     s.cr4 = 0x20 | 0x200 | 0x400; // PAE, OSFXSR, OSXMMEXCPT
     s.cr0 = 0x8005_0033; // PG, WP, NE, ET, MP, PE
-    s.efer = 0x501; // LMA, LME, SCE
+    s.efer = EFER_LMA | EFER_LME | EFER_SCE;
     s
 }
 

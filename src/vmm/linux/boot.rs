@@ -16,6 +16,10 @@ use super::{
     MIN_MEM, PML4_GPA, ZERO_PAGE_GPA,
 };
 use crate::memory::GuestMemory;
+use crate::vmm::consts::{
+    EFER_LMA, EFER_LME, MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING, MSR_MTRR_DEF_TYPE,
+    MTRR_DEF_TYPE_E, MTRR_TYPE_WRBACK,
+};
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -198,7 +202,7 @@ pub fn sregs(base: &kvm_sregs) -> kvm_sregs {
     s.cr3 = PML4_GPA;
     s.cr4 = 0x20; // PAE
     s.cr0 = 0x8000_0011; // PG, ET, PE
-    s.efer = 0x500; // LMA, LME
+    s.efer = EFER_LMA | EFER_LME;
     s
 }
 
@@ -220,7 +224,10 @@ pub fn fpu() -> kvm_fpu {
 }
 
 /// MSRs the boot vCPU starts with: fast strings on, MTRRs enabled with write-back default.
-pub const BOOT_MSRS: &[(u32, u64)] = &[(0x1a0, 1), (0x2ff, (1 << 11) | 6)];
+pub const BOOT_MSRS: &[(u32, u64)] = &[
+    (MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING),
+    (MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_E | MTRR_TYPE_WRBACK),
+];
 
 #[cfg(test)]
 mod tests {
