@@ -171,16 +171,18 @@ fn cow_reclone_copies_only_dirtied_pages() {
     }
     let (_second, _) = parent.clone_with(Strategy::Cow).unwrap();
     let mem_total = accounting::footprint(&[&parent, &_first, &_second]).unwrap();
-    // One full base plus the new 10-page layer; nothing else was copied.
-    assert_eq!(mem_total, (PAGES * PAGE_SIZE + 10 * PAGE_SIZE) as u64, "footprint after re-clone");
+    // One full base, the 10-page patch, and the 10 pages the parent wrote and the second
+    // child copied in, each its own; nothing else was copied.
+    assert_eq!(mem_total, (PAGES * PAGE_SIZE + 3 * 10 * PAGE_SIZE) as u64, "footprint after re-clone");
     assert_eq!(after_first.private_bytes, 0, "a fresh cow parent owns nothing privately");
     let layout = parent.regions()[0].layout();
     match &*layout {
-        vmfork::memory::Layout::Layers(extents) => assert_eq!(
-            extents.len(),
-            20,
-            "10 dirty runs (the first at page 0) split the base into 20 extents"
-        ),
+        vmfork::memory::Layout::Layers(image) => {
+            assert_eq!(image.extents.len(), 1, "a re-clone remaps nothing: the base stays one extent");
+            assert_eq!(image.patches.len(), 1);
+            let want: Vec<_> = (0..10).map(|i| (i * 100 * PAGE_SIZE, (i * 100 + 1) * PAGE_SIZE)).collect();
+            assert_eq!(image.patches[0].runs(), &want[..], "the patch holds exactly the dirtied pages");
+        }
         vmfork::memory::Layout::File(_) => panic!("a cloned cow parent is a layered view"),
     }
 }
@@ -400,7 +402,7 @@ fn page_map_runs_are_sorted_and_disjoint_over_large_memory() {
         parent.write((p * PAGE_SIZE) as u64, &[1]).unwrap();
     }
     let r = &parent.regions()[0];
-    let runs = accounting::anon_runs(r.host_addr() as usize, r.size()).unwrap();
+    let runs = accounting::resident_anon_runs(r.host_addr() as usize, r.size()).unwrap();
     assert_eq!(runs.len(), 656);
     for w in runs.windows(2) {
         assert!(w[0].1 < w[1].0, "runs out of order or touching: {w:?}");

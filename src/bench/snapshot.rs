@@ -77,6 +77,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
+use crate::memory::cow::Image;
 use crate::memory::uffd::{self, PageSource};
 use crate::memory::{Extent, GuestMemory, MemFile, MemoryOptions, PAGE_SIZE, Region, Strategy};
 use crate::snapshot::format::{Kind, is_zero};
@@ -653,7 +654,7 @@ fn restored_memory(
             let mut at = 0;
             for (gpa, len) in guest::ram_layout(file.size()) {
                 let extent = Extent { offset: 0, len, file: file.clone(), file_offset: at };
-                regions.push(Region::with_layers(gpa, len, vec![extent]).map_err(err)?);
+                regions.push(Region::with_layers(gpa, len, Image::from_extents(vec![extent])).map_err(err)?);
                 at += len;
             }
             Ok((GuestMemory::from_regions(regions, false).map_err(err)?, Served::None, state))

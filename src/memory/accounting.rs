@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -106,7 +105,9 @@ fn files_of(region: &Region) -> Vec<(Arc<MemFile>, usize)> {
     let layout = region.layout();
     let files: Vec<&Arc<MemFile>> = match &*layout {
         Layout::File(f) => vec![f],
-        Layout::Layers(extents) => extents.iter().map(|e| &e.file).collect(),
+        Layout::Layers(image) => {
+            image.extents.iter().map(|e| &e.file).chain(image.patches.iter().map(|p| p.file())).collect()
+        }
     };
     for f in files {
         match out.iter_mut().find(|(g, _)| Arc::ptr_eq(f, g)) {
@@ -117,109 +118,49 @@ fn files_of(region: &Region) -> Vec<(Arc<MemFile>, usize)> {
     out
 }
 
-/// Bytes of anonymous memory in the region's mapping.
+/// Bytes of anonymous memory resident in the region's mapping.
 pub fn anon_bytes(region: &Region) -> Result<u64> {
-    Ok(anon_runs(region.host_addr() as usize, region.size())?.iter().map(|(s, e)| (e - s) as u64).sum())
+    let runs = resident_anon_runs(region.host_addr() as usize, region.size())?;
+    Ok(runs.iter().map(|(s, e)| (e - s) as u64).sum())
 }
 
 /// Runs `[start, end)` (offsets from `addr`) of pages in `[addr, addr + len)` that are
-/// anonymous and present or swapped: in a `MAP_PRIVATE` file mapping, exactly the pages
-/// written since they were mapped.
+/// anonymous and present or swapped: in a `MAP_PRIVATE` file mapping, every page
+/// written since it was mapped. In a range whose writes are tracked ([`super::dirty`]),
+/// the uffd-WP markers of untouched pages look swapped too (Linux 6.18 reports them as
+/// `PAGE_IS_SWAPPED`, and `/proc/self/pagemap` as `PM_SWAP`), so there the runs are a
+/// superset; that is what a freeze needs (never less than was written), not a count.
 pub fn anon_runs(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
-    match scan_ioctl(addr, len) {
+    scan(addr, len, true)
+}
+
+/// Like [`anon_runs`], present pages only: what a mapping holds in memory now, the
+/// same with or without write tracking. Swapped-out pages are not counted.
+pub fn resident_anon_runs(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
+    scan(addr, len, false)
+}
+
+fn scan(addr: usize, len: usize, swapped: bool) -> Result<Vec<(usize, usize)>> {
+    use super::pagemap::{PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, Query};
+    // Not a file page, and present (or swapped).
+    let query = Query {
+        inverted: PAGE_IS_FILE,
+        all: PAGE_IS_FILE,
+        any: PAGE_IS_PRESENT | if swapped { PAGE_IS_SWAPPED } else { 0 },
+        ..Default::default()
+    };
+    match super::pagemap::scan(addr, len, query) {
         Ok(runs) => Ok(runs),
         Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => {
-            scan_pagemap_file(addr, len)
+            scan_pagemap_file(addr, len, swapped)
         }
         Err(e) => Err(Error::PageMap(e)),
     }
 }
 
-// Layout of `struct pm_scan_arg` and `struct page_region` (include/uapi/linux/fs.h).
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
-const PAGE_IS_FILE: u64 = 1 << 2;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-const PAGE_IS_SWAPPED: u64 = 1 << 4;
-
-fn scan_ioctl(addr: usize, len: usize) -> std::io::Result<Vec<(usize, usize)>> {
-    let pagemap = File::open("/proc/self/pagemap")?;
-    let mut buf = vec![PageRegion::default(); 1024];
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    let end = (addr + len) as u64;
-    let mut start = addr as u64;
-    while start < end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            start,
-            end,
-            vec: buf.as_mut_ptr() as u64,
-            vec_len: buf.len() as u64,
-            // Not a file page, and present or swapped.
-            category_inverted: PAGE_IS_FILE,
-            category_mask: PAGE_IS_FILE,
-            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
-            ..Default::default()
-        };
-        // SAFETY: `arg` is a correctly sized pm_scan_arg whose `vec` points at `buf`, which
-        // has room for `vec_len` page_region entries and outlives the call.
-        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // Seen on Linux 6.18: a call that reported every region up to `end` can still
-        // set `walk_end` short of them, so the next call reports some again. Keep only
-        // what lies beyond what was already covered.
-        let mut covered = runs.last().map_or(0, |r| r.1);
-        for r in &buf[..n as usize] {
-            let (s, e) = ((r.start as usize - addr).max(covered), r.end as usize - addr);
-            if s >= e {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(last) if last.1 == s => last.1 = e,
-                _ => runs.push((s, e)),
-            }
-            covered = e;
-        }
-        let next = arg.walk_end.max(addr as u64 + covered as u64);
-        if next <= start {
-            break;
-        }
-        start = next;
-    }
-    Ok(runs)
-}
-
-fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
+fn scan_pagemap_file(addr: usize, len: usize, swapped: bool) -> Result<Vec<(usize, usize)>> {
     const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
+    let swap_bit: u64 = if swapped { 1 << 62 } else { 0 };
     const FILE_OR_SHARED: u64 = 1 << 61;
     let pagemap = File::open("/proc/self/pagemap").map_err(Error::PageMap)?;
     let pages = len / PAGE_SIZE;
@@ -232,7 +173,7 @@ fn scan_pagemap_file(addr: usize, len: usize) -> Result<Vec<(usize, usize)>> {
         pagemap.read_exact_at(&mut raw[..batch * 8], at).map_err(Error::PageMap)?;
         for i in 0..batch {
             let e = u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            if e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0 {
+            if e & (PRESENT | swap_bit) != 0 && e & FILE_OR_SHARED == 0 {
                 let s = (page + i) * PAGE_SIZE;
                 match runs.last_mut() {
                     Some(last) if last.1 == s => last.1 = s + PAGE_SIZE,
@@ -274,10 +215,9 @@ mod tests {
             (30 * PAGE_SIZE, 31 * PAGE_SIZE),
             (63 * PAGE_SIZE, 64 * PAGE_SIZE),
         ];
-        assert_eq!(scan_pagemap_file(r.host_addr() as usize, r.size()).unwrap(), want);
-        match scan_ioctl(r.host_addr() as usize, r.size()) {
-            Ok(runs) => assert_eq!(runs, want),
-            Err(e) => eprintln!("skipping PAGEMAP_SCAN half: kernel lacks it ({e})"),
+        for swapped in [true, false] {
+            assert_eq!(scan_pagemap_file(r.host_addr() as usize, r.size(), swapped).unwrap(), want);
+            assert_eq!(scan(r.host_addr() as usize, r.size(), swapped).unwrap(), want);
         }
     }
 }

@@ -1,65 +1,160 @@
 //! `cow`: copy-on-write clones from immutable memfd layers, on any Linux.
 //!
 //! # Design
-//! A clone *freezes* the source: whatever it holds now becomes immutable, and both
-//! sides map that frozen image `MAP_PRIVATE`, so the kernel copies a page into anonymous
-//! memory of whichever side writes it first.
+//! A clone *freezes* the source: whatever it holds now becomes an immutable [`Image`],
+//! and both sides see that image copy-on-write, so the kernel copies a page into
+//! anonymous memory of whichever side writes it first.
 //!
 //! * First clone of a memory backed by its own file: the parent's view is remapped
 //!   `MAP_FIXED | MAP_PRIVATE` over the same file, which then has no writable shared
 //!   mapping left and is sealed (`F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL`)
-//!   so nothing can change it again. It is now layer 0. Cost: one remap, which zaps the
-//!   parent's page tables (page-table work grows with populated pages; huge pages keep
-//!   it small).
-//! * Every later clone of a copy-on-write view (the parent again, a child, a child of a
-//!   child) finds the pages written since the last freeze — the anonymous pages of the
-//!   view, from the page map — copies just those into a new, packed layer file, seals it
-//!   and remaps those runs over it. Cost grows with pages dirtied since the last clone,
-//!   not with memory size: a fan-out of N clones from one parent pays the remap once and
-//!   then only a page-map scan per clone.
-//! * A view is thus a list of [`Extent`]s, each a run of the region mapped from one
-//!   layer. Dirty runs closer than [`GAP_FILL`] are merged (copying the clean pages in
-//!   between) so scattered writes do not explode the extent count.
+//!   so nothing can change it again. It is now the image's one layer. Cost: one remap,
+//!   which zaps the parent's page tables (page-table work grows with populated pages;
+//!   huge pages keep it small).
+//! * The second freeze finds the pages written since from the page map (the view's
+//!   anonymous pages: the remap left none) and starts tracking writes
+//!   ([`super::dirty`]); later freezes ask the tracker.
+//! * Every later freeze of a copy-on-write view (the parent again, a child, a child of a
+//!   child) copies just the pages written since the view's last freeze into a new sealed
+//!   [`Patch`], packed back to back, and appends it to the image. Nothing of the view is
+//!   remapped: the view keeps its anonymous pages and its page tables, so the pause
+//!   grows with the pages written since the last clone, scattered or not, and not with
+//!   the memory's size or with how many clones came before.
+//! * A new view of an image (the child) maps the layers `MAP_PRIVATE` (one VMA per
+//!   layer extent, and a fresh image has one) and then copies the patches' pages into
+//!   its own mapping, oldest patch first. That work lands on the child, off the parent's
+//!   critical path; the child owns those pages privately, while the layers stay shared.
+//! * Patches pile up over many clones of a parent that keeps writing. Once an image
+//!   holds [`FOLD_AT`] of them, a background thread folds them into one patch holding
+//!   each page's newest copy; the next freeze swaps the fold in. Patches are immutable,
+//!   so folding needs no pause, and a child never applies more than about `2 * FOLD_AT`.
 //!
 //! # Limits
-//! * Each extent is a VMA, and `vm.max_map_count` (65530 by default) bounds VMAs per
-//!   process across all memories, so a region may use at most [`MAX_EXTENTS`]. Past that,
-//!   a freeze merges dirty runs across the smallest clean gaps (copying those clean pages
-//!   too), so widely scattered writes make a re-clone cost up to a full copy; and when
-//!   the view itself is used up it is flattened into one layer. Many fragmented memories
-//!   in one process (the in-process benchmark's fan-out) can still exhaust the map count:
-//!   the clone then fails with `ENOMEM` and the source is unchanged.
-//! * Sealed layers cannot punch holes: a page overwritten in every view that maps it
-//!   stays allocated in its old layer until every memory holding that layer is dropped.
-//!   Long chains that rewrite the same pages therefore accumulate garbage; flattening
-//!   reclaims it.
+//! * Where writes cannot be tracked (a kernel before 6.7, userfaultfd not allowed, or a
+//!   `uffd-minor` child whose range is registered with its page server), a freeze finds
+//!   written pages from the page map instead: all anonymous pages, i.e. every page
+//!   written since the view was made. That is correct, and proportional to what the view
+//!   wrote in its life rather than since its last freeze.
+//! * A child's patched pages are private to it: N children of a parent that wrote d
+//!   pages hold N copies of them (the layers stay shared). Pages are shared again only by
+//!   a future base made by reflink (`reflink`) or a new first freeze.
+//! * Read faults of a tracked view map one page at a time: the kernel turns fault-around
+//!   off for uffd-WP ranges, and PTE markers keep huge mappings out.
+//! * Sealed layers cannot punch holes: a page overwritten everywhere stays allocated in
+//!   its old layer until every memory holding that layer is dropped.
 //! * The source file must not be mapped shared and writable by another process, or the
 //!   seal fails (`EBUSY`) and the clone is refused with the parent untouched.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use super::accounting::anon_runs;
-use super::{Extent, Layout, MemFile, Region, Result, Share};
+use super::{Error, Extent, Layout, MemFile, PAGE_SIZE, Region, Result, Share};
 
-/// Dirty runs separated by at most this many clean bytes become one run.
-pub const GAP_FILL: usize = 64 << 10;
+/// Written runs separated by at most this many clean bytes are captured as one run
+/// (copying the clean pages between them): fewer, longer copies for the child to make.
+pub const GAP_FILL: usize = 4 * PAGE_SIZE;
 
-/// Extents (VMAs) one region may use: 32 regions fit `vm.max_map_count`'s default.
-/// A freeze that would exceed it merges dirty runs across clean gaps (copying the clean
-/// pages too) until it fits, and flattens the view into one layer when even that fails.
-pub const MAX_EXTENTS: usize = 2048;
+/// Patches an image may hold before a background fold of them starts.
+pub const FOLD_AT: usize = 8;
+
+/// What a region held at a freeze, immutable from then on: layer extents that tile the
+/// region, then patches laid over them, oldest first.
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// Runs of sealed layer files, in order of offset, covering the region.
+    pub extents: Vec<Extent>,
+    /// Pages written between freezes; a later patch wins over an earlier one.
+    pub patches: Vec<Arc<Patch>>,
+}
+
+impl Image {
+    /// An image made of layers alone.
+    pub fn from_extents(extents: Vec<Extent>) -> Self {
+        Image { extents, patches: Vec::new() }
+    }
+
+    /// Bytes of all patches (what a new view of the image copies).
+    pub fn patch_bytes(&self) -> usize {
+        self.patches.iter().map(|p| p.bytes()).sum()
+    }
+}
+
+/// Pages of a region written between two freezes, packed back to back in a sealed file.
+#[derive(Debug)]
+pub struct Patch {
+    file: Arc<MemFile>,
+    /// Region offsets `[start, end)`, sorted and disjoint; run `i` sits in the file right
+    /// after run `i - 1`.
+    runs: Vec<(usize, usize)>,
+}
+
+impl Patch {
+    /// A patch over `file`, checking that `runs` are page aligned, sorted, disjoint,
+    /// inside `region_size` and fit the file.
+    pub fn new(file: Arc<MemFile>, runs: Vec<(usize, usize)>, region_size: usize) -> Result<Self> {
+        let mut end = 0;
+        let mut total = 0usize;
+        for &(s, e) in &runs {
+            if s % PAGE_SIZE != 0 || e % PAGE_SIZE != 0 || s < end || e <= s || e > region_size {
+                return Err(Error::BadLayout(format!(
+                    "patch run {s:#x}..{e:#x} is not page aligned, sorted and inside the {region_size:#x}-byte region"
+                )));
+            }
+            end = e;
+            total += e - s;
+        }
+        if total > file.size() {
+            return Err(Error::SizeMismatch { what: "patch runs", expected: file.size(), got: total });
+        }
+        Ok(Patch { file, runs })
+    }
+
+    /// The sealed file holding the pages.
+    pub fn file(&self) -> &Arc<MemFile> {
+        &self.file
+    }
+
+    /// The region offsets the patch covers.
+    pub fn runs(&self) -> &[(usize, usize)] {
+        &self.runs
+    }
+
+    /// Bytes the patch holds.
+    pub fn bytes(&self) -> usize {
+        self.runs.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// Each run with where it sits in the file: `(start, end, file_offset)`.
+    pub fn placed(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        self.runs.iter().scan(0, |at, &(s, e)| {
+            let here = *at;
+            *at += e - s;
+            Some((s, e, here))
+        })
+    }
+}
+
+/// A fold of an image's oldest patches, running in the background.
+#[derive(Debug)]
+pub(super) struct Folding {
+    /// How many of the image's first patches it replaces.
+    count: usize,
+    worker: JoinHandle<Result<Patch>>,
+}
 
 /// Clones `src` copy-on-write.
 pub(super) fn clone_region(src: &Region) -> Result<Region> {
     src.materialize()?;
-    let extents = freeze(src)?;
-    Region::with_layers(src.guest_addr(), src.size(), extents)
+    let image = freeze(src)?;
+    Region::with_layers(src.guest_addr(), src.size(), image)
 }
 
-/// Makes the current contents of `region` immutable and returns the layers that hold
-/// them. The region keeps running as a copy-on-write view over those layers.
-pub fn freeze(region: &Region) -> Result<Vec<Extent>> {
+/// Makes the current contents of `region` immutable and returns the image that holds
+/// them. The region keeps running as a copy-on-write view of that image.
+pub fn freeze(region: &Region) -> Result<Image> {
     let mut layout = region.layout();
     let size = region.size();
     let map = region.mapping();
@@ -73,49 +168,135 @@ pub fn freeze(region: &Region) -> Result<Vec<Extent>> {
                 map.map_file(0, size, fd, 0, Share::Shared)?;
                 return Err(e);
             }
-            *layout = Layout::Layers(vec![Extent { offset: 0, len: size, file, file_offset: 0 }]);
+            *layout = Layout::Layers(Image::from_extents(vec![Extent {
+                offset: 0,
+                len: size,
+                file,
+                file_offset: 0,
+            }]));
         }
-        Layout::Layers(extents) => {
-            let runs = merge_close(anon_runs(map.as_ptr() as usize, size)?, GAP_FILL);
-            if !runs.is_empty() {
-                // Each new run can add two extents; stay within the budget by merging the
-                // runs closest together, or by flattening when the view is used up.
-                let room = MAX_EXTENTS.saturating_sub(extents.len()) / 2;
-                let placed = if room == 0 {
-                    write_layer(region, &[(0, size)])?
-                } else {
-                    write_layer(region, &fit_budget(runs, room))?
-                };
-                for p in &placed {
-                    p.map_private(map)?;
+        Layout::Layers(image) => {
+            collect_fold(region, image);
+            let mut tracker = region.tracker();
+            let tracked = tracker.as_ref().map(|t| t.take_written());
+            let runs = match tracked {
+                Some(Ok(runs)) => runs,
+                // A scan that failed part way may have protected pages it never reported:
+                // stop trusting the tracker and take every page written since the view
+                // was made, which is always enough.
+                Some(Err(_)) | None => {
+                    *tracker = None;
+                    anon_runs(map.as_ptr() as usize, size)?
                 }
-                *extents = overlay(extents, &placed);
+            };
+            drop(tracker);
+            let runs = merge_close(runs, GAP_FILL);
+            if !runs.is_empty() {
+                image.patches.push(Arc::new(write_patch(region, runs)?));
             }
+            start_fold(region, image);
+            // Tracking starts here rather than at the first freeze: right after that
+            // remap the view has no anonymous page, so the page map alone finds exactly
+            // what the second freeze needs, and the first clone stays one remap.
+            region.track_writes();
         }
     }
     match &*layout {
-        Layout::Layers(extents) => Ok(extents.clone()),
+        Layout::Layers(image) => Ok(image.clone()),
         Layout::File(_) => unreachable!("a frozen region is made of layers"),
     }
 }
 
-/// Copies the given runs of the region's current view into one new sealed layer, packed
-/// back to back, and returns the extents that now describe those runs.
-fn write_layer(region: &Region, runs: &[(usize, usize)]) -> Result<Vec<Extent>> {
+/// Copies the given runs of the region's current view into one new sealed patch.
+fn write_patch(region: &Region, runs: Vec<(usize, usize)>) -> Result<Patch> {
     let total = runs.iter().map(|(s, e)| e - s).sum();
-    let layer = Arc::new(MemFile::create("vmfork-layer", total)?);
-    let mut placed = Vec::with_capacity(runs.len());
+    let file = Arc::new(MemFile::create("vmfork-patch", total)?);
     let mut at = 0;
-    for &(s, e) in runs {
+    for &(s, e) in &runs {
         // SAFETY: [s, e) lies inside the region's mapping (runs come from its page map or
-        // are the whole region) and the region is not written during a clone.
+        // its write tracker) and the region is not written during a clone.
         let bytes = unsafe { std::slice::from_raw_parts(region.host_addr().add(s), e - s) };
-        layer.write_all_at(bytes, at as u64)?;
-        placed.push(Extent { offset: s, len: e - s, file: layer.clone(), file_offset: at });
+        file.write_all_at(bytes, at as u64)?;
         at += e - s;
     }
-    layer.seal_immutable()?;
-    Ok(placed)
+    file.seal_immutable()?;
+    Patch::new(file, runs, region.size())
+}
+
+/// Swaps a finished fold in for the patches it replaces. A fold that failed leaves the
+/// patches as they were: folding only saves work for later children.
+fn collect_fold(region: &Region, image: &mut Image) {
+    let mut fold = region.fold();
+    if !fold.as_ref().is_some_and(|f| f.worker.is_finished()) {
+        return;
+    }
+    let Some(done) = fold.take() else { return };
+    // Only freezes change `patches`, and they only append while a fold runs, so the
+    // first `count` patches are still the ones that were folded.
+    if let Ok(Ok(folded)) = done.worker.join() {
+        image.patches.splice(..done.count, [Arc::new(folded)]);
+    }
+}
+
+/// Starts folding the image's patches in the background once there are enough of them.
+fn start_fold(region: &Region, image: &Image) {
+    let mut fold = region.fold();
+    if fold.is_some() || image.patches.len() < FOLD_AT {
+        return;
+    }
+    let patches = image.patches.clone();
+    let size = region.size();
+    let spawned =
+        std::thread::Builder::new().name("vmfork-fold".into()).spawn(move || fold_patches(&patches, size));
+    // Without a thread the patches just stay as they are.
+    if let Ok(worker) = spawned {
+        *fold = Some(Folding { count: image.patches.len(), worker });
+    }
+}
+
+/// One patch holding, for every page any of `patches` covers, its newest copy.
+pub fn fold_patches(patches: &[Arc<Patch>], region_size: usize) -> Result<Patch> {
+    let pages = region_size / PAGE_SIZE;
+    let mut claimed = vec![false; pages];
+    // (region offset, patch, file offset) per page, newest patch first.
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, p) in patches.iter().enumerate().rev() {
+        for (s, e, at) in p.placed() {
+            let first = s / PAGE_SIZE;
+            for (page, taken) in claimed[first..e / PAGE_SIZE].iter_mut().enumerate() {
+                if !std::mem::replace(taken, true) {
+                    let page = first + page;
+                    pieces.push((page * PAGE_SIZE, i, at + page * PAGE_SIZE - s));
+                }
+            }
+        }
+    }
+    pieces.sort_unstable_by_key(|p| p.0);
+    let file = Arc::new(MemFile::create("vmfork-patch", pieces.len() * PAGE_SIZE)?);
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut buf = vec![0u8; 256 * PAGE_SIZE];
+    let mut k = 0;
+    while k < pieces.len() {
+        // A span: consecutive pages from consecutive offsets of one patch.
+        let (start, from, at) = pieces[k];
+        let mut n = 1;
+        while k + n < pieces.len()
+            && n < buf.len() / PAGE_SIZE
+            && pieces[k + n] == (start + n * PAGE_SIZE, from, at + n * PAGE_SIZE)
+        {
+            n += 1;
+        }
+        let bytes = &mut buf[..n * PAGE_SIZE];
+        patches[from].file.file().read_exact_at(bytes, at as u64).map_err(Error::File)?;
+        file.write_all_at(bytes, (k * PAGE_SIZE) as u64)?;
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = start + n * PAGE_SIZE,
+            _ => runs.push((start, start + n * PAGE_SIZE)),
+        }
+        k += n;
+    }
+    file.seal_immutable()?;
+    Patch::new(file, runs, region_size)
 }
 
 /// Merges runs whose gap is at most `gap` bytes.
@@ -130,130 +311,67 @@ fn merge_close(runs: Vec<(usize, usize)>, gap: usize) -> Vec<(usize, usize)> {
     out
 }
 
-/// Merges the runs separated by the smallest gaps until at most `max_runs` remain.
-fn fit_budget(runs: Vec<(usize, usize)>, max_runs: usize) -> Vec<(usize, usize)> {
-    if runs.len() <= max_runs {
-        return runs;
-    }
-    let mut gaps: Vec<usize> = runs.windows(2).map(|w| w[1].0 - w[0].1).collect();
-    gaps.sort_unstable();
-    let must_merge = runs.len() - max_runs.max(1);
-    merge_close(runs, gaps[must_merge - 1])
-}
-
-/// Lays `top` (sorted, non-overlapping) over `base` (sorted, covering the region) and
-/// merges neighbours that continue each other in the same file.
-fn overlay(base: &[Extent], top: &[Extent]) -> Vec<Extent> {
-    let mut out: Vec<Extent> = Vec::with_capacity(base.len() + 2 * top.len());
-    let mut push = |piece: &Extent, from: usize, to: usize| {
-        let e = Extent {
-            offset: from,
-            len: to - from,
-            file: piece.file.clone(),
-            file_offset: piece.file_offset + (from - piece.offset),
-        };
-        match out.last_mut() {
-            Some(last)
-                if Arc::ptr_eq(&last.file, &e.file)
-                    && last.end() == e.offset
-                    && last.file_offset + last.len == e.file_offset =>
-            {
-                last.len += e.len
-            }
-            _ => out.push(e),
-        }
-    };
-    let mut t = 0;
-    for b in base {
-        let mut pos = b.offset;
-        while pos < b.end() {
-            while t < top.len() && top[t].end() <= pos {
-                t += 1;
-            }
-            match top.get(t) {
-                Some(over) if over.offset <= pos => {
-                    let stop = over.end().min(b.end());
-                    push(over, pos, stop);
-                    pos = stop;
-                }
-                next => {
-                    let stop = next.map_or(b.end(), |over| over.offset.min(b.end()));
-                    push(b, pos, stop);
-                    pos = stop;
-                }
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::PAGE_SIZE;
 
-    fn file(pages: usize) -> Arc<MemFile> {
-        Arc::new(MemFile::create("t", pages * PAGE_SIZE).unwrap())
-    }
-
-    fn ext(offset: usize, len: usize, f: &Arc<MemFile>, file_offset: usize) -> Extent {
-        Extent {
-            offset: offset * PAGE_SIZE,
-            len: len * PAGE_SIZE,
-            file: f.clone(),
-            file_offset: file_offset * PAGE_SIZE,
-        }
-    }
-
-    /// Which (file, page) backs each page of the region.
-    fn resolve(extents: &[Extent], pages: usize) -> Vec<(*const MemFile, usize)> {
-        let mut out = Vec::new();
-        let mut next = 0;
-        for e in extents {
-            assert_eq!(e.offset, next, "extents must tile the region");
-            for p in 0..e.len / PAGE_SIZE {
-                out.push((Arc::as_ptr(&e.file), e.file_offset / PAGE_SIZE + p));
+    fn patch(pages: &[(usize, usize)], fill: u8) -> Arc<Patch> {
+        let runs: Vec<(usize, usize)> = pages.iter().map(|&(s, e)| (s * PAGE_SIZE, e * PAGE_SIZE)).collect();
+        let total: usize = runs.iter().map(|(s, e)| e - s).sum();
+        let file = Arc::new(MemFile::create("t", total).unwrap());
+        // Each page holds its fill byte and its region page number.
+        let mut at = 0;
+        for &(s, e) in &runs {
+            for off in (s..e).step_by(PAGE_SIZE) {
+                let mut page = vec![fill; PAGE_SIZE];
+                page[..8].copy_from_slice(&(off / PAGE_SIZE).to_le_bytes());
+                file.write_all_at(&page, at as u64).unwrap();
+                at += PAGE_SIZE;
             }
-            next = e.end();
         }
-        assert_eq!(out.len(), pages);
+        Arc::new(Patch::new(file, runs, 64 * PAGE_SIZE).unwrap())
+    }
+
+    /// The newest (fill byte, page number) per page a set of patches covers.
+    fn resolve(patches: &[Arc<Patch>]) -> Vec<Option<(u8, usize)>> {
+        let mut out = vec![None; 64];
+        for p in patches {
+            for (s, e, at) in p.placed() {
+                for off in (s..e).step_by(PAGE_SIZE) {
+                    let mut page = vec![0u8; PAGE_SIZE];
+                    p.file().file().read_exact_at(&mut page, (at + off - s) as u64).unwrap();
+                    let n = usize::from_le_bytes(page[..8].try_into().unwrap());
+                    out[off / PAGE_SIZE] = Some((page[100], n));
+                }
+            }
+        }
         out
     }
 
     #[test]
-    fn overlay_replaces_exactly_the_top_runs() {
-        let base_a = file(10);
-        let base_b = file(10);
-        let base = vec![ext(0, 6, &base_a, 0), ext(6, 10, &base_b, 2)];
-        let layer = file(5);
-        // A run inside one extent, one spanning the boundary, one at the very end.
-        let top = vec![ext(1, 2, &layer, 0), ext(5, 2, &layer, 2), ext(15, 1, &layer, 4)];
-        let got = overlay(&base, &top);
-        let mut want = resolve(&base, 16);
-        for t in &top {
-            for p in 0..t.len / PAGE_SIZE {
-                want[t.offset / PAGE_SIZE + p] = (Arc::as_ptr(&layer), t.file_offset / PAGE_SIZE + p);
-            }
+    fn a_fold_keeps_each_pages_newest_copy() {
+        let patches = vec![
+            patch(&[(0, 4), (10, 12)], 1),
+            patch(&[(2, 6)], 2),
+            patch(&[(11, 13), (63, 64)], 3),
+            patch(&[(0, 1)], 4),
+        ];
+        let folded = fold_patches(&patches, 64 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            folded.runs(),
+            &[(0, 6 * PAGE_SIZE), (10 * PAGE_SIZE, 13 * PAGE_SIZE), (63 * PAGE_SIZE, 64 * PAGE_SIZE)]
+        );
+        assert_eq!(resolve(&[Arc::new(folded)]), resolve(&patches));
+    }
+
+    #[test]
+    fn patches_refuse_runs_that_overlap_or_leave_the_region() {
+        let file = || Arc::new(MemFile::create("t", 4 * PAGE_SIZE).unwrap());
+        let p = PAGE_SIZE;
+        for runs in [vec![(0, 2 * p), (p, 3 * p)], vec![(0, 5 * p)], vec![(62 * p, 65 * p)], vec![(1, p)]] {
+            assert!(Patch::new(file(), runs.clone(), 64 * p).is_err(), "{runs:?}");
         }
-        assert_eq!(resolve(&got, 16), want);
-    }
-
-    #[test]
-    fn overlay_merges_contiguous_neighbours() {
-        let a = file(8);
-        let layer = file(8);
-        let got = overlay(&[ext(0, 8, &a, 0)], &[ext(0, 8, &layer, 0)]);
-        assert_eq!(got.len(), 1);
-        let got = overlay(&got, &[ext(2, 2, &layer, 2)]);
-        assert_eq!(got.len(), 1, "same file, same offsets: still one extent");
-    }
-
-    #[test]
-    fn fit_budget_merges_the_closest_runs_first() {
-        let runs = vec![(0, 1), (2, 3), (10, 11), (100, 101), (103, 104)];
-        assert_eq!(fit_budget(runs.clone(), 5), runs);
-        assert_eq!(fit_budget(runs.clone(), 3), vec![(0, 3), (10, 11), (100, 104)]);
-        assert_eq!(fit_budget(runs, 1), vec![(0, 104)]);
+        assert!(Patch::new(file(), vec![(0, p), (60 * p, 63 * p)], 64 * p).is_ok());
     }
 
     #[test]

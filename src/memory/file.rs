@@ -240,6 +240,45 @@ impl Mapping {
         Ok(())
     }
 
+    /// Fills `[offset, offset + len)` of the mapping with `len` bytes of `file` from
+    /// `file_offset` (pread(2) straight into the mapping: a private mapping copies each
+    /// page on write, so only this mapping sees the bytes).
+    pub fn fill_from(&self, offset: usize, len: usize, file: &File, file_offset: usize) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::BadRange { offset, len });
+        }
+        let mut done = 0;
+        while done < len {
+            // SAFETY: [offset + done, offset + len) lies inside this mapping (checked
+            // above), which is ours and readable and writable; guest memory is never
+            // held by a Rust reference, so writing it behind Rust's back is sound.
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    self.addr.as_ptr().add(offset + done).cast(),
+                    len - done,
+                    (file_offset + done) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    return Err(Error::File(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("file ends before offset {:#x}", file_offset + done),
+                    )));
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(Error::File(e));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Asks for transparent huge pages over the whole range (`MADV_HUGEPAGE`). Whether
     /// shmem uses them also depends on `/sys/kernel/mm/transparent_hugepage/shmem_enabled`.
     pub fn advise_huge(&self) -> Result<()> {

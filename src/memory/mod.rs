@@ -22,7 +22,9 @@
 pub mod accounting;
 pub mod copy;
 pub mod cow;
+mod dirty;
 mod file;
+mod pagemap;
 pub mod reflink;
 pub mod transfer;
 pub mod uffd;
@@ -208,10 +210,6 @@ pub struct Extent {
 }
 
 impl Extent {
-    fn end(&self) -> usize {
-        self.offset + self.len
-    }
-
     /// Maps this run of its layer copy-on-write at its place in `map`.
     fn map_private(&self, map: &Mapping) -> Result<()> {
         map.map_file(self.offset, self.len, self.file.file().as_raw_fd(), self.file_offset, Share::Private)
@@ -223,9 +221,10 @@ impl Extent {
 pub enum Layout {
     /// One writable file of its own, mapped `MAP_SHARED`.
     File(Arc<MemFile>),
-    /// A copy-on-write view: immutable (sealed) layer files mapped `MAP_PRIVATE`, in
-    /// order of offset, covering the region; pages written since are anonymous.
-    Layers(Vec<Extent>),
+    /// A copy-on-write view of the image of its last freeze: immutable (sealed) layer
+    /// files mapped `MAP_PRIVATE` and patches copied in; pages written since are
+    /// anonymous.
+    Layers(cow::Image),
 }
 
 /// One contiguous range of guest-physical memory.
@@ -242,6 +241,10 @@ pub struct Region {
     layout: Mutex<Layout>,
     /// Set while a uffd child is still being filled by its page server.
     lazy: Mutex<Option<uffd::LazyFill>>,
+    /// Pages written since the last freeze, where the kernel can track them.
+    tracker: Mutex<Option<dirty::WriteTracker>>,
+    /// A background fold of the image's patches.
+    fold: Mutex<Option<cow::Folding>>,
 }
 
 impl Region {
@@ -254,16 +257,56 @@ impl Region {
     pub fn with_file(guest_addr: u64, file: Arc<MemFile>) -> Result<Self> {
         let map = Mapping::reserve(file.size())?;
         map.map_file(0, file.size(), file.file().as_raw_fd(), 0, Share::Shared)?;
-        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::File(file)), lazy: Mutex::new(None) })
+        Ok(Self::assemble(guest_addr, map, Layout::File(file)))
     }
 
-    /// A region that maps immutable layers copy-on-write.
-    pub fn with_layers(guest_addr: u64, size: usize, extents: Vec<Extent>) -> Result<Self> {
+    /// A new copy-on-write view of `image`: its layers mapped `MAP_PRIVATE`, then its
+    /// patches copied in, oldest first (see [`cow`]).
+    pub fn with_layers(guest_addr: u64, size: usize, image: cow::Image) -> Result<Self> {
         let map = Mapping::reserve(size)?;
-        for e in &extents {
+        for e in &image.extents {
             e.map_private(&map)?;
         }
-        Ok(Region { guest_addr, map, layout: Mutex::new(Layout::Layers(extents)), lazy: Mutex::new(None) })
+        for p in &image.patches {
+            for (s, e, at) in p.placed() {
+                map.fill_from(s, e - s, p.file().file(), at)?;
+            }
+        }
+        Ok(Self::assemble(guest_addr, map, Layout::Layers(image)))
+    }
+
+    fn assemble(guest_addr: u64, map: Mapping, layout: Layout) -> Self {
+        Region {
+            guest_addr,
+            map,
+            layout: Mutex::new(layout),
+            lazy: Mutex::new(None),
+            tracker: Mutex::new(None),
+            fold: Mutex::new(None),
+        }
+    }
+
+    /// Whether writes to this region are tracked since its last freeze (so the next
+    /// freeze costs what was written since, see [`cow`]).
+    pub fn tracks_writes(&self) -> bool {
+        self.tracker().is_some()
+    }
+
+    fn tracker(&self) -> MutexGuard<'_, Option<dirty::WriteTracker>> {
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fold(&self) -> MutexGuard<'_, Option<cow::Folding>> {
+        self.fold.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts tracking writes, if not yet, on a region just frozen. Where the kernel
+    /// cannot, the next freeze falls back to the page map.
+    fn track_writes(&self) {
+        let mut tracker = self.tracker();
+        if tracker.is_none() {
+            *tracker = dirty::WriteTracker::start(self.host_addr() as usize, self.size()).ok();
+        }
     }
 
     /// First guest-physical address.

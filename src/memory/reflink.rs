@@ -55,8 +55,15 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
     match file {
         Some(file) => ficlone(&child, &file)?,
         None => {
-            for e in cow::freeze(src)? {
+            let image = cow::freeze(src)?;
+            for e in &image.extents {
                 ficlone_range(&child, &e.file, e.file_offset, e.len, e.offset)?;
+            }
+            // Later patches win: cloned over the layers in order.
+            for p in &image.patches {
+                for (s, e, at) in p.placed() {
+                    ficlone_range(&child, p.file(), at, e - s, s)?;
+                }
             }
         }
     }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
+use super::cow::{Image, Patch};
 use super::{Error, Extent, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result};
 
 /// Fds sent per message; below the kernel's `SCM_MAX_FD` (253).
@@ -45,8 +46,23 @@ pub struct RegionManifest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum LayoutManifest {
-    File { fd: usize },
-    Layers { extents: Vec<ExtentManifest> },
+    File {
+        fd: usize,
+    },
+    Layers {
+        extents: Vec<ExtentManifest>,
+        /// The image's patches, oldest first.
+        #[serde(default)]
+        patches: Vec<PatchManifest>,
+    },
+}
+
+/// One [`Patch`] of a layered region: its file and the region offsets `[start, end)`
+/// it holds, packed in that order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchManifest {
+    pub fd: usize,
+    pub runs: Vec<(usize, usize)>,
 }
 
 /// One [`Extent`] of a layered region.
@@ -75,8 +91,14 @@ impl GuestMemory {
             r.materialize()?;
             let layout = match &*r.layout() {
                 Layout::File(f) => LayoutManifest::File { fd: index(f) },
-                Layout::Layers(extents) => LayoutManifest::Layers {
-                    extents: extents
+                Layout::Layers(image) => LayoutManifest::Layers {
+                    patches: image
+                        .patches
+                        .iter()
+                        .map(|p| PatchManifest { fd: index(p.file()), runs: p.runs().to_vec() })
+                        .collect(),
+                    extents: image
+                        .extents
                         .iter()
                         .map(|e| ExtentManifest {
                             offset: e.offset,
@@ -114,7 +136,7 @@ impl GuestMemory {
                     }
                     Region::with_file(rm.guest_addr, f)?
                 }
-                LayoutManifest::Layers { extents } => {
+                LayoutManifest::Layers { extents, patches } => {
                     let mut next = 0;
                     let mut out = Vec::with_capacity(extents.len());
                     for e in extents {
@@ -136,7 +158,12 @@ impl GuestMemory {
                     if next != rm.size {
                         return Err(bad(format!("extents cover {next} of {} bytes", rm.size)));
                     }
-                    Region::with_layers(rm.guest_addr, rm.size, out)?
+                    let patches = patches
+                        .iter()
+                        .map(|p| Patch::new(file(p.fd)?, p.runs.clone(), rm.size).map(Arc::new))
+                        .collect::<Result<Vec<_>>>()
+                        .map_err(|e| bad(format!("patch: {e}")))?;
+                    Region::with_layers(rm.guest_addr, rm.size, Image { extents: out, patches })?
                 }
             };
             regions.push(region);
@@ -267,11 +294,18 @@ mod tests {
             regions: vec![RegionManifest { guest_addr: 0, size: 4 * PAGE_SIZE, layout }],
         };
         let ext = |offset, len, fd, file_offset| ExtentManifest { offset, len, fd, file_offset };
+        let whole = || vec![ext(0, 4 * PAGE_SIZE, 0, 0)];
+        let layers = |extents, patches| LayoutManifest::Layers { extents, patches };
+        let patch = |fd, runs| PatchManifest { fd, runs };
         for m in [
             region(LayoutManifest::File { fd: 1 }),
-            region(LayoutManifest::Layers { extents: vec![ext(0, 2 * PAGE_SIZE, 0, 0)] }),
-            region(LayoutManifest::Layers { extents: vec![ext(0, 4 * PAGE_SIZE, 0, PAGE_SIZE)] }),
-            region(LayoutManifest::Layers { extents: vec![ext(PAGE_SIZE, 3 * PAGE_SIZE, 0, 0)] }),
+            region(layers(vec![ext(0, 2 * PAGE_SIZE, 0, 0)], vec![])),
+            region(layers(vec![ext(0, 4 * PAGE_SIZE, 0, PAGE_SIZE)], vec![])),
+            region(layers(vec![ext(PAGE_SIZE, 3 * PAGE_SIZE, 0, 0)], vec![])),
+            // Patches: overlapping runs, a run past the region, more bytes than the file.
+            region(layers(whole(), vec![patch(0, vec![(0, 2 * PAGE_SIZE), (PAGE_SIZE, 3 * PAGE_SIZE)])])),
+            region(layers(whole(), vec![patch(0, vec![(3 * PAGE_SIZE, 5 * PAGE_SIZE)])])),
+            region(layers(whole(), vec![patch(1, vec![(0, PAGE_SIZE)])])),
         ] {
             let e = GuestMemory::from_manifest(&m, f()).unwrap_err();
             assert!(matches!(e, Error::BadManifest(_)), "{m:?}: {e}");

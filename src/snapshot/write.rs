@@ -197,8 +197,8 @@ pub fn take(
         let mut images = Vec::new();
         for r in vm.memory().regions() {
             r.materialize()?;
-            let layers = cow::freeze(r)?;
-            images.push(Region::with_layers(r.guest_addr(), r.size(), layers)?);
+            let image = cow::freeze(r)?;
+            images.push(Region::with_layers(r.guest_addr(), r.size(), image)?);
         }
         Ok((state, images))
     })();

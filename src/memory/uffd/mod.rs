@@ -85,7 +85,7 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
     // SAFETY: `child` maps `file` at its host address, the target lives with the region,
     // and guest memory is never held by a Rust reference while it fills (see `Region`).
     let target = unsafe { LazyTarget::register(&file, child.host_addr() as usize) }?;
-    serve_here(child, target, Fill::Copy(image))
+    serve_here(child, target, Fill::Copy(Box::new(image)))
 }
 
 /// Clones `src` as a `cow` view whose pages reach the child through minor faults:
@@ -437,16 +437,20 @@ impl GuestMemory {
         let mut regions = Vec::with_capacity(self.regions().len());
         for r in self.regions() {
             r.materialize()?;
-            let layers = cow::freeze(r)?;
+            let image = cow::freeze(r)?;
             match strategy {
                 Strategy::Uffd => {
-                    fills.push(Some(Fill::Copy(Region::with_layers(r.guest_addr(), r.size(), layers)?)));
+                    fills.push(Some(Fill::Copy(Box::new(Region::with_layers(
+                        r.guest_addr(),
+                        r.size(),
+                        image,
+                    )?))));
                     let file = Arc::new(MemFile::create("vmfork-uffd", r.size())?);
                     regions.push(Region::with_file(r.guest_addr(), file)?);
                 }
                 Strategy::UffdMinor => {
                     fills.push(Some(Fill::Continue));
-                    regions.push(Region::with_layers(r.guest_addr(), r.size(), layers)?);
+                    regions.push(Region::with_layers(r.guest_addr(), r.size(), image)?);
                 }
                 other => return Err(Error::BadLayout(format!("{other} is not a lazy strategy"))),
             }
@@ -564,7 +568,7 @@ fn holes(file: &MemFile) -> Vec<(usize, usize)> {
 /// Where served pages come from.
 enum Fill {
     /// Copied from this image of the clone instant.
-    Copy(Region),
+    Copy(Box<Region>),
     /// Already in the page cache; only mapped.
     Continue,
     /// Produced on demand (decoded from a snapshot).

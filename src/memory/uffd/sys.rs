@@ -22,12 +22,23 @@ const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// uffd-WP on shmem (and hugetlbfs) mappings, private ones included.
+pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// Write-protecting a range also covers its unpopulated pages (with PTE markers).
+pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// A write to a write-protected page is let through by the kernel itself, which only
+/// notes that the page was written (read back with `PAGEMAP_SCAN`): no message, no
+/// server.
+pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
 /// Which faults a range reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// No page in the page cache (shmem) or page table: fill with `UFFDIO_COPY`.
     Missing = 1,
+    /// A write to a write-protected page (with [`FEATURE_WP_ASYNC`], resolved by the
+    /// kernel and only recorded).
+    WriteProtect = 2,
     /// The page is in the page cache but not mapped here: map it with `UFFDIO_CONTINUE`.
     Minor = 4,
 }
