@@ -3,7 +3,10 @@
 //! Per size and strategy, on a fully written source:
 //! * `clone_ns`: the first clone of the source (for cow this includes turning the whole
 //!   source into a base, the remap that zaps its page tables);
-//! * `reclone_ns`: a second clone after the source dirtied 1% of its pages;
+//! * `reclone_ns`: a second clone after the source dirtied 1% of its pages (scattered:
+//!   every 100th page);
+//! * `reclone_series_p50_ns`, `reclone_series_max_ns`: 100 more re-clones (20 with
+//!   `--quick`), each after the source wrote another, shifted 1% of its pages;
 //! * `first_read_ns_per_page`, `first_write_ns_per_page`: touching every page of a fresh
 //!   child once (one byte per page);
 //! * `child_private_bytes`: what an idle child owns alone;
@@ -21,6 +24,9 @@ use crate::memory::{GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, accounting,
 
 const SUITE: Suite = Suite::Clone;
 
+/// Re-clones in the series after the first re-clone (fewer with `--quick`).
+const RECLONES: usize = 100;
+
 pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
     let sizes = if !opts.sizes.is_empty() {
         opts.sizes.clone()
@@ -34,7 +40,8 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         eprintln!("clone suite at {}", human_bytes(size as u64));
         native(size, opts.huge_pages, out);
         for strategy in Strategy::CONCRETE {
-            if let Err(e) = one_strategy(strategy, size, &mem_opts, out) {
+            let reclones = if opts.quick { 20 } else { RECLONES };
+            if let Err(e) = one_strategy(strategy, size, &mem_opts, reclones, out) {
                 eprintln!("  {strategy}: {e}");
                 out.push(Record::skipped(
                     SUITE,
@@ -63,6 +70,7 @@ fn one_strategy(
     strategy: Strategy,
     size: usize,
     opts: &MemoryOptions,
+    reclones: usize,
     out: &mut Vec<Record>,
 ) -> crate::memory::Result<()> {
     let name = strategy.name();
@@ -151,6 +159,27 @@ fn one_strategy(
     let (again, _) = source.clone_with(strategy)?;
     put(out, "reclone_ns", t.elapsed().as_nanos() as f64, Unit::Ns);
     drop(again);
+
+    // Many more, each after another 1% of the pages were written (a different 1% each
+    // time, so the pages written since the first clone keep growing): does a re-clone
+    // keep costing what was written since the last one?
+    eprintln!("  {name}: {reclones} re-clones of a source that keeps writing");
+    let mut times = Vec::with_capacity(reclones);
+    for round in 1..=reclones {
+        let shift = (round * 37) % 100;
+        for p in (shift..pages).step_by(100) {
+            source.write((p * PAGE_SIZE) as u64, &[round as u8])?;
+        }
+        let t = Instant::now();
+        let (again, _) = source.clone_with(strategy)?;
+        times.push(t.elapsed().as_nanos() as f64);
+        drop(again);
+    }
+    times.sort_by(f64::total_cmp);
+    if let (Some(&max), false) = (times.last(), times.is_empty()) {
+        put(out, "reclone_series_p50_ns", times[times.len() / 2], Unit::Ns);
+        put(out, "reclone_series_max_ns", max, Unit::Ns);
+    }
 
     Ok(())
 }
