@@ -188,6 +188,51 @@ fn cow_reclone_copies_only_dirtied_pages() {
 }
 
 #[test]
+fn many_reclones_of_a_parent_that_writes_everywhere_stay_exact_and_bounded() {
+    // Each round writes a different 1/8 of the pages, so after a few rounds the pages
+    // written since the first clone cover the whole memory: folds must turn into a new
+    // layer rather than a patch every child copies in, and every child must still hold
+    // exactly what the parent held at its clone.
+    let parent = new_memory(PAGES);
+    stamp(&parent, 1, 1);
+    let mut kept = Vec::new();
+    for round in 0..40usize {
+        for p in ((round % 8)..PAGES).step_by(8) {
+            parent.write((p * PAGE_SIZE) as u64, &(round as u64 + 100).to_le_bytes()).unwrap();
+        }
+        let want = checksums(&parent);
+        let (child, _) = parent.clone_with(Strategy::Cow).unwrap();
+        assert_eq!(checksums(&child), want, "child of round {round}");
+        if round % 5 == 0 {
+            kept.push((child, want));
+        }
+        // Let background folds finish now and then, as they would between real forks.
+        if round % 4 == 3 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    for (i, (child, want)) in kept.iter().enumerate() {
+        assert_eq!(&checksums(child), want, "kept child {i} changed after later clones");
+    }
+    let layout = parent.regions()[0].layout();
+    match &*layout {
+        vmfork::memory::Layout::Layers(image) => {
+            assert!(
+                image.patches.len() <= 2 * vmfork::memory::cow::FOLD_AT,
+                "{} patches",
+                image.patches.len()
+            );
+            assert!(
+                image.patch_bytes() < PAGES * PAGE_SIZE,
+                "patches hold {} bytes: a child would copy the whole memory in",
+                image.patch_bytes()
+            );
+        }
+        vmfork::memory::Layout::File(_) => panic!("a cloned cow parent is a layered view"),
+    }
+}
+
+#[test]
 fn idle_cow_clones_share_everything() {
     let parent = new_memory(PAGES);
     stamp(&parent, 1, 1);

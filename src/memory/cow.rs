@@ -60,6 +60,12 @@ pub const GAP_FILL: usize = 4 * PAGE_SIZE;
 /// Patches an image may hold before a background fold of them starts.
 pub const FOLD_AT: usize = 8;
 
+/// A fold covering more than this share of the region (1/`FLATTEN_DIV`) becomes a
+/// whole new layer instead of a patch: a child maps a layer but copies a patch in, so
+/// a patch that kept growing with a parent that writes everywhere would bring back a
+/// full copy per clone.
+pub const FLATTEN_DIV: usize = 16;
+
 /// What a region held at a freeze, immutable from then on: layer extents that tile the
 /// region, then patches laid over them, oldest first.
 #[derive(Clone, Debug)]
@@ -142,7 +148,17 @@ impl Patch {
 pub(super) struct Folding {
     /// How many of the image's first patches it replaces.
     count: usize,
-    worker: JoinHandle<Result<Patch>>,
+    worker: JoinHandle<Result<Folded>>,
+}
+
+/// What a fold made of an image's oldest patches.
+#[derive(Debug)]
+pub enum Folded {
+    /// A patch holding each page's newest copy, to replace them.
+    Patch(Patch),
+    /// A sealed file of the whole region (the extents with those patches applied), to
+    /// replace the extents and those patches.
+    Layer(Arc<MemFile>),
 }
 
 /// Clones `src` copy-on-write.
@@ -233,8 +249,16 @@ fn collect_fold(region: &Region, image: &mut Image) {
     let Some(done) = fold.take() else { return };
     // Only freezes change `patches`, and they only append while a fold runs, so the
     // first `count` patches are still the ones that were folded.
-    if let Ok(Ok(folded)) = done.worker.join() {
-        image.patches.splice(..done.count, [Arc::new(folded)]);
+    match done.worker.join() {
+        Ok(Ok(Folded::Patch(folded))) => {
+            image.patches.splice(..done.count, [Arc::new(folded)]);
+        }
+        Ok(Ok(Folded::Layer(file))) => {
+            image.patches.drain(..done.count);
+            let len = file.size();
+            image.extents = vec![Extent { offset: 0, len, file, file_offset: 0 }];
+        }
+        _ => {}
     }
 }
 
@@ -245,13 +269,51 @@ fn start_fold(region: &Region, image: &Image) {
         return;
     }
     let patches = image.patches.clone();
+    let extents = image.extents.clone();
     let size = region.size();
-    let spawned =
-        std::thread::Builder::new().name("vmfork-fold".into()).spawn(move || fold_patches(&patches, size));
+    let spawned = std::thread::Builder::new().name("vmfork-fold".into()).spawn(move || {
+        let patch = fold_patches(&patches, size)?;
+        if patch.bytes() <= size / FLATTEN_DIV {
+            return Ok(Folded::Patch(patch));
+        }
+        flatten(&extents, &patch, size).map(Folded::Layer)
+    });
     // Without a thread the patches just stay as they are.
     if let Ok(worker) = spawned {
         *fold = Some(Folding { count: image.patches.len(), worker });
     }
+}
+
+/// A sealed file of the whole region: `extents` with `patch` laid over them. Pages that
+/// read as zeroes are left as holes, so a sparse memory stays sparse.
+pub fn flatten(extents: &[Extent], patch: &Patch, region_size: usize) -> Result<Arc<MemFile>> {
+    const CHUNK: usize = 512 * PAGE_SIZE;
+    let file = Arc::new(MemFile::create("vmfork-layer", region_size)?);
+    let mut buf = vec![0u8; CHUNK];
+    for x in extents {
+        let mut done = 0;
+        while done < x.len {
+            let n = CHUNK.min(x.len - done);
+            let bytes = &mut buf[..n];
+            x.file.file().read_exact_at(bytes, (x.file_offset + done) as u64).map_err(Error::File)?;
+            if bytes.iter().any(|&b| b != 0) {
+                file.write_all_at(bytes, (x.offset + done) as u64)?;
+            }
+            done += n;
+        }
+    }
+    for (s, e, at) in patch.placed() {
+        let mut done = 0;
+        while s + done < e {
+            let n = CHUNK.min(e - s - done);
+            let bytes = &mut buf[..n];
+            patch.file().file().read_exact_at(bytes, (at + done) as u64).map_err(Error::File)?;
+            file.write_all_at(bytes, (s + done) as u64)?;
+            done += n;
+        }
+    }
+    file.seal_immutable()?;
+    Ok(file)
 }
 
 /// One patch holding, for every page any of `patches` covers, its newest copy.
@@ -362,6 +424,40 @@ mod tests {
             &[(0, 6 * PAGE_SIZE), (10 * PAGE_SIZE, 13 * PAGE_SIZE), (63 * PAGE_SIZE, 64 * PAGE_SIZE)]
         );
         assert_eq!(resolve(&[Arc::new(folded)]), resolve(&patches));
+    }
+
+    #[test]
+    fn a_flattened_layer_holds_the_extents_under_the_folded_patch() {
+        // Two extents from two layers: pages 0..32 from a layer of 7s, 32..64 from the
+        // second half of a layer of 9s.
+        let layer = |fill: u8, pages: usize| {
+            let f = Arc::new(MemFile::create("t", pages * PAGE_SIZE).unwrap());
+            f.write_all_at(&vec![fill; pages * PAGE_SIZE], 0).unwrap();
+            f
+        };
+        let extents = vec![
+            Extent { offset: 0, len: 32 * PAGE_SIZE, file: layer(7, 32), file_offset: 0 },
+            Extent {
+                offset: 32 * PAGE_SIZE,
+                len: 32 * PAGE_SIZE,
+                file: layer(9, 64),
+                file_offset: 32 * PAGE_SIZE,
+            },
+        ];
+        let patches = vec![patch(&[(1, 3), (40, 41)], 1), patch(&[(2, 4)], 2)];
+        let folded = fold_patches(&patches, 64 * PAGE_SIZE).unwrap();
+        let flat = flatten(&extents, &folded, 64 * PAGE_SIZE).unwrap();
+        let newest = resolve(&patches);
+        for (page, newest) in newest.iter().enumerate() {
+            let mut got = vec![0u8; PAGE_SIZE];
+            flat.file().read_exact_at(&mut got, (page * PAGE_SIZE) as u64).unwrap();
+            let want = match *newest {
+                Some((fill, _)) => fill,
+                None if page < 32 => 7,
+                None => 9,
+            };
+            assert_eq!(got[100], want, "page {page}");
+        }
     }
 
     #[test]
