@@ -328,6 +328,16 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             ">= 1000",
             |v| v >= 1000.0,
         );
+        // A re-clone should cost what was written since the last one, over a long series
+        // too: at 1 % written, a twentieth of an eager copy or less.
+        for s in ["cow", "reflink", "uffd", "uffd-minor"] {
+            push(
+                &format!("copy/{s} reclone_series_p50_ns"),
+                ratio(value("copy", "reclone_series_p50_ns", size), value(s, "reclone_series_p50_ns", size)),
+                ">= 20",
+                |v| v >= 20.0,
+            );
+        }
         push(
             "cow/native first_read_ns_per_page",
             ratio(
