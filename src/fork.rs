@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -171,11 +171,6 @@ pub struct Child {
     pub timings: Timings,
 }
 
-/// Page servers a parent runs for its lazily filled children, each with its end of the
-/// socket to the child: the child takes that socket closing as the parent's death. They
-/// live as long as the parent process.
-static PAGE_SERVERS: Mutex<Vec<(RemoteSource, UnixStream)>> = Mutex::new(Vec::new());
-
 /// Forks `vm` (named `parent`) into a new process named `child`.
 pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strategy) -> Result<Child> {
     if private {
@@ -202,6 +197,8 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
     let process = spawn_child(child, theirs)?;
     let hello =
         Hello { name: child.to_string(), parent: parent.to_string(), strategy, state, sent_ns: ns(t0) };
+    // A lazily filled child's page servers, once the parent's VM serves them.
+    let mut served = None;
     let handoff = || -> std::io::Result<Ready> {
         let json = serde_json::to_vec(&hello).map_err(std::io::Error::other)?;
         send_with_fds(&ours, &json, &[])?;
@@ -210,8 +207,7 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
             Frozen::Lazy(mut source, child_memory) => {
                 child_memory.send(&ours).map_err(std::io::Error::other)?;
                 source.serve_handed_back(&ours).map_err(std::io::Error::other)?;
-                let keep = ours.try_clone()?;
-                PAGE_SERVERS.lock().unwrap_or_else(|p| p.into_inner()).push((source, keep));
+                served = Some(vm.page_servers().adopt(source, ours.try_clone()?));
             }
         }
         let mut line = String::new();
@@ -220,12 +216,19 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
     };
     let outcome = handoff();
     // The child outlives this request; reap it when it exits, and end it if the handoff
-    // failed halfway (it would wait for the rest forever otherwise).
+    // failed halfway (it would wait for the rest forever otherwise). Its page servers
+    // serve nobody once it has exited: they go with it.
     let mut process = process;
     if !matches!(outcome, Ok(Ready { ok: true, .. })) {
         let _ = process.kill();
     }
-    std::thread::spawn(move || process.wait());
+    let page_servers = served.map(|key| (vm.page_servers().clone(), key));
+    std::thread::spawn(move || {
+        let _ = process.wait();
+        if let Some((servers, key)) = page_servers {
+            servers.release(key);
+        }
+    });
     let ready = outcome.map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Unresponsive {
             log: child_log(child).map_or_else(|e| e.to_string(), |p| p.display().to_string()),

@@ -246,3 +246,73 @@ fn a_forked_child_reseeds_its_random_stream_from_fresh_entropy() {
         assert_ne!(parent[k].0, *sum, "at counter {k} the child still touches the parent's random pages");
     }
 }
+
+/// The open fds of process `pid`, with what each is, but for memfds: those are the
+/// layers of its guest memory, which the clone engine folds on a schedule of its own.
+fn fds(pid: i32) -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| std::fs::read_link(e.path()).map_or_else(|e| e.to_string(), |p| p.display().to_string()))
+        .filter(|what| !what.starts_with("/memfd:"))
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// A lazily filled child's page servers belong to the VM that serves it and go when the
+/// child does: after a hundred `uffd` and `uffd-minor` children have come and gone, the
+/// parent runs no page server and holds the fds it held before them.
+#[test]
+fn page_servers_go_with_their_children() {
+    let Some(_lock) = kvm_available("page_servers_go_with_their_children") else {
+        return;
+    };
+    let rt = Runtime::new("servers-go");
+    rt.ok(&["run", "--detach", "--name", "p", "--mem", "8M", "--workload", "idle"]);
+    let pid = rt.status("p")["pid"].as_i64().unwrap() as i32;
+    let fork = |name: &str, strategy: &str| {
+        let json = format!(r#"{{"cmd":"fork","strategy":"{strategy}","name":"{name}"}}"#);
+        let answer = request(&rt, "p", &json);
+        assert_eq!(answer["ok"], true, "fork {name}: {answer}");
+    };
+    let settle = |want_fds: Vec<String>| {
+        let t = Instant::now();
+        loop {
+            let (servers, fds) = (rt.status("p")["page_servers"].as_u64().unwrap(), fds(pid));
+            if servers == 0 && fds == want_fds {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "10 s after its children stopped, the parent runs {servers} page servers and \
+                 holds {} fds, not {}: {fds:?}, before: {want_fds:?}",
+                fds.len(),
+                want_fds.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Lazy children first, gone again: what a parent keeps for itself after its first
+    // freezes (its memory's layers, the tracker of its writes) stays.
+    for (name, strategy) in [("w0", "uffd"), ("w1", "uffd-minor"), ("w2", "uffd")] {
+        fork(name, strategy);
+        assert!(rt.status("p")["page_servers"].as_u64().unwrap() > 0);
+        rt.ok(&["stop", name]);
+    }
+    let t = Instant::now();
+    while rt.status("p")["page_servers"].as_u64().unwrap() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the first children's page servers stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = fds(pid);
+    let names: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        fork(name, if i % 2 == 0 { "uffd" } else { "uffd-minor" });
+    }
+    assert!(rt.status("p")["page_servers"].as_u64().unwrap() >= 100);
+    for name in &names {
+        rt.ok(&["stop", name]);
+    }
+    settle(before);
+}

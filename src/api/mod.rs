@@ -8,7 +8,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `{"cmd":"status"}` | `{"ok":true,"status":{name,pid,state,vcpus,workload,memory_bytes,private_bytes,shared_bytes,uptime_secs,reports}}` |
+//! | `{"cmd":"status"}` | `{"ok":true,"status":{name,pid,state,vcpus,workload,memory_bytes,private_bytes,shared_bytes,page_servers,uptime_secs,reports}}` |
 //! | `{"cmd":"pause"}` | `{"ok":true,"pause_ns":N}` |
 //! | `{"cmd":"resume"}` | `{"ok":true,"resume_ns":N}` |
 //! | `{"cmd":"stop"}` | `{"ok":true}`, then the VM stops, the socket is removed and the process exits |
@@ -139,6 +139,9 @@ pub struct Status {
     pub private_bytes: u64,
     /// Guest memory this VM shares with clones.
     pub shared_bytes: u64,
+    /// Page servers this VM runs for its lazily filled (`uffd`, `uffd-minor`) children.
+    #[serde(default)]
+    pub page_servers: usize,
     pub uptime_secs: f64,
     pub reports: Vec<Option<Report>>,
 }
@@ -290,6 +293,7 @@ pub fn status(who: &Identity, vm: &Vm) -> Status {
         memory_bytes: vm.memory().size() as u64,
         private_bytes: usage.private_bytes,
         shared_bytes: usage.shared_bytes,
+        page_servers: vm.page_servers().count(),
         uptime_secs: vm.uptime().as_secs_f64(),
         reports: vm.latest_reports(),
     }

@@ -260,6 +260,8 @@ pub struct Vm {
     started: Instant,
     /// A Linux guest's Generic Event Device interrupt (announces a new generation id).
     ged: Option<EventFd>,
+    /// The page servers of this VM's lazily filled children in other processes.
+    page_servers: Arc<crate::memory::uffd::PageServers>,
 }
 
 impl Vm {
@@ -468,6 +470,7 @@ impl Vm {
             msrs,
             started: Instant::now(),
             ged,
+            page_servers: Arc::default(),
         })
     }
 
@@ -514,6 +517,11 @@ impl Vm {
     /// The guest memory.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.shared.memory
+    }
+
+    /// The page servers this VM runs for its lazily filled children.
+    pub fn page_servers(&self) -> &Arc<crate::memory::uffd::PageServers> {
+        &self.page_servers
     }
 
     /// Serial output and report lines.

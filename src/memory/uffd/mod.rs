@@ -542,6 +542,50 @@ impl RemoteSource {
         self.servers.push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);
         Ok(())
     }
+
+    /// How many page servers (one a region) this source runs.
+    pub fn servers(&self) -> usize {
+        self.servers.len()
+    }
+}
+
+/// The page servers a VM runs for its lazily filled children in other processes, each
+/// child's [`RemoteSource`] with the parent's end of the socket to it (the child takes
+/// that socket closing as its page server's death). Owned by the serving VM; a child's
+/// servers are dropped (threads joined, userfaultfds and socket closed) once it has
+/// exited, through [`PageServers::release`].
+#[derive(Debug, Default)]
+pub struct PageServers {
+    children: std::sync::Mutex<Vec<Served>>,
+    next: AtomicU64,
+}
+
+/// One child's entry in [`PageServers`]: its key, what serves it, the socket to it.
+type Served = (u64, RemoteSource, std::os::unix::net::UnixStream);
+
+impl PageServers {
+    /// Keeps `source` serving the child at the other end of `link`; returns the key that
+    /// [`PageServers::release`] takes.
+    pub fn adopt(&self, source: RemoteSource, link: std::os::unix::net::UnixStream) -> u64 {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().push((key, source, link));
+        key
+    }
+
+    /// Stops the page servers of the child `key` names (joining their threads) and
+    /// closes its socket; [`PageServers::count`] counts them until they are gone.
+    pub fn release(&self, key: u64) {
+        self.lock().retain(|(k, ..)| *k != key);
+    }
+
+    /// How many page servers run, over all children.
+    pub fn count(&self) -> usize {
+        self.lock().iter().map(|(_, source, _)| source.servers()).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Served>> {
+        self.children.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The complement of sorted, disjoint `runs` within `[0, len)`.
