@@ -21,6 +21,8 @@ Usage: kernel-patch/build-and-test.sh [OPTIONS]
   --fsx-ops N     operations for the randomized checker (default 20000)
   --seed N        seed for the randomized checker (default: the time)
   --mem SIZE      guest memory (default 2G)
+  --smp N         guest vCPUs (default 2: the races need two CPUs running at
+                  once); the run fails if the guest brings up fewer
   --timeout S     guest timeout in seconds (default 1800)
   --build-only    stop after building the kernel; prints "base: VERSION" and
                   "kernel: IMAGE"
@@ -39,6 +41,7 @@ TESTS="selftest fsx"
 FSX_OPS=20000
 SEED=""
 MEM=2G
+SMP=2
 BUILD_ONLY=0
 TIMEOUT=1800
 GIT_ID=(-c user.name="vmfork developers" -c user.email="$(git -C "$HERE" config user.email || echo vmfork@localhost)")
@@ -52,6 +55,7 @@ while [ $# -gt 0 ]; do
 	--fsx-ops) FSX_OPS=$2; shift ;;
 	--seed) SEED=$2; shift ;;
 	--mem) MEM=$2; shift ;;
+	--smp) SMP=$2; shift ;;
 	--build-only) BUILD_ONLY=1 ;;
 	--timeout) TIMEOUT=$2; shift ;;
 	-h|--help) usage; exit 0 ;;
@@ -183,6 +187,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 echo "VMFORK-BOOTED \$(uname -r)"
 echo "VMFORK-CLOCK \$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
+echo "VMFORK-CPUS \$(grep -c '^processor' /proc/cpuinfo) online (\$(cat /sys/devices/system/cpu/online 2>/dev/null)), asked for $SMP"
 dmesg | grep -m1 'KernelAddressSanitizer initialized' | sed 's/^/VMFORK-DEBUG kasan: /'
 if [ -r /proc/lockdep_stats ]; then
 	echo "VMFORK-DEBUG lockdep: \$(grep 'lock-classes' /proc/lockdep_stats | tr -s ' ')"
@@ -272,14 +277,14 @@ INITRD=$CACHE/initramfs-$KEY.cpio.gz
 
 # 7. Boot under TCG --------------------------------------------------------
 LOG=$CACHE/guest-$VARIANT.log
-step "booting $IMG under QEMU TCG (-m $MEM), serial log $LOG"
+step "booting $IMG under QEMU TCG (-m $MEM -smp $SMP), serial log $LOG"
 start=$(date +%s)
 set +e
 # A private name, so that a broad "pkill qemu" elsewhere on a shared
 # machine does not take this run down with it.
 mkdir -p "$CACHE/bin"
 ln -sf "$(command -v qemu-system-x86_64)" "$CACHE/bin/vmfork-kernel-tcg"
-timeout "$TIMEOUT" "$CACHE/bin/vmfork-kernel-tcg" -accel tcg -cpu max -m "$MEM" -smp 1 \
+timeout "$TIMEOUT" "$CACHE/bin/vmfork-kernel-tcg" -accel tcg -cpu max -m "$MEM" -smp "$SMP" \
 	-nographic -no-reboot -nodefaults -serial stdio -nic none \
 	-kernel "$IMG" -initrd "$INITRD" \
 	-append "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 kvm-amd.nested=1" \
@@ -300,6 +305,11 @@ if grep -q 'possible circular locking\|possible recursive locking\|inconsistent 
 	echo "LOCKDEP SPLAT in guest log"
 	fail=1
 fi
+cpus=$(sed -n 's/^VMFORK-CPUS \([0-9]*\) online.*/\1/p' "$LOG" | tr -d '\r')
+if [ "${cpus:-0}" -lt "$SMP" ]; then
+	echo "FAIL cpus: the guest brought up ${cpus:-no} CPUs of the $SMP asked for (CONFIG_SMP and CONFIG_ACPI in config/testbed.config?)"
+	fail=1
+fi
 for t in $TESTS; do
 	if grep -q "VMFORK-TEST $t: PASS" "$LOG"; then
 		echo "PASS $t"
@@ -309,5 +319,5 @@ for t in $TESTS; do
 	fi
 done
 grep -q VMFORK-DONE "$LOG" || { echo "guest did not finish (timeout ${TIMEOUT}s or crash)"; fail=1; }
-[ "$fail" = 0 ] && echo "ALL PASSED ($VARIANT, base $BASE_VERSION, seed $SEED)" || echo "FAILED ($VARIANT, base $BASE_VERSION, seed $SEED)"
+[ "$fail" = 0 ] && echo "ALL PASSED ($VARIANT, base $BASE_VERSION, seed $SEED, $SMP vCPUs)" || echo "FAILED ($VARIANT, base $BASE_VERSION, seed $SEED, $SMP vCPUs)"
 exit $fail
