@@ -100,6 +100,9 @@ fn one_strategy(
     put(out, "child_private_bytes", accounting::usage(&reader)?.private_bytes as f64, Unit::Bytes);
     let read_ns = touch(&reader, false);
     put(out, "first_read_ns_per_page", read_ns, Unit::Ns);
+    // What the run really got: a table must not claim huge pages the kernel did not give.
+    put(out, "source_huge_pct", accounting::page_sizes(&source)?.huge_percent(), Unit::Percent);
+    put(out, "child_huge_pct", accounting::page_sizes(&reader)?.huge_percent(), Unit::Percent);
     if strategy.is_lazy() {
         if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| s.service_time()).flatten() {
             if faults > 0 {

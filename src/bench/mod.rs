@@ -79,6 +79,8 @@ pub enum Unit {
     X,
     /// MiB of guest memory per second.
     MibPerSec,
+    /// A share in percent (`%`): of resident memory mapped with huge pages.
+    Percent,
     /// None: a skipped record has no value (`""`).
     Skipped,
 }
@@ -87,7 +89,8 @@ impl Named for Unit {
     const KIND: &'static str = "unit";
 
     fn all() -> impl Iterator<Item = Self> {
-        [Unit::Ns, Unit::Bytes, Unit::Count, Unit::X, Unit::MibPerSec, Unit::Skipped].into_iter()
+        [Unit::Ns, Unit::Bytes, Unit::Count, Unit::X, Unit::MibPerSec, Unit::Percent, Unit::Skipped]
+            .into_iter()
     }
 
     fn name(self) -> &'static str {
@@ -97,6 +100,7 @@ impl Named for Unit {
             Unit::Count => "count",
             Unit::X => "x",
             Unit::MibPerSec => "MiB/s",
+            Unit::Percent => "%",
             Unit::Skipped => "",
         }
     }
@@ -442,6 +446,7 @@ pub(crate) fn human_value(v: f64, unit: Unit) -> String {
         Unit::Count => format!("{v:.0}"),
         Unit::X => format!("{v:.2}x"),
         Unit::MibPerSec => format!("{v:.0}MiB/s"),
+        Unit::Percent => format!("{v:.0}%"),
         Unit::Skipped => format!("{v:.3}"),
     }
 }

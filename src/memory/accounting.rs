@@ -48,13 +48,59 @@ pub fn usage(memory: &GuestMemory) -> Result<Usage> {
 /// processes too (layers a forked parent and child both map) are shared. Pages of a
 /// file that nobody maps at the moment are not counted.
 pub fn resident_usage(memory: &GuestMemory) -> Result<Usage> {
+    let mut u = Usage::default();
+    for_each_smaps_field(memory, |field, kb| match field {
+        "Private_Clean:" | "Private_Dirty:" => u.private_bytes += kb * 1024,
+        "Shared_Clean:" | "Shared_Dirty:" => u.shared_bytes += kb * 1024,
+        _ => {}
+    })?;
+    Ok(u)
+}
+
+/// How much of `memory`'s resident part this process maps with PMDs (2 MiB pages on
+/// x86-64), as the kernel reports it in `/proc/self/smaps`: what a run really got, which
+/// asking for huge pages does not guarantee (shmem THP `never`, fragmented memory, a
+/// range cloned in 4 KiB pieces).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageSizes {
+    /// `Rss` of the guest memory's mappings.
+    pub resident_bytes: u64,
+    /// Of that, mapped by PMDs: `ShmemPmdMapped` + `FilePmdMapped` + `AnonHugePages`.
+    pub huge_bytes: u64,
+}
+
+impl PageSizes {
+    /// The share of resident memory mapped with huge pages, in percent (0 when nothing is
+    /// resident).
+    pub fn huge_percent(&self) -> f64 {
+        if self.resident_bytes == 0 {
+            0.0
+        } else {
+            100.0 * self.huge_bytes as f64 / self.resident_bytes as f64
+        }
+    }
+}
+
+/// The page sizes `memory` is mapped with now: see [`PageSizes`].
+pub fn page_sizes(memory: &GuestMemory) -> Result<PageSizes> {
+    let mut p = PageSizes::default();
+    for_each_smaps_field(memory, |field, kb| match field {
+        "Rss:" => p.resident_bytes += kb * 1024,
+        "ShmemPmdMapped:" | "FilePmdMapped:" | "AnonHugePages:" => p.huge_bytes += kb * 1024,
+        _ => {}
+    })?;
+    Ok(p)
+}
+
+/// Calls `f(field, kB)` for each `kB` field of the `/proc/self/smaps` entries of the
+/// mappings that lie inside `memory`'s regions (e.g. `("Rss:", 4)`).
+fn for_each_smaps_field(memory: &GuestMemory, mut f: impl FnMut(&str, u64)) -> Result<()> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(Error::PageMap)?;
     let ranges: Vec<(usize, usize)> = memory
         .regions()
         .iter()
         .map(|r| (r.host_addr() as usize, r.host_addr() as usize + r.size()))
         .collect();
-    let mut u = Usage::default();
     let mut inside = false;
     for line in smaps.lines() {
         if let Some((span, _)) = line.split_once(' ') {
@@ -68,16 +114,12 @@ pub fn resident_usage(memory: &GuestMemory) -> Result<Usage> {
         if !inside {
             continue;
         }
-        let kb = |field: &str| -> Option<u64> {
-            line.strip_prefix(field)?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-        };
-        if let Some(v) = kb("Private_Clean:").or_else(|| kb("Private_Dirty:")) {
-            u.private_bytes += v * 1024;
-        } else if let Some(v) = kb("Shared_Clean:").or_else(|| kb("Shared_Dirty:")) {
-            u.shared_bytes += v * 1024;
+        let Some((field, rest)) = line.split_once(char::is_whitespace) else { continue };
+        if let Some(Ok(kb)) = rest.trim().strip_suffix("kB").map(|v| v.trim().parse::<u64>()) {
+            f(field, kb);
         }
     }
-    Ok(u)
+    Ok(())
 }
 
 /// Total memory used by a set of memories, counting each file once: what N clones cost
@@ -199,6 +241,35 @@ mod tests {
         }
         let u = resident_usage(&mem).unwrap();
         assert_eq!(u, Usage { private_bytes: 10 * PAGE_SIZE as u64, shared_bytes: 0 });
+    }
+
+    #[test]
+    fn page_sizes_count_what_the_kernel_mapped() {
+        // 4 KiB pages: resident, none huge.
+        let small = GuestMemory::with_size(1024 * PAGE_SIZE, &MemoryOptions::default()).unwrap();
+        for p in 0..10 {
+            small.write((p * PAGE_SIZE) as u64, &[1]).unwrap();
+        }
+        assert_eq!(
+            page_sizes(&small).unwrap(),
+            PageSizes { resident_bytes: 10 * PAGE_SIZE as u64, huge_bytes: 0 }
+        );
+        // Asked for huge pages: whatever the host's shmem THP setting gives, the count
+        // agrees with the kernel's own total for the mapping.
+        let huge = GuestMemory::with_size(8 << 20, &MemoryOptions { huge_pages: true }).unwrap();
+        for at in (0..8 << 20).step_by(PAGE_SIZE) {
+            huge.write(at as u64, &[1]).unwrap();
+        }
+        let p = page_sizes(&huge).unwrap();
+        assert_eq!(p.resident_bytes, 8 << 20);
+        assert_eq!(p.huge_bytes % (2 << 20), 0, "{p:?}");
+        let thp =
+            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").unwrap_or_default();
+        if thp.contains("[never]") || thp.contains("[deny]") {
+            assert_eq!(p.huge_bytes, 0, "shmem THP is off, yet {p:?}");
+        } else {
+            eprintln!("shmem THP {}: {:.0} % huge", thp.trim(), p.huge_percent());
+        }
     }
 
     #[test]
