@@ -142,7 +142,9 @@ impl GuestMemory {
                     for e in extents {
                         let f = file(e.fd)?;
                         let aligned = [e.offset, e.len, e.file_offset].iter().all(|v| v % PAGE_SIZE == 0);
-                        if e.offset != next || e.len == 0 || !aligned || e.file_offset + e.len > f.size() {
+                        // A sender's offsets are any usize: the end must not overflow.
+                        let fits = e.file_offset.checked_add(e.len).is_some_and(|end| end <= f.size());
+                        if e.offset != next || e.len == 0 || !aligned || !fits {
                             return Err(bad(format!(
                                 "extent {e:?} does not tile the region or fit its file"
                             )));
@@ -306,6 +308,8 @@ mod tests {
             region(layers(whole(), vec![patch(0, vec![(0, 2 * PAGE_SIZE), (PAGE_SIZE, 3 * PAGE_SIZE)])])),
             region(layers(whole(), vec![patch(0, vec![(3 * PAGE_SIZE, 5 * PAGE_SIZE)])])),
             region(layers(whole(), vec![patch(1, vec![(0, PAGE_SIZE)])])),
+            // An extent whose end in its file is past usize::MAX (panicked: overflow).
+            region(layers(vec![ext(0, 4 * PAGE_SIZE, 0, usize::MAX - PAGE_SIZE + 1)], vec![])),
         ] {
             let e = GuestMemory::from_manifest(&m, f()).unwrap_err();
             assert!(matches!(e, Error::BadManifest(_)), "{m:?}: {e}");
