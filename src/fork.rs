@@ -430,7 +430,8 @@ pub mod fuzzing {
     use super::{Hello, Ready};
 
     /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
-    pub const TARGETS: &[(&str, fn(&[u8]))] = &[("fork_hello", hello), ("fork_ready", ready)];
+    pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] =
+        &[("fork_hello", hello), ("fork_ready", ready)];
 
     /// The input as the `Hello` a child receives first, decoded as [`super::become_child`]
     /// does: no panic, and what decodes encodes to JSON that decodes to the same again.

@@ -39,7 +39,7 @@ pub mod fuzzing {
     use super::parse_size;
 
     /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
-    pub const TARGETS: &[(&str, fn(&[u8]))] = &[("parse_size", size)];
+    pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] = &[("parse_size", size)];
 
     /// The input (as lossy UTF-8) to [`parse_size`]: it never panics; an accepted size is
     /// what the digits say times a power of 1024 and parses back from its plain digits;

@@ -13,9 +13,10 @@ use vmfork::snapshot::format::{
     Entry, HASHES_MAGIC, Hashes, INDEX_MAGIC, Index, Kind, MAX_CHUNKS, Manifest, ParentRef, RegionInfo,
     WS_MAGIC, WorkingSet, chunk_hash, encode_chunk,
 };
+use vmfork::snapshot::fuzzing::Check;
 
 /// Every fuzz target: its name (its directory under `fuzz/corpus/`) and its check.
-fn targets() -> Vec<(&'static str, fn(&[u8]))> {
+fn targets() -> Vec<(&'static str, Check)> {
     [
         vmfork::snapshot::fuzzing::TARGETS,
         vmfork::api::fuzzing::TARGETS,

@@ -473,7 +473,7 @@ pub mod fuzzing {
     use super::{BadRequest, MAX_REQUEST, parse_request};
 
     /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
-    pub const TARGETS: &[(&str, fn(&[u8]))] = &[("api_request", request_line)];
+    pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] = &[("api_request", request_line)];
 
     /// The input as a request line (lossy UTF-8, cut to the longest line the server
     /// reads) to [`parse_request`]: it never panics; an accepted request serializes to a

@@ -257,7 +257,7 @@ pub mod fuzzing {
     use super::{GuestMemory, LayoutManifest, Manifest};
 
     /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
-    pub const TARGETS: &[(&str, fn(&[u8]))] = &[("transfer_manifest", manifest)];
+    pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] = &[("transfer_manifest", manifest)];
 
     /// The input as the JSON manifest a child receives, decoded as [`GuestMemory::receive`]
     /// does and built over three fresh memfds of 1, 2 and 4 pages: nothing panics; a
