@@ -423,3 +423,39 @@ fn getrandom(buf: &mut [u8]) -> std::result::Result<(), NewVmError> {
     }
     Ok(())
 }
+
+/// The checks behind the `fork_hello` and `fork_ready` fuzz targets (`fuzz/fuzz_targets/`),
+/// also run over their committed corpora by `tests/snapshot_corpora.rs`. Not an API.
+pub mod fuzzing {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{Hello, Ready};
+
+    /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
+    pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] =
+        &[("fork_hello", hello), ("fork_ready", ready)];
+
+    /// The input as the `Hello` a child receives first, decoded as [`super::become_child`]
+    /// does: no panic, and what decodes encodes to JSON that decodes to the same again.
+    pub fn hello(b: &[u8]) {
+        round_trip::<Hello>(b);
+    }
+
+    /// The input as the `Ready` line a parent reads from its child, decoded as
+    /// [`super::fork`] does: as for [`hello`].
+    pub fn ready(b: &[u8]) {
+        round_trip::<Ready>(b);
+    }
+
+    fn round_trip<T: Serialize + DeserializeOwned>(b: &[u8]) {
+        match serde_json::from_slice::<T>(b) {
+            Ok(t) => {
+                let once = serde_json::to_value(&t).expect("messages serialize");
+                let back: T = serde_json::from_value(once.clone()).expect("an encoded message decodes");
+                assert_eq!(serde_json::to_value(&back).expect("messages serialize"), once, "not stable");
+            }
+            Err(e) => assert!(!e.to_string().is_empty(), "refused without a reason"),
+        }
+    }
+}

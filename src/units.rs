@@ -33,6 +33,34 @@ pub fn human_bytes(b: u64) -> String {
     format!("{b}")
 }
 
+/// The check behind the `parse_size` fuzz target (`fuzz/fuzz_targets/`), also run over
+/// its committed corpus by `tests/snapshot_corpora.rs`. Not an API.
+pub mod fuzzing {
+    use super::parse_size;
+
+    /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
+    pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] = &[("parse_size", size)];
+
+    /// The input (as lossy UTF-8) to [`parse_size`]: it never panics; an accepted size is
+    /// what the digits say times a power of 1024 and parses back from its plain digits;
+    /// a refusal quotes the text it refused.
+    pub fn size(b: &[u8]) {
+        let text = String::from_utf8_lossy(b);
+        match parse_size(&text) {
+            Ok(n) => {
+                assert_eq!(parse_size(&n.to_string()), Ok(n), "{text:?} gave {n}, which does not parse back");
+                let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+                let base: usize = digits.parse().expect("an accepted size has digits that fit");
+                assert!(
+                    (0..=40).step_by(10).any(|s| base.checked_mul(1 << s) == Some(n)),
+                    "{text:?} gave {n}, not {base} times a unit"
+                );
+            }
+            Err(e) => assert!(e.contains(&format!("{text:?}")), "the error {e:?} does not quote {text:?}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_size;

@@ -1,6 +1,7 @@
 //! Every file of the committed fuzz corpora (`fuzz/corpus/<target>/`) through the same
-//! check its fuzz target runs (`vmfork::snapshot::fuzzing`), on stable Rust: crashes the
-//! fuzzers once found stay fixed, and a deleted or emptied corpus fails here.
+//! check its fuzz target runs (the `fuzzing` module of the parser's owner:
+//! `vmfork::snapshot`, `api`, `memory::transfer`, `fork`, `units`), on stable Rust:
+//! crashes the fuzzers once found stay fixed, and a deleted or emptied corpus fails here.
 //!
 //! `cargo test --test snapshot_corpora -- --ignored write_seeds` (re)writes the seed
 //! files (`seed-*`): real encoded files made with the format's own encoders, and a few
@@ -12,7 +13,19 @@ use vmfork::snapshot::format::{
     Entry, HASHES_MAGIC, Hashes, INDEX_MAGIC, Index, Kind, MAX_CHUNKS, Manifest, ParentRef, RegionInfo,
     WS_MAGIC, WorkingSet, chunk_hash, encode_chunk,
 };
-use vmfork::snapshot::fuzzing::TARGETS;
+use vmfork::snapshot::fuzzing::Check;
+
+/// Every fuzz target: its name (its directory under `fuzz/corpus/`) and its check.
+fn targets() -> Vec<(&'static str, Check)> {
+    [
+        vmfork::snapshot::fuzzing::TARGETS,
+        vmfork::api::fuzzing::TARGETS,
+        vmfork::memory::transfer::fuzzing::TARGETS,
+        vmfork::fork::fuzzing::TARGETS,
+        vmfork::units::fuzzing::TARGETS,
+    ]
+    .concat()
+}
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus")
@@ -26,10 +39,11 @@ fn every_corpus_file_passes_its_check() {
         .map(|d| d.expect("a directory entry").file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    let mut known: Vec<String> = TARGETS.iter().map(|t| t.0.to_string()).collect();
+    let targets = targets();
+    let mut known: Vec<String> = targets.iter().map(|t| t.0.to_string()).collect();
     known.sort();
-    assert_eq!(names, known, "fuzz/corpus/ should hold one directory per target of snapshot::fuzzing");
-    for &(target, check) in TARGETS {
+    assert_eq!(names, known, "fuzz/corpus/ should hold one directory per fuzz target");
+    for &(target, check) in &targets {
         let dir = root.join(target);
         let mut files = 0;
         for f in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {

@@ -471,6 +471,42 @@ pub fn is_socket(path: &Path) -> bool {
     std::fs::metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false)
 }
 
+/// The check behind the `api_request` fuzz target (`fuzz/fuzz_targets/`), also run over
+/// its committed corpus by `tests/snapshot_corpora.rs`. Not an API.
+pub mod fuzzing {
+    use super::{BadRequest, MAX_REQUEST, parse_request};
+
+    /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
+    pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] = &[("api_request", request_line)];
+
+    /// The input as a request line (lossy UTF-8, cut to the longest line the server
+    /// reads) to [`parse_request`]: it never panics; an accepted request serializes to a
+    /// line that parses back to the same request, and the input's object named no field
+    /// but the request's own; a refusal says why in words.
+    pub fn request_line(b: &[u8]) {
+        let b = &b[..b.len().min(MAX_REQUEST as usize)];
+        let line = String::from_utf8_lossy(b);
+        match parse_request(&line) {
+            Ok(req) => {
+                let again = serde_json::to_string(&req).expect("requests serialize");
+                assert_eq!(parse_request(&again).expect("a parsed request parses again"), req, "{line:?}");
+                let input: serde_json::Value = serde_json::from_str(line.trim()).expect("accepted JSON");
+                let known = serde_json::to_value(&req).expect("requests serialize");
+                for k in input.as_object().expect("accepted an object").keys() {
+                    assert!(known.get(k).is_some(), "{line:?}: field {k:?} accepted but not part of {req:?}");
+                }
+            }
+            Err(e) => {
+                assert!(!e.to_string().is_empty(), "{line:?}: refused without a reason");
+                if let BadRequest::NotAnObject | BadRequest::NoCmd = e {
+                    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("refused as JSON");
+                    assert!(v.get("cmd").is_none(), "{line:?}: refused for want of a cmd it has");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
