@@ -90,6 +90,9 @@ fn one_strategy(
     let pages = size / PAGE_SIZE;
     let baseline = settled_meminfo("Shmem") + meminfo("AnonPages");
     let source = populated(size, opts)?;
+    // What the run really got, before any clone remaps the source: a table must not claim
+    // huge pages the kernel did not give.
+    put(out, "source_huge_pct", accounting::page_sizes(&source)?.huge_percent(), Unit::Percent);
 
     // First clone, then read every page of that child.
     eprintln!("  {name}: clone and first touch");
@@ -100,8 +103,7 @@ fn one_strategy(
     put(out, "child_private_bytes", accounting::usage(&reader)?.private_bytes as f64, Unit::Bytes);
     let read_ns = touch(&reader, false);
     put(out, "first_read_ns_per_page", read_ns, Unit::Ns);
-    // What the run really got: a table must not claim huge pages the kernel did not give.
-    put(out, "source_huge_pct", accounting::page_sizes(&source)?.huge_percent(), Unit::Percent);
+    // The first child, after it read every page.
     put(out, "child_huge_pct", accounting::page_sizes(&reader)?.huge_percent(), Unit::Percent);
     if strategy.is_lazy() {
         if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| s.service_time()).flatten() {
