@@ -67,7 +67,7 @@ if [ "$ONLY" != linux-guest ]; then
     suite_start bench
     # shellcheck disable=SC2086
     if VMFORK_LINUX_KERNEL=/linux/vmlinuz VMFORK_LINUX_INITRD=/linux/initramfs.cpio.gz \
-        vmfork bench $BENCH_ARGS --huge-pages --json /results/bench.json; then
+        vmfork bench $BENCH_ARGS --json /results/bench.json; then
         echo "VMFORK-JSON-BEGIN"; cat /results/bench.json; echo; echo "VMFORK-JSON-END"
         suite_end bench PASS
     else

@@ -187,10 +187,15 @@ pub struct RunArgs {
     /// Never fork this VM (it may hold secrets): fork requests are refused.
     #[arg(long)]
     pub private: bool,
-    /// Ask for transparent huge pages on guest memory (MADV_HUGEPAGE; takes effect when
-    /// /sys/kernel/mm/transparent_hugepage/shmem_enabled is `advise` or `always`). Keeps a
-    /// fork's pause short at multi-GiB sizes: far fewer page-table entries to zap.
-    #[arg(long)]
+    /// Back guest memory with 4 KiB pages only. By default vmfork asks for transparent
+    /// huge pages (MADV_HUGEPAGE), which keep a fork's pause short at multi-GiB sizes (far
+    /// fewer page-table entries to zap); shmem gives them when
+    /// /sys/kernel/mm/transparent_hugepage/shmem_enabled is `advise` or `always`, and
+    /// vmfork says so when it is not.
+    #[arg(long, conflicts_with = "huge_pages")]
+    pub small_pages: bool,
+    /// Ask for transparent huge pages: the default, accepted so that older scripts work.
+    #[arg(long, hide = true)]
     pub huge_pages: bool,
     /// Boot this Linux kernel (bzImage or ELF vmlinux) instead of the built-in guest.
     #[arg(long)]
@@ -239,15 +244,14 @@ fn free_name() -> Result<String, api::Error> {
     Ok((1..).map(|i| format!("vm{i}")).find(|n| !taken.contains(n)).expect("some name is free"))
 }
 
-/// `--huge-pages` asks with MADV_HUGEPAGE, which shmem honours only in some modes.
-fn warn_if_shmem_thp_is_off() {
-    const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
-    let mode = std::fs::read_to_string(KNOB).unwrap_or_default();
-    let active = mode.split_whitespace().find(|w| w.starts_with('[')).unwrap_or("[unknown]");
-    if !matches!(active, "[advise]" | "[always]" | "[within_size]" | "[force]") {
-        eprintln!(
-            "vmfork: warning: --huge-pages has no effect while {KNOB} is {active}; as root: echo advise > {KNOB}"
-        );
+/// Huge pages are asked for with MADV_HUGEPAGE, which shmem honours only in some modes:
+/// says so (once per command) when this host's mode will give 4 KiB pages.
+pub fn note_if_huge_pages_unavailable(opts: &MemoryOptions) {
+    if !opts.huge_pages {
+        return;
+    }
+    if let Some(why) = crate::memory::accounting::huge_pages_unavailable() {
+        eprintln!("vmfork: note: {why}");
     }
 }
 
@@ -263,10 +267,9 @@ fn run_foreground(args: RunArgs) -> CliResult {
     signals.add(nix::sys::signal::SIGTERM);
     signals.thread_block()?;
     let (server, listener) = Server::bind(&name)?;
-    if args.huge_pages {
-        warn_if_shmem_thp_is_off();
-    }
-    let opts = MemoryOptions { huge_pages: args.huge_pages };
+    let opts = MemoryOptions { huge_pages: !args.small_pages };
+    // (A detached VM says it in its log as well as in the command that started it.)
+    note_if_huge_pages_unavailable(&opts);
     // RAM laid out around the 3-4 GiB hole, as on a PC, for either guest.
     let memory = Arc::new(guest::memory(args.mem, &opts)?);
     let mut config = VmConfig { vcpus: args.vcpus, workload: args.workload, ..Default::default() };
@@ -373,9 +376,10 @@ fn run_detached(args: RunArgs) -> CliResult {
     if args.private {
         push(&"--private");
     }
-    if args.huge_pages {
-        push(&"--huge-pages");
+    if args.small_pages {
+        push(&"--small-pages");
     }
+    note_if_huge_pages_unavailable(&MemoryOptions { huge_pages: !args.small_pages });
     if let Some(k) = &args.kernel {
         push(&"--kernel");
         push(k);

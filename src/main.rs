@@ -29,8 +29,12 @@ enum Command {
         /// Guest memory sizes to measure (repeatable), e.g. --size 1G --size 4G.
         #[arg(long = "size", value_parser = vmfork::units::parse_size)]
         sizes: Vec<usize>,
-        /// Ask for transparent huge pages (MADV_HUGEPAGE) on guest memory.
-        #[arg(long)]
+        /// Measure with 4 KiB pages only; by default guest memory asks for transparent
+        /// huge pages (MADV_HUGEPAGE), and the table says what the kernel really gave.
+        #[arg(long, conflicts_with = "huge_pages")]
+        small_pages: bool,
+        /// Ask for transparent huge pages: the default, accepted so that older scripts work.
+        #[arg(long, hide = true)]
         huge_pages: bool,
         /// Run only these suites (repeatable; default: all).
         #[arg(long = "suite", value_enum)]
@@ -54,8 +58,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench { quick, json, sizes, huge_pages, suites } => {
-            let opts = vmfork::bench::BenchOptions { quick, sizes, huge_pages, json, suites };
+        Command::Bench { quick, json, sizes, small_pages, huge_pages: _, suites } => {
+            let opts = vmfork::bench::BenchOptions { quick, sizes, huge_pages: !small_pages, json, suites };
+            vmfork::cli::note_if_huge_pages_unavailable(&vmfork::memory::MemoryOptions {
+                huge_pages: opts.huge_pages,
+            });
             vmfork::bench::run(&opts).map(|_| ())
         }
         Command::Report { file, markdown, svg } => {

@@ -249,7 +249,7 @@ fn idle_cow_clones_share_everything() {
 #[test]
 fn huge_page_memory_clones_correctly() {
     // Whether THP is used depends on shmem_enabled; correctness must not.
-    let opts = MemoryOptions { huge_pages: true };
+    let opts = MemoryOptions::HUGE_PAGES;
     for s in strategies() {
         let parent = GuestMemory::with_size(8 << 20, &opts).unwrap();
         stamp(&parent, 5, 1);

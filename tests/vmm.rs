@@ -730,3 +730,57 @@ fn guest_memory_spans_the_hole_above_3_gib() {
     mem.read(guest::HOLE_GPA - 4096, &mut b).unwrap();
     assert!(u64::from_le_bytes(b) >= 1, "the last page below the hole too");
 }
+
+/// `ShmemPmdMapped` and `Rss` of process `pid`, in KiB.
+fn shmem_huge_and_rss_kb(pid: u64) -> (u64, u64) {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("ShmemPmdMapped:"), field("Rss:"))
+}
+
+#[test]
+fn guest_memory_gets_huge_pages_unless_told_and_says_when_the_host_gives_none() {
+    let test = "guest_memory_gets_huge_pages_unless_told_and_says_when_the_host_gives_none";
+    let Some(_vm_lock) = kvm_available(test) else {
+        return;
+    };
+    let knob = std::fs::read_to_string(vmfork::memory::accounting::SHMEM_THP_KNOB).unwrap_or_default();
+    let host_gives_huge = vmfork::memory::accounting::huge_pages_unavailable().is_none();
+    let rt = Runtime::new("hugepages");
+    for (name, extra) in [("huge", None), ("small", Some("--small-pages"))] {
+        let mut args = vec!["run", "--detach", "--name", name, "--mem", "64M", "--workload", "touch:32"];
+        args.extend(extra);
+        let out = rt.vmfork(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        // The note is said exactly when huge pages were asked for and will not be given.
+        let noted = stderr.contains("guest memory gets 4 KiB pages");
+        assert_eq!(noted, extra.is_none() && !host_gives_huge, "{name}, shmem THP {knob:?}: {stderr}");
+        // "NAME (pid N, log PATH)"
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let pid: u64 = stdout.split("(pid ").nth(1).and_then(|s| s.split(',').next()?.parse().ok()).unwrap();
+        // Wait for the guest to have touched its 32 MiB.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let (huge, rss) = loop {
+            let (huge, rss) = shmem_huge_and_rss_kb(pid);
+            if rss >= 32 << 10 || std::time::Instant::now() > deadline {
+                break (huge, rss);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(rss >= 32 << 10, "{name}: the guest touched only {rss} KiB");
+        if extra.is_some() || !host_gives_huge {
+            assert_eq!(huge, 0, "{name}, shmem THP {knob:?}: {huge} KiB in huge pages");
+        } else {
+            // Most of the touched memory (the guest's own code and tables sit in the
+            // first 2 MiB too) is mapped by PMDs.
+            assert!(huge >= 24 << 10, "{name}, shmem THP {knob:?}: only {huge} of {rss} KiB huge");
+        }
+        rt.ok(&["stop", name]);
+    }
+}

@@ -57,6 +57,42 @@ pub fn resident_usage(memory: &GuestMemory) -> Result<Usage> {
     Ok(u)
 }
 
+/// The host's policy for huge pages in shmem (and so in memfds): `MADV_HUGEPAGE` gets
+/// them only in modes `advise`, `always`, `within_size` and `force`.
+pub const SHMEM_THP_KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The active mode of [`SHMEM_THP_KNOB`] (the bracketed word), or `None` where the
+/// kernel has no such file (built without transparent huge pages).
+pub fn shmem_thp_mode() -> Option<String> {
+    let text = std::fs::read_to_string(SHMEM_THP_KNOB).ok()?;
+    active_mode(&text).map(str::to_string)
+}
+
+fn active_mode(knob: &str) -> Option<&str> {
+    knob.split_whitespace().find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+}
+
+/// Why guest memory that asks for huge pages will get 4 KiB pages on this host, with
+/// the command that changes it; `None` when huge pages will be given.
+pub fn huge_pages_unavailable() -> Option<String> {
+    why_no_huge_pages(shmem_thp_mode().as_deref())
+}
+
+fn why_no_huge_pages(mode: Option<&str>) -> Option<String> {
+    match mode {
+        Some("advise" | "always" | "within_size" | "force") => None,
+        Some(mode) => Some(format!(
+            "guest memory gets 4 KiB pages: {SHMEM_THP_KNOB} is \"{mode}\", so shmem ignores \
+             MADV_HUGEPAGE and a fork of a large VM pauses it longer (page tables 512 times \
+             larger); to get 2 MiB pages, as root: echo advise > {SHMEM_THP_KNOB}"
+        )),
+        None => Some(format!(
+            "guest memory gets 4 KiB pages: this kernel has no {SHMEM_THP_KNOB} \
+             (built without transparent huge pages)"
+        )),
+    }
+}
+
 /// How much of `memory`'s resident part this process maps with PMDs (2 MiB pages on
 /// x86-64), as the kernel reports it in `/proc/self/smaps`: what a run really got, which
 /// asking for huge pages does not guarantee (shmem THP `never`, fragmented memory, a
@@ -246,7 +282,7 @@ mod tests {
     #[test]
     fn page_sizes_count_what_the_kernel_mapped() {
         // 4 KiB pages: resident, none huge.
-        let small = GuestMemory::with_size(1024 * PAGE_SIZE, &MemoryOptions::default()).unwrap();
+        let small = GuestMemory::with_size(1024 * PAGE_SIZE, &MemoryOptions::SMALL_PAGES).unwrap();
         for p in 0..10 {
             small.write((p * PAGE_SIZE) as u64, &[1]).unwrap();
         }
@@ -256,7 +292,7 @@ mod tests {
         );
         // Asked for huge pages: whatever the host's shmem THP setting gives, the count
         // agrees with the kernel's own total for the mapping.
-        let huge = GuestMemory::with_size(8 << 20, &MemoryOptions { huge_pages: true }).unwrap();
+        let huge = GuestMemory::with_size(8 << 20, &MemoryOptions::HUGE_PAGES).unwrap();
         for at in (0..8 << 20).step_by(PAGE_SIZE) {
             huge.write(at as u64, &[1]).unwrap();
         }
@@ -270,6 +306,22 @@ mod tests {
         } else {
             eprintln!("shmem THP {}: {:.0} % huge", thp.trim(), p.huge_percent());
         }
+    }
+
+    #[test]
+    fn the_note_on_missing_huge_pages_names_the_mode_and_the_fix() {
+        assert_eq!(active_mode("always within_size [advise] never deny force"), Some("advise"));
+        assert_eq!(active_mode("always within_size advise [never] deny force\n"), Some("never"));
+        assert_eq!(active_mode("garbage"), None);
+        for mode in ["advise", "always", "within_size", "force"] {
+            assert_eq!(why_no_huge_pages(Some(mode)), None, "{mode}");
+        }
+        for mode in ["never", "deny"] {
+            let note = why_no_huge_pages(Some(mode)).unwrap();
+            assert!(note.contains(&format!("\"{mode}\"")), "{note}");
+            assert!(note.contains(&format!("echo advise > {SHMEM_THP_KNOB}")), "{note}");
+        }
+        assert!(why_no_huge_pages(None).unwrap().contains("without transparent huge pages"));
     }
 
     #[test]
