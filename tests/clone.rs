@@ -437,6 +437,26 @@ fn uffd_minor_children_share_clean_pages_after_reading_them() {
 }
 
 #[test]
+fn a_uffd_minor_child_forks_again_without_first_mapping_all_its_memory() {
+    let parent = new_memory(PAGES);
+    stamp(&parent, 1, 7);
+    let (child, _) = parent.clone_with(Strategy::UffdMinor).unwrap();
+    child.write(0, &[9]).unwrap();
+    let (grandchild, _) = child.clone_with(Strategy::UffdMinor).unwrap();
+    // Finishing the child's fill unregistered it; it did not fault in every page (one
+    // page of it was touched, and the writes to it are all it maps).
+    assert!(!child.regions()[0].is_lazy());
+    let mapped = accounting::page_sizes(&child).unwrap().resident_bytes;
+    assert!(mapped <= 16 * PAGE_SIZE as u64, "the child maps {mapped} bytes before anyone read them");
+    // And every view still reads what it should: the parent's pages, but the one the
+    // child wrote, as the child had it.
+    let (parents, childs) = (checksums(&parent), checksums(&child));
+    assert_ne!(parents[0], childs[0]);
+    assert_eq!(parents[1..], childs[1..]);
+    assert_eq!(checksums(&grandchild), childs);
+}
+
+#[test]
 fn page_map_runs_are_sorted_and_disjoint_over_large_memory() {
     // 656 scattered dirty pages over 256 MiB: enough for PAGEMAP_SCAN to stop early and
     // report some regions twice (seen on Linux 6.18).

@@ -174,15 +174,20 @@ impl LazyFill {
         }
     }
 
-    /// Fetches every page not served yet, then stops serving: the region becomes
-    /// ordinary file-backed memory.
+    /// Fetches every page not served yet (none for a minor-fault view, whose pages are
+    /// all in the page cache), then stops serving: the region becomes ordinary
+    /// file-backed memory.
     pub(super) fn finish(mut self, region: &Region) -> Result<()> {
         if self.is_dead() {
             return Err(Error::PageServerDied);
         }
+        // A minor-fault view needs nothing fetched: every page it lacks is in the layers'
+        // page cache already, and once unregistered a first touch maps it as under `cow`.
+        // (Touching them all here made forking a `uffd-minor` child cost a fault round
+        // trip per page of its memory: a chain's last fork many times its first.)
         let unserved = match &self.target.kind {
             Kind::Missing(file) => file.upgrade().map_or_else(Vec::new, |f| holes(&f)),
-            Kind::Minor => vec![(0, self.target.len)],
+            Kind::Minor => Vec::new(),
         };
         for (start, end) in unserved {
             // A read fault on each page not served yet goes to the server.
