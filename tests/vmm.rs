@@ -784,3 +784,45 @@ fn guest_memory_gets_huge_pages_unless_told_and_says_when_the_host_gives_none() 
         rt.ok(&["stop", name]);
     }
 }
+
+#[test]
+fn a_triple_fault_leaves_the_vcpu_state_and_its_last_exits_in_the_console() {
+    let Some(_vm_lock) =
+        kvm_available("a_triple_fault_leaves_the_vcpu_state_and_its_last_exits_in_the_console")
+    else {
+        return;
+    };
+    let mem = memory(16);
+    let cfg = VmConfig { workload: Workload::Count { every: 1 << 16 }, ..Default::default() };
+    let vm = Vm::create(mem.clone(), &cfg).unwrap();
+    let rx = vm.subscribe();
+    next(&rx);
+    // The guest has no IDT: an undefined opcode in its code is #UD, then #GP, then a
+    // double fault it cannot deliver either: a triple fault.
+    let ud2 = [0x0f, 0x0b].repeat(guest::GUEST_BIN.len() / 2);
+    mem.write(guest::CODE_GPA, &ud2).unwrap();
+    let reason = vm.wait_exit(Duration::from_secs(20)).expect("the guest did not die within 20 s");
+    let ExitReason::Crash(why) = &reason else { panic!("the guest ended with {reason:?}") };
+    assert!(why.contains("triple fault"), "{why}");
+    let (console, _) = vm.console().subscribe();
+    let crash: Vec<&String> = console.iter().filter(|l| l.starts_with("vmm: crash:")).collect();
+    for l in &crash {
+        eprintln!("{l}");
+    }
+    let has = |what: &str| crash.iter().any(|l| l.contains(what));
+    for what in [
+        "vCPU 0: rip=",
+        "rax=",
+        "cr3=",
+        "cs=0x",
+        "idt base=0x0 limit=0x0",
+        "exception injected=",
+        "exits, oldest first",
+    ] {
+        assert!(has(what), "no {what:?} in {crash:#?}");
+    }
+    // The trail ends with the shutdown itself, after the guest's reports (port writes).
+    let trail: Vec<&&String> = crash.iter().filter(|l| l.contains(":   ")).collect();
+    assert!(trail.last().is_some_and(|l| l.contains("shutdown")), "{crash:#?}");
+    assert!(trail.iter().any(|l| l.contains("io-out") || l.contains("mmio-write")), "{crash:#?}");
+}

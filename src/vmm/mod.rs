@@ -13,6 +13,7 @@
 //! ```
 
 pub mod consts;
+pub mod crash;
 pub mod devices;
 pub mod guest;
 pub mod linux;

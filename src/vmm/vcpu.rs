@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, Once};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::crash::{self, ExitTrail};
 use super::devices::PortAction;
 use super::guest::{IDLE_PORT, PIO_MMIO_BASE, PIO_MMIO_SIZE, REPORT_PORT, Report};
 use super::{ExitReason, Shared, Want};
@@ -92,6 +93,7 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
         }
     }
     let mut guard = Guard(&shared, false);
+    let mut trail = ExitTrail::default();
     let reason = loop {
         let want = {
             let mut ctl = shared.ctl();
@@ -110,7 +112,7 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
                     // Should KVM still report an exit first, serve it and enter again until
                     // the EINTR comes, so no report is lost.
                     let end = loop {
-                        match run_once(idx, &mut vcpu, &shared) {
+                        match run_once(idx, &mut vcpu, &shared, &mut trail) {
                             Step::Continue => continue,
                             Step::Interrupted => break None,
                             Step::End(r) => break Some(r),
@@ -133,7 +135,7 @@ pub(crate) fn run_loop(idx: usize, fd: Arc<Mutex<VcpuFd>>, ie: ImmediateExit, sh
             }
             Want::Run => {
                 let mut vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
-                match run_once(idx, &mut vcpu, &shared) {
+                match run_once(idx, &mut vcpu, &shared, &mut trail) {
                     Step::Continue => {}
                     // A kick: clear it and look at what the VM wants (set before every
                     // kick).
@@ -185,9 +187,13 @@ fn port_out(idx: usize, port: u16, data: &[u8], shared: &Shared) -> Option<ExitR
     }
 }
 
-/// Runs the guest until its next exit and handles it.
-fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
+/// Runs the guest until its next exit and handles it; a crash leaves the vCPU's state
+/// and `trail` in the console ([`crash`]).
+fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared, trail: &mut ExitTrail) -> Step {
     let exit = vcpu.run();
+    if let Ok(e) = &exit {
+        trail.record(e);
+    }
     if exit.is_ok() && !shared.guest_exited.load(std::sync::atomic::Ordering::Relaxed) {
         shared.guest_exited.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -228,7 +234,15 @@ fn run_once(idx: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Step {
         Err(e) => Some(ExitReason::Crash(format!("vCPU {idx}: KVM_RUN failed: {e}"))),
     };
     match end {
-        Some(r) => Step::End(r),
+        Some(r) => {
+            if let ExitReason::Crash(why) = &r {
+                shared.console.line(format!("vmm: crash: {why}"));
+                for line in crash::report(idx, vcpu, trail) {
+                    shared.console.line(line);
+                }
+            }
+            Step::End(r)
+        }
         None => Step::Continue,
     }
 }
