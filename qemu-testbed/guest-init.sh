@@ -35,6 +35,38 @@ for t in /tests/*; do
         suite_end "$name" FAIL
     fi
 done
+# KVM's trace: on a shutdown intercept (a triple fault) KVM reinitializes the vCPU before
+# vmfork sees the exit, so the guest's real rip and the exit's details are only in the
+# kvm_exit tracepoint. An instance of its own keeps every shutdown exit of the run; the
+# main buffer keeps the last exits and injected exceptions of every VM, printed (and
+# cleared) when a suite fails.
+T=/sys/kernel/tracing
+kvm_trace_start() {
+    [ -e /dev/kvm ] || return 0
+    [ -e $T/events ] || mount -t tracefs nodev $T 2>/dev/null
+    if [ ! -e $T/events/kvm/kvm_exit/enable ]; then
+        echo "VMFORK-KVM-TRACE unavailable: no kvm tracepoints in tracefs"; T=; return 0
+    fi
+    shutdown=127  # SVM_EXIT_SHUTDOWN; VMX calls a triple fault exit reason 2
+    grep -qw vmx /proc/cpuinfo && shutdown=2
+    mkdir -p $T/instances/shutdowns
+    echo "exit_reason == $shutdown" >$T/instances/shutdowns/events/kvm/kvm_exit/filter
+    echo 1 >$T/instances/shutdowns/events/kvm/kvm_exit/enable
+    echo 4096 >$T/buffer_size_kb
+    for e in kvm_exit kvm_inj_exception kvm_userspace_exit kvm_nested_vmexit; do
+        echo 1 >$T/events/kvm/$e/enable 2>/dev/null
+    done
+}
+kvm_trace_dump() {
+    [ -n "$T" ] && [ -e $T/trace ] || return 0
+    echo 0 >$T/tracing_on
+    echo "VMFORK-KVM-TRACE-BEGIN $1 (the last KVM events before the failure)"
+    tail -n 120 $T/trace
+    echo "VMFORK-KVM-TRACE-END"
+    echo >$T/trace
+    echo 1 >$T/tracing_on
+}
+kvm_trace_start
 # The suites whose VMs run under nested KVM in TCG, where guests now and then die of a
 # triple fault with or without a fork (README, "Limits"): a failed run is run once more,
 # and the report says so.
@@ -44,8 +76,9 @@ with_retry() {
     if "$@"; then
         suite_end "$suite" PASS
     else
+        kvm_trace_dump "$suite"
         echo "VMFORK-RETRY $suite: the first run failed (above); running it once more"
-        if "$@"; then suite_end "$suite" PASS; else suite_end "$suite" FAIL; fi
+        if "$@"; then suite_end "$suite" PASS; else kvm_trace_dump "$suite"; suite_end "$suite" FAIL; fi
     fi
 }
 # The fork test that needs reflink, with it required: here every strategy must fork.
@@ -85,6 +118,11 @@ if [ -z "$ONLY" ]; then
     else
         echo "VMFORK-CRITERION-END"; suite_end criterion FAIL
     fi
+fi
+if [ -n "$T" ] && [ -e $T/instances/shutdowns/trace ]; then
+    # Every triple fault of the run, whether or not its suite passed in the end.
+    grep -v '^#' $T/instances/shutdowns/trace | sed 's/^/VMFORK-SHUTDOWN-EXIT /'
+    echo "VMFORK-SHUTDOWN-EXITS $(grep -vc '^#' $T/instances/shutdowns/trace)"
 fi
 echo "VMFORK-DMESG-BEGIN"
 dmesg | grep -E 'BUG|WARNING|Oops|lockdep|KASAN|circular|INFO:' || true
