@@ -5,6 +5,11 @@
 //! ([`ExitTrail`]; a store per exit, no system call), and when the VM crashes the thread
 //! writes every register it can read, the pending and injected events and that trail to
 //! the VM's console (and so to its log), one `vmm: crash:` line each.
+//!
+//! One caveat: on AMD, KVM reinitializes a vCPU on a shutdown intercept before `KVM_RUN`
+//! returns (`shutdown_interception()` in kvm_amd), so after a triple fault there the
+//! registers are the vCPU's INIT state (`rip=0xfff0`) and only the trail is the guest's;
+//! the guest's real rip is in KVM's `kvm_exit` trace (the testbed records it).
 
 use std::fmt::Write as _;
 use std::time::Instant;
