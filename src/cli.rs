@@ -226,7 +226,7 @@ pub fn run(cmd: VmCommand) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmfork: {e}");
+            eprintln!("vmfork: {}", crate::error::Report(&*e));
             ExitCode::FAILURE
         }
     }
