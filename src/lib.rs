@@ -9,8 +9,8 @@
 //! happened and, where it helps, what to do. A variant either writes its cause into its
 //! message or hands it out as `source()`, never both; the `vmfork` command prints an
 //! error with [`error::Report`], which follows `source()`, so every cause is printed
-//! once. Most variants write their cause in (so `{e}` alone says everything). Wrappers
-//! that add nothing are `#[error(transparent)]`.
+//! once. Most variants write their cause in (so `{e}` alone says everything); the
+//! bench's errors hand theirs out. Wrappers that add nothing are `#[error(transparent)]`.
 
 pub mod api;
 pub mod bench;
