@@ -133,11 +133,20 @@ pub enum SnapshotSub {
     },
 }
 
-fn parse_chunk(s: &str) -> Result<u32, String> {
+/// A `--chunk` that is not a chunk size snapshots use.
+#[derive(Debug, thiserror::Error)]
+enum ChunkError {
+    #[error(transparent)]
+    Size(#[from] crate::units::SizeError),
+    #[error("chunk size {0}: 4K or 8K")]
+    Unsupported(usize),
+}
+
+fn parse_chunk(s: &str) -> Result<u32, ChunkError> {
     match crate::units::parse_size(s)? {
         4096 => Ok(4096),
         8192 => Ok(8192),
-        n => Err(format!("chunk size {n}: 4K or 8K")),
+        n => Err(ChunkError::Unsupported(n)),
     }
 }
 
