@@ -133,11 +133,20 @@ pub enum SnapshotSub {
     },
 }
 
-fn parse_chunk(s: &str) -> Result<u32, String> {
+/// A `--chunk` that is not a chunk size snapshots use.
+#[derive(Debug, thiserror::Error)]
+enum ChunkError {
+    #[error(transparent)]
+    Size(#[from] crate::units::SizeError),
+    #[error("chunk size {0}: 4K or 8K")]
+    Unsupported(usize),
+}
+
+fn parse_chunk(s: &str) -> Result<u32, ChunkError> {
     match crate::units::parse_size(s)? {
         4096 => Ok(4096),
         8192 => Ok(8192),
-        n => Err(format!("chunk size {n}: 4K or 8K")),
+        n => Err(ChunkError::Unsupported(n)),
     }
 }
 
@@ -231,13 +240,29 @@ pub fn run(cmd: VmCommand) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmfork: {e}");
+            eprintln!("vmfork: {}", crate::error::Report(&*e));
             ExitCode::FAILURE
         }
     }
 }
 
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+/// Errors of the command itself; the library's pass through as they are.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("fork child: {0}")]
+    Child(crate::fork::ChildError),
+    #[error(
+        "--parent {}: a snapshot in an object store cannot reference a local directory; push the parent (vmfork push) and name it as s3://BUCKET/PREFIX",
+        .0.display()
+    )]
+    LocalParent(PathBuf),
+    #[error("--parent {}: {error}", path.display())]
+    Parent { path: PathBuf, error: std::io::Error },
+    #[error("--parent {}: not a UTF-8 path", .0.display())]
+    ParentNotUtf8(PathBuf),
+}
 
 fn free_name() -> Result<String, api::Error> {
     let taken = crate::runtime::names()?;
@@ -519,8 +544,7 @@ fn run_child() -> CliResult {
     // nothing else in this process owns it.
     let sock = unsafe { std::os::unix::net::UnixStream::from_raw_fd(3) };
     let bind = api::Server::bind;
-    let (vm, who, (server, listener)) =
-        crate::fork::become_child(&sock, bind).map_err(|e| format!("fork child: {e}"))?;
+    let (vm, who, (server, listener)) = crate::fork::become_child(&sock, bind).map_err(Error::Child)?;
     eprintln!(
         "vmfork: VM {} forked from {} ({}), pid {}",
         who.name,
@@ -685,7 +709,7 @@ fn snapshot(args: SnapshotArgs) -> CliResult {
             let (name, dir) = (args.name.unwrap_or_default(), args.dir.unwrap_or_default());
             // To an object store: written here first (the VM writes it), then uploaded.
             let remote = match dir.to_str().and_then(crate::snapshot::remote::S3Url::parse) {
-                Some(url) => Some(url.map_err(|e| e.to_string())?),
+                Some(url) => Some(url?),
                 None => None,
             };
             let target = dir.clone();
@@ -756,14 +780,11 @@ fn parent_spec(
     use crate::snapshot::remote::{Remote, S3Config, S3Url};
     let Some(url) = at.to_str().and_then(S3Url::parse) else {
         if to_store {
-            return Err(format!(
-                "--parent {}: a snapshot in an object store cannot reference a local directory; push the parent (vmfork push) and name it as s3://BUCKET/PREFIX",
-                at.display()
-            )
-            .into());
+            return Err(Error::LocalParent(at.to_path_buf()).into());
         }
-        let dir = std::fs::canonicalize(at).map_err(|e| format!("--parent {}: {e}", at.display()))?;
-        let location = dir.to_str().ok_or_else(|| format!("--parent {}: not a UTF-8 path", dir.display()))?;
+        let dir =
+            std::fs::canonicalize(at).map_err(|error| Error::Parent { path: at.to_path_buf(), error })?;
+        let location = dir.to_str().ok_or_else(|| Error::ParentNotUtf8(dir.clone()))?;
         return Ok(api::ParentSpec { location: location.to_string(), meta: dir.clone() });
     };
     let remote = Remote::new(url?, &S3Config::from_env(endpoint))?;

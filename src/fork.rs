@@ -46,7 +46,9 @@ pub const ENTROPY_OFFSET: u64 = ENTROPY_GPA - guest::GENID_GPA;
 /// Errors of a fork.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("VM {0:?} is private (started with --private) and is never forked")]
+    #[error(
+        "VM {0:?} is private (started with --private) and is never forked: to fork it, start it without --private"
+    )]
     Private(String),
     #[error("cannot pause the parent: {0}")]
     Pause(crate::vmm::Error),

@@ -6,14 +6,16 @@
 //! restores it lazily; [`bench`] compares the strategies side by side.
 //!
 //! Errors are an enum per module, one meaning per variant. Each message says what
-//! happened, includes its cause, and where it helps what to do: the `vmfork` command
-//! prints only the top error's message. So variants do not also expose the cause as
-//! `source()` (a reporter walking the chain would print it twice); wrappers that add
-//! nothing are `#[error(transparent)]`.
+//! happened and, where it helps, what to do. A variant either writes its cause into its
+//! message or hands it out as `source()`, never both; the `vmfork` command prints an
+//! error with [`error::Report`], which follows `source()`, so every cause is printed
+//! once. Most variants write their cause in (so `{e}` alone says everything); the
+//! bench's errors hand theirs out. Wrappers that add nothing are `#[error(transparent)]`.
 
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod error;
 pub mod fork;
 pub mod memory;
 pub mod names;

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmfork: {e}");
+            eprintln!("vmfork: {}", vmfork::error::Report(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,7 +1,18 @@
 //! Sizes as people write them on command lines.
 
+/// Why a text is not a size; each quotes the text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{text:?}: unknown unit {unit:?} (use K, M, G or T)")]
+    Unit { text: String, unit: char },
+    #[error("{0:?} is not a size like 512M or 4G")]
+    NotASize(String),
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses `4096`, `64K`, `512M`, `4G` (binary units, optional `iB`/`B` suffix) into bytes.
-pub fn parse_size(text: &str) -> Result<usize, String> {
+pub fn parse_size(text: &str) -> Result<usize, SizeError> {
     let t = text.trim();
     let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
     let (digits, shift) = match t.char_indices().last() {
@@ -11,14 +22,14 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => return Err(format!("{text:?}: unknown unit {c:?} (use K, M, G or T)")),
+                _ => return Err(SizeError::Unit { text: text.to_string(), unit: c }),
             };
             (&t[..i], shift)
         }
         _ => (t, 0),
     };
-    let n: usize = digits.trim().parse().map_err(|_| format!("{text:?} is not a size like 512M or 4G"))?;
-    n.checked_mul(1usize << shift).ok_or_else(|| format!("{text:?} is too large"))
+    let n: usize = digits.trim().parse().map_err(|_| SizeError::NotASize(text.to_string()))?;
+    n.checked_mul(1usize << shift).ok_or_else(|| SizeError::TooLarge(text.to_string()))
 }
 
 /// Bytes as a size to read: `64M`, `1.5G`, `512K`, `100` (binary units).
@@ -56,14 +67,17 @@ pub mod fuzzing {
                     "{text:?} gave {n}, not {base} times a unit"
                 );
             }
-            Err(e) => assert!(e.contains(&format!("{text:?}")), "the error {e:?} does not quote {text:?}"),
+            Err(e) => assert!(
+                e.to_string().contains(&format!("{text:?}")),
+                "the error {e:?} does not quote {text:?}"
+            ),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{SizeError, parse_size};
 
     #[test]
     fn sizes() {
@@ -71,7 +85,13 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(64 << 10));
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert!(parse_size("12Q").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_size("12Q"), Err(SizeError::Unit { text: "12Q".into(), unit: 'Q' }));
+        assert_eq!(
+            parse_size("12Q").unwrap_err().to_string(),
+            r#""12Q": unknown unit 'Q' (use K, M, G or T)"#
+        );
+        assert_eq!(parse_size("lots"), Err(SizeError::Unit { text: "lots".into(), unit: 's' }));
+        assert_eq!(parse_size("xK"), Err(SizeError::NotASize("xK".into())));
+        assert_eq!(parse_size("20000000000T"), Err(SizeError::TooLarge("20000000000T".into())));
     }
 }

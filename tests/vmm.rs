@@ -480,6 +480,54 @@ fn cli_errors_are_clear_and_stale_sockets_are_cleaned_up() {
     assert_eq!(out.status.code(), Some(2), "usage errors exit with 2");
 }
 
+/// `vmfork report` of a file that is not a report: one line naming the file, the
+/// parser's complaint once, and how to write a report.
+#[test]
+fn cli_report_of_a_file_that_is_no_report_says_how_to_get_one() {
+    let rt = Runtime::new("bad-report");
+    let file = rt.dir.join("not-a-report.json");
+    std::fs::write(&file, r#"{"run": 1}"#).unwrap();
+    let out = rt.vmfork(&["report", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with(&format!("vmfork: {} is not a vmfork bench report", file.display())), "{err}");
+    assert!(err.contains("`vmfork bench --json FILE`"), "{err}");
+    assert_eq!(err.matches("invalid type").count(), 1, "the parser's complaint once: {err}");
+}
+
+/// The remote suite against a store that is set but does not answer (a loopback port
+/// nothing listens on): one skip per size, naming the store, the failed request once,
+/// and what to do; the run itself succeeds.
+#[test]
+fn bench_remote_suite_with_a_store_that_does_not_answer_skips_saying_what_to_do() {
+    let Some(_vm_lock) =
+        kvm_available("bench_remote_suite_with_a_store_that_does_not_answer_skips_saying_what_to_do")
+    else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let rt = Runtime::new("bench-store-down");
+    let out = rt
+        .command()
+        .args(["bench", "--quick", "--suite", "remote"])
+        .env("VMFORK_S3_ENDPOINT", &endpoint)
+        .env("VMFORK_S3_TIMEOUT_SECS", "2")
+        .env("VMFORK_S3_RETRY_SECS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let skips: Vec<&str> = stdout.lines().filter(|l| l.starts_with("skipped ")).collect();
+    assert_eq!(skips.len(), 1, "{stdout}");
+    let why =
+        format!("the object store at {endpoint} does not answer (start one with scripts/s3-server start");
+    assert!(skips[0].contains(&why) && skips[0].contains("unset VMFORK_S3_ENDPOINT"), "{stdout}");
+    // The object is named once (the HTTP client's own message names its URL as well).
+    assert_eq!(skips[0].matches("s3://").count(), 1, "the failed object once: {stdout}");
+}
+
 #[test]
 fn cli_without_kvm_access_says_what_to_do() {
     let Some(_vm_lock) = kvm_available("cli_without_kvm_access_says_what_to_do") else {

@@ -320,7 +320,7 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
         Request::Status => answer(&mut w, serde_json::json!({"ok": true, "status": status(who, vm)})),
         Request::Fork { strategy, name, count } => match fork_many(vm, who, strategy, name, count) {
             Ok(children) => answer(&mut w, serde_json::json!({"ok": true, "children": children})),
-            Err(e) => error(&mut w, e),
+            Err(e) => error(&mut w, crate::error::Report(&e)),
         },
         Request::Snapshot { dir, level, chunk, stop, parent } => {
             let defaults = crate::snapshot::TakeOptions::default();
@@ -398,6 +398,19 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
     }
 }
 
+/// Why a `fork` request made no (or not every) child; its report is the `error` the
+/// client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    #[error("count {0}: fork 1 to 64 children at a time")]
+    Count(u32),
+    /// No name for a child: taken, not a valid name, or the runtime directory unreadable.
+    #[error(transparent)]
+    Name(#[from] Error),
+    #[error(transparent)]
+    Fork(#[from] crate::fork::Error),
+}
+
 /// Forks `count` children one after the other (each fork pauses the parent briefly).
 fn fork_many(
     vm: &Vm,
@@ -405,24 +418,22 @@ fn fork_many(
     strategy: Strategy,
     name: Option<String>,
     count: u32,
-) -> std::result::Result<Vec<crate::fork::Child>, String> {
+) -> std::result::Result<Vec<crate::fork::Child>, ForkError> {
     if count == 0 || count > 64 {
-        return Err(format!("count {count}: fork 1 to 64 children at a time"));
+        return Err(ForkError::Count(count));
     }
     let mut children = Vec::new();
     for i in 0..count {
         let child = match (&name, i) {
             (Some(n), 0) => n.clone(),
             (Some(n), i) => format!("{n}-{i}"),
-            (None, _) => free_child_name(&who.name).map_err(|e| e.to_string())?,
+            (None, _) => free_child_name(&who.name)?,
         };
-        check_name(&child).map_err(|e| e.to_string())?;
+        check_name(&child).map_err(Error::from)?;
         if connect(&child).is_ok() {
-            return Err(Error::NameTaken(child).to_string());
+            return Err(Error::NameTaken(child).into());
         }
-        children.push(
-            crate::fork::fork(vm, &who.name, who.private, &child, strategy).map_err(|e| e.to_string())?,
-        );
+        children.push(crate::fork::fork(vm, &who.name, who.private, &child, strategy)?);
     }
     Ok(children)
 }
@@ -510,6 +521,30 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `error` a client hears for a refused fork request.
+    fn fork_reply(e: &ForkError) -> String {
+        let mut w = Vec::new();
+        error(&mut w, crate::error::Report(e)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&w).unwrap();
+        assert_eq!(v["ok"], false);
+        v["error"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_refused_fork_tells_the_client_why_and_what_to_do() {
+        let private = ForkError::from(crate::fork::Error::Private("web".into()));
+        let text = crate::error::tests::report_once(&private);
+        assert_eq!(fork_reply(&private), text);
+        assert!(text.contains(r#""web" is private (started with --private)"#), "{text}");
+        assert!(text.contains("never forked") && text.contains("start it without --private"), "{text}");
+
+        let count = ForkError::Count(65);
+        assert_eq!(fork_reply(&count), "count 65: fork 1 to 64 children at a time");
+
+        let taken = ForkError::from(Error::NameTaken("web-1".into()));
+        assert_eq!(fork_reply(&taken), r#"a VM named "web-1" is already running"#);
+    }
 
     #[test]
     fn requests_parse_and_junk_does_not() {

@@ -102,7 +102,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                     let m = "fork_to_child_running_ns";
                     out.push(Record::value(SUITE, m, name, sz, m, running, Unit::Ns));
                 }
-                Err(e) => skip(out, "fork", "fork_parent_pause_ns", &e.0),
+                Err(e) => skip(out, "fork", "fork_parent_pause_ns", &super::note(&e)),
             }
             for &(scenario, percent) in plan.workloads {
                 match child_workload(size, strategy, huge, percent) {
@@ -113,7 +113,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                         }
                         out.push(Record::value(SUITE, scenario, name, sz, m, child, Unit::Ns));
                     }
-                    Err(e) => skip(out, scenario, "child_workload_ns", &e.0),
+                    Err(e) => skip(out, scenario, "child_workload_ns", &super::note(&e)),
                 }
             }
             if size != sizes[0] {
@@ -124,7 +124,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                 Ok(bytes) => {
                     out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, Unit::Bytes))
                 }
-                Err(e) => skip(out, &scenario, "total_bytes", &e.0),
+                Err(e) => skip(out, &scenario, "total_bytes", &super::note(&e)),
             }
             let scenario = format!("chain{}", plan.chain);
             match chain(size, strategy, huge, plan.chain) {
@@ -141,7 +141,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                         out.push(Record::value(SUITE, &scenario, name, sz, metric, v, Unit::Ns));
                     }
                 }
-                Err(e) => skip(out, &scenario, "first_fork_ns", &e.0),
+                Err(e) => skip(out, &scenario, "first_fork_ns", &super::note(&e)),
             }
         }
     }

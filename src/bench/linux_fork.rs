@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::clone::settled_meminfo;
 use super::fork::{fork_timings, held_bytes, stop_all};
-use super::{BenchError, BenchOptions, Record, Suite, Unit};
+use super::{BenchError, BenchOptions, Error, Record, Suite, Unit, note};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
@@ -48,12 +48,11 @@ impl Plan {
     pub const QUICK: Plan = Plan { forks: 1, idle_forks: 2 };
 }
 
+/// How long the guest may take from boot to its first tick.
+const BOOT_WAIT: Duration = Duration::from_secs(240);
+
 /// How long the idle children run before their memory is measured.
 pub const IDLE_TIME: Duration = Duration::from_secs(2);
-
-fn err(e: impl std::fmt::Display) -> BenchError {
-    BenchError(format!("linux fork bench: {e}"))
-}
 
 pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
     let sizes = match (&opts.sizes[..], opts.quick) {
@@ -85,8 +84,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         }
         // A guest that does not boot fails this size, not the whole report.
         if let Err(e) = at_size(size, opts.huge_pages, plan, &files, out) {
-            eprintln!("linux suite at {}: FAILED: {e}", super::human_bytes(size as u64));
-            skip(out, size, "all", &format!("FAILED: {e}"));
+            let why = note(&e);
+            eprintln!("linux suite at {}: FAILED: {why}", super::human_bytes(size as u64));
+            skip(out, size, "all", &format!("FAILED: {why}"));
         }
     }
     Ok(())
@@ -104,19 +104,18 @@ fn at_size(
     let sz = size as u64;
     eprintln!("linux suite: booting {} with {}", kernel.display(), super::human_bytes(sz));
     let shmem_before = settled_meminfo("Shmem");
-    let memory = Arc::new(crate::vmm::guest::memory(size, &MemoryOptions { huge_pages }).map_err(err)?);
+    let memory = Arc::new(crate::vmm::guest::memory(size, &MemoryOptions { huge_pages })?);
     let config = VmConfig { linux: Some(LinuxMachine::default()), ..Default::default() };
     let boot =
         LinuxBoot { kernel: kernel.clone(), initrd: Some(initrd.clone()), cmdline: DEFAULT_CMDLINE.into() };
     let t0 = Instant::now();
-    let vm = Vm::create_linux(memory, &config, &boot).map_err(err)?;
+    let vm = Vm::create_linux(memory, &config, &boot)?;
     let (_, lines) = vm.console().subscribe();
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + BOOT_WAIT;
+    let silent = || Error::Silent { guest: "the Linux guest", event: "tick", secs: BOOT_WAIT.as_secs() };
     loop {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .ok_or_else(|| err("the guest did not tick within 240 s"))?;
-        let line = lines.recv_timeout(left).map_err(|_| err("the guest did not tick within 240 s"))?;
+        let left = deadline.checked_duration_since(Instant::now()).ok_or_else(silent)?;
+        let line = lines.recv_timeout(left).map_err(|_| silent())?;
         if line.starts_with("VMFORK-TICK") {
             break;
         }
@@ -165,7 +164,8 @@ fn at_size(
                     Unit::Ns,
                 ));
             }
-            Err(BenchError(why)) => {
+            Err(e) => {
+                let why = note(&e);
                 eprintln!("  {name}: {why}");
                 out.push(Record::skipped(SUITE, "fork", name, sz, "fork_parent_pause_ns", &why));
             }
@@ -177,7 +177,7 @@ fn at_size(
             match crate::fork::fork(&vm, &parent, false, &format!("{parent}-{name}-idle{i}"), strategy) {
                 Ok(c) => children.push(c),
                 Err(e) => {
-                    failed = Some(e.to_string());
+                    failed = Some(crate::error::report(&e));
                     break;
                 }
             }

@@ -291,7 +291,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     for (suite, run_suite) in suites {
         if opts.runs(suite) {
             let t0 = std::time::Instant::now();
-            run_suite(opts, &mut records)?;
+            run_suite(opts, &mut records).map_err(|e| Error::Suite { suite, source: Box::new(e) })?;
             eprintln!("{suite} suite done in {:.1} s", t0.elapsed().as_secs_f64());
         }
     }
@@ -301,11 +301,10 @@ pub fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     ratios.extend(snapshot::ratios(&records));
     ratios.extend(remote::ratios(&records));
     let report = Report { run, records, ratios };
-    print_report(&report, &mut std::io::stdout().lock())?;
+    print_report(&report, &mut std::io::stdout().lock()).map_err(Error::io("cannot print the report"))?;
     if let Some(path) = &opts.json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json)
-            .map_err(|e| BenchError(format!("cannot write {}: {e}", path.display())))?;
+        let json = serde_json::to_string_pretty(&report).map_err(Error::Encode)?;
+        std::fs::write(path, json).map_err(Error::io(format!("cannot write {}", path.display())))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(report)
@@ -335,11 +334,10 @@ pub fn render(
     markdown: Option<&std::path::Path>,
     svg_dir: Option<&std::path::Path>,
 ) -> Result<(), BenchError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| BenchError(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(Error::io(format!("cannot read {}", path.display())))?;
     let report: Report = serde_json::from_str(&text)
-        .map_err(|e| BenchError(format!("{} is not a vmfork bench report: {e}", path.display())))?;
-    print_report(&report, &mut std::io::stdout().lock())?;
+        .map_err(|source| Error::BadReport { path: path.to_path_buf(), source })?;
+    print_report(&report, &mut std::io::stdout().lock()).map_err(Error::io("cannot print the report"))?;
     let charts = match svg_dir {
         Some(dir) => plot::write_all(&report.records, dir)?,
         None => Vec::new(),
@@ -348,29 +346,31 @@ pub fn render(
         eprintln!("wrote {}", c.display());
     }
     if let Some(md) = markdown {
-        let mut buf = Vec::new();
-        writeln!(
-            buf,
-            "# vmfork bench report\n\nMeasured {} on kernel {} ({}, {} CPUs), shmem THP `{}`.\n\n```text",
-            report.run.date_utc, report.run.kernel, report.run.cpu, report.run.cpus, report.run.shmem_thp
-        )?;
-        print_report(&report, &mut buf)?;
-        writeln!(buf, "```")?;
-        let md_dir = md.parent().unwrap_or(std::path::Path::new("."));
-        for c in &charts {
-            // Relative to the Markdown file when the chart is beside or below it.
-            let shown = c.strip_prefix(md_dir).unwrap_or(c);
-            writeln!(
-                buf,
-                "\n![{}]({})",
-                c.file_stem().unwrap_or_default().to_string_lossy(),
-                shown.display()
-            )?;
-        }
-        std::fs::write(md, buf).map_err(|e| BenchError(format!("cannot write {}: {e}", md.display())))?;
+        let buf =
+            markdown_of(&report, md, &charts).map_err(Error::io("cannot compose the Markdown report"))?;
+        std::fs::write(md, buf).map_err(Error::io(format!("cannot write {}", md.display())))?;
         eprintln!("wrote {}", md.display());
     }
     Ok(())
+}
+
+/// The Markdown of `report`, to be written to `md`, linking `charts`.
+fn markdown_of(report: &Report, md: &std::path::Path, charts: &[PathBuf]) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    writeln!(
+        buf,
+        "# vmfork bench report\n\nMeasured {} on kernel {} ({}, {} CPUs), shmem THP `{}`.\n\n```text",
+        report.run.date_utc, report.run.kernel, report.run.cpu, report.run.cpus, report.run.shmem_thp
+    )?;
+    print_report(report, &mut buf)?;
+    writeln!(buf, "```")?;
+    let md_dir = md.parent().unwrap_or(std::path::Path::new("."));
+    for c in charts {
+        // Relative to the Markdown file when the chart is beside or below it.
+        let shown = c.strip_prefix(md_dir).unwrap_or(c);
+        writeln!(buf, "\n![{}]({})", c.file_stem().unwrap_or_default().to_string_lossy(), shown.display())?;
+    }
+    Ok(buf)
 }
 
 /// A table per suite: one row per (scenario, metric, size), one column per strategy
@@ -451,34 +451,113 @@ pub(crate) fn human_value(v: f64, unit: Unit) -> String {
     }
 }
 
-/// Why a benchmark run failed: a message for the user.
-#[derive(Debug)]
-pub struct BenchError(pub String);
+/// Why a benchmark (or one of its measurements) failed. Variants that wrap another
+/// module's error show that error's message; the others hand their cause out as
+/// [`std::error::Error::source`] (shown by [`crate::error::Report`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A suite failed as a whole (the variant inside says how).
+    #[error("the {suite} suite failed")]
+    Suite {
+        suite: Suite,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(transparent)]
+    Vm(#[from] crate::vmm::Error),
+    #[error(transparent)]
+    Setup(#[from] crate::vmm::guest::SetupError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
+    #[error(transparent)]
+    NewVm(#[from] crate::fork::NewVmError),
+    #[error(transparent)]
+    Fork(#[from] crate::fork::Error),
+    /// A file, directory or process operation failed; `what` says which.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a vmfork bench report (one is written by `vmfork bench --json FILE`)", path.display())]
+    BadReport {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} holds no VM state this vmfork reads", path.display())]
+    BadState {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode the report as JSON")]
+    Encode(#[source] serde_json::Error),
+    #[error("cannot draw the chart {}", path.display())]
+    Draw {
+        path: PathBuf,
+        #[source]
+        source: plotters::drawing::DrawingAreaErrorKind<std::io::Error>,
+    },
+    /// A guest did not show it was running in time.
+    #[error("{guest} did not {event} within {secs} s")]
+    Silent { guest: &'static str, event: &'static str, secs: u64 },
+    #[error("`{} run` printed no guest report", exe.display())]
+    StartNoReport { exe: PathBuf },
+    #[error("`{} run` did not stop cleanly: {status}", exe.display())]
+    StartUnclean { exe: PathBuf, status: std::process::ExitStatus },
+    #[error(
+        "{} of memory available, a {} guest's snapshot and restores need about {}: free memory or measure a smaller --size",
+        human_bytes(*available), human_bytes(*guest), human_bytes(*needs)
+    )]
+    NoMemory { available: u64, guest: u64, needs: u64 },
+    #[error(
+        "{} free in {}, a {} guest's snapshot and raw file need about {}: free disk space there (or point TMPDIR elsewhere) or measure a smaller --size",
+        human_bytes(*free), dir.display(), human_bytes(*guest), human_bytes(*needs)
+    )]
+    NoDisk { free: u64, dir: PathBuf, guest: u64, needs: u64 },
+    #[error(
+        "the object store at {endpoint} does not answer (start one with scripts/s3-server start and export what it prints, or unset VMFORK_S3_ENDPOINT to skip the remote suite)"
+    )]
+    StoreDown {
+        endpoint: String,
+        #[source]
+        source: crate::snapshot::Error,
+    },
+    #[error("the snapshot has no working set")]
+    NoWorkingSet,
+    #[error("no snapshot was taken")]
+    NoSnapshot,
+    #[error("the snapshot has no chunk to touch")]
+    NothingToTouch,
+    /// A failure described only in words (bench/fork.rs, until its errors are typed).
+    #[error("{0}")]
+    Message(String),
+}
 
-impl std::fmt::Display for BenchError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+/// The name the suites use.
+pub type BenchError = Error;
+
+/// [`Error::Message`], under the name bench/fork.rs calls (until its errors are typed).
+#[allow(non_snake_case)]
+pub(crate) fn BenchError(message: String) -> Error {
+    Error::Message(message)
+}
+
+impl Error {
+    /// An I/O failure: `what` says what could not be done ("cannot write FILE").
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
     }
 }
 
-impl std::error::Error for BenchError {}
-
-impl From<crate::memory::Error> for BenchError {
-    fn from(e: crate::memory::Error) -> Self {
-        BenchError(e.to_string())
-    }
-}
-
-impl From<std::io::Error> for BenchError {
-    fn from(e: std::io::Error) -> Self {
-        BenchError(e.to_string())
-    }
-}
-
-impl From<serde_json::Error> for BenchError {
-    fn from(e: serde_json::Error) -> Self {
-        BenchError(e.to_string())
-    }
+/// The text a skipped record keeps of `e`: its message and causes.
+pub(crate) fn note(e: &Error) -> String {
+    crate::error::report(e)
 }
 
 #[cfg(test)]
@@ -529,6 +608,43 @@ mod tests {
         ratios.extend(remote::ratios(records));
         let json = |r: &[Ratio]| serde_json::to_string_pretty(r).unwrap();
         assert_eq!(json(&ratios), json(&report.ratios));
+    }
+
+    /// What `vmfork` prints when a suite's VM cannot open KVM: what failed, the cause
+    /// once, and what to do about it.
+    #[test]
+    fn a_suite_without_kvm_says_why_once_and_what_to_do() {
+        let missing = std::ffi::CString::new("/nonexistent/vmfork-test/kvm").unwrap();
+        let cause = kvm_ioctls::Kvm::new_with_path(&missing).map(drop).expect_err("no KVM there");
+        let e = Error::Suite { suite: Suite::Vm, source: Box::new(crate::vmm::Error::KvmOpen(cause).into()) };
+        let text = crate::error::tests::report_once(&e);
+        assert!(text.starts_with("the vm suite failed: cannot open /dev/kvm: "), "{text}");
+        assert_eq!(text.matches("No such file or directory").count(), 1, "{text}");
+        assert!(text.contains("modprobe") && text.contains("`kvm` group"), "no fix in: {text}");
+    }
+
+    /// `vmfork report` of a file that is not a report: the file, the parser's complaint
+    /// once, and how to get a report.
+    #[test]
+    fn a_file_that_is_not_a_report_is_named_with_the_way_to_write_one() {
+        let path = std::env::temp_dir().join(format!("vmfork-not-a-report-{}.json", std::process::id()));
+        std::fs::write(&path, "not json").unwrap();
+        let e = render(&path, None, None).expect_err("not a report");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(e, Error::BadReport { .. }), "{e:?}");
+        let text = crate::error::tests::report_once(&e);
+        assert_eq!(text.matches(&*path.display().to_string()).count(), 1, "{text}");
+        assert!(text.contains("vmfork bench --json FILE"), "no fix in: {text}");
+        assert_eq!(text.matches("expected ident").count(), 1, "the parser's complaint once: {text}");
+    }
+
+    /// A size that does not fit says so, with both numbers and what to change.
+    #[test]
+    fn too_little_memory_for_a_size_says_what_to_change() {
+        let e = Error::NoMemory { available: 1 << 30, guest: 4 << 30, needs: (4 << 30) + (512 << 20) };
+        let text = crate::error::tests::report_once(&e);
+        assert!(text.starts_with("1G of memory available, a 4G guest's"), "{text}");
+        assert!(text.contains("--size"), "{text}");
     }
 
     /// The table and ratios printed of a saved report are what `vmfork report` printed.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::{BenchError, Record, Suite, Unit, human_bytes};
+use super::{BenchError, Error, Record, Suite, Unit, human_bytes};
 use crate::memory::Strategy;
 
 /// Strategies in legend order, the `native` baseline first, then [`Strategy::CONCRETE`];
@@ -80,8 +80,12 @@ fn colour(strategy: &str) -> RGBColor {
         .unwrap_or(BLACK)
 }
 
-fn err(e: impl std::fmt::Display) -> BenchError {
-    BenchError(format!("plot: {e}"))
+/// What drawing on an SVG file fails with.
+type DrawError = DrawingAreaErrorKind<std::io::Error>;
+
+/// A failure drawing the chart at `path`.
+fn draw_err(path: &Path) -> impl Fn(DrawError) -> Error + Copy + '_ {
+    move |source| Error::Draw { path: path.to_path_buf(), source }
 }
 
 /// Values of `metric` (suite, scenario = metric unless given) by strategy: `(size, value)`.
@@ -114,7 +118,7 @@ fn series_of(
 
 /// Writes the charts the records have data for into `dir`; returns their paths.
 pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
     let mut written = Vec::new();
     let clone = series(records, Suite::Clone, "clone_ns", "clone_ns");
     let pause = series(records, Suite::Fork, "fork_parent_pause_ns", "fork_parent_pause_ns");
@@ -236,6 +240,7 @@ fn curves(path: &Path, caption: &str, solid: &Series, dashed_lines: &Series) -> 
     }
     // Room on the right for the legend.
     let (x0, x1) = (x0.floor() - 0.5, x1.ceil() + 2.0);
+    let err = draw_err(path);
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -277,21 +282,20 @@ fn curves(path: &Path, caption: &str, solid: &Series, dashed_lines: &Series) -> 
             chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled()))).map_err(err)?;
         }
     }
-    legend(&mut chart)?;
+    legend(&mut chart).map_err(err)?;
     root.present().map_err(err)
 }
 
 /// Every chart's legend: on the right, boxed, over a faded background.
 fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
-) -> Result<(), BenchError> {
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::MiddleRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(err)
 }
 
 /// Grouped bars: one group per label, one bar per strategy of [`ORDER`] with a value.
@@ -311,6 +315,7 @@ fn bar_chart(
         (0..ORDER.len()).filter(|&s| groups.iter().any(|(_, v)| v[s].is_some())).collect();
     let width = present.len() as f64 + 1.0;
     let x_max = groups.len() as f64 * width;
+    let err = draw_err(path);
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut builder = ChartBuilder::on(&root);
@@ -344,7 +349,7 @@ fn bar_chart(
                 Text::new(label.to_string(), ((g as f64 + 0.5) * width, $top), style)
             });
             chart.draw_series(names).map_err(err)?;
-            legend(&mut chart)?;
+            legend(&mut chart).map_err(err)?;
         }};
     }
     if log {

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use super::delay::DelayProxy;
 use super::snapshot::{Contents, WorkDir, median, room, source_vm, text_area, write_text};
-use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, find, human_bytes, sizes_of};
+use super::{BenchError, BenchOptions, Error, Ratio, Record, Suite, Unit, find, human_bytes, note, sizes_of};
 use crate::memory::PAGE_SIZE;
 use crate::snapshot::cache::PackCache;
 use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
@@ -145,10 +145,6 @@ impl Column {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> BenchError {
-    BenchError(format!("remote bench: {e}"))
-}
-
 fn endpoint() -> Option<String> {
     ["VMFORK_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
         .into_iter()
@@ -170,11 +166,11 @@ impl Store {
     }
 
     fn remote(&self, prefix: &str) -> Result<Remote, BenchError> {
-        Remote::new(self.url(prefix), &self.cfg).map_err(err)
+        Ok(Remote::new(self.url(prefix), &self.cfg)?)
     }
 
     fn remote_delayed(&self, prefix: &str) -> Result<Remote, BenchError> {
-        Remote::new(self.url(prefix), &self.delayed).map_err(err)
+        Ok(Remote::new(self.url(prefix), &self.delayed)?)
     }
 }
 
@@ -207,7 +203,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let upstream = endpoint.trim_start_matches("http://").trim_end_matches('/');
     let proxy = match upstream.parse() {
-        Ok(addr) => DelayProxy::start(addr, ONE_WAY).map_err(err)?,
+        Ok(addr) => {
+            DelayProxy::start(addr, ONE_WAY).map_err(Error::io("cannot start the delaying forwarder"))?
+        }
         Err(_) => {
             skip_all(
                 out,
@@ -225,15 +223,16 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     };
     // One request first: a store that is set but down or refusing is one skip, found
     // within the client's timeouts, not one per size.
-    if let Err(e) = store.remote("probe").and_then(|r| r.get("snapshot.json").map_err(err)) {
-        skip_all(out, &format!("the object store at {endpoint} does not answer: {e}"));
+    if let Err(e) = probe(&store, &endpoint) {
+        skip_all(out, &note(&e));
         return Ok(());
     }
     eprintln!("remote suite: s3://{BUCKET}/{} at {endpoint}", store.run_prefix);
     let work = WorkDir::new("remote")?;
     for &size in &sizes {
         eprintln!("remote suite at {}", human_bytes(size as u64));
-        if let Err(why) = room(size, &work.0) {
+        if let Err(e) = room(size, &work.0) {
+            let why = note(&e);
             eprintln!("  skipped at {}: {why}", human_bytes(size as u64));
             skip_size(out, size, &why);
             continue;
@@ -245,8 +244,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             let result = measure(size, contents, opts.huge_pages, plan, &store, &name, &dir, out);
             let _ = std::fs::remove_dir_all(&dir);
             if let Err(e) = result {
-                eprintln!("  {}: {e}", contents.name());
-                out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "restore_ns", &e.0));
+                let why = note(&e);
+                eprintln!("  {}: {why}", contents.name());
+                out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "restore_ns", &why));
             }
         }
         eprintln!("  family");
@@ -254,11 +254,20 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         let result = measure_family(size, opts.huge_pages, &store, &dir, out);
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = result {
-            eprintln!("  family: {e}");
-            out.push(Record::skipped(SUITE, "family", "all", size as u64, "new_bytes", &e.0));
+            let why = note(&e);
+            eprintln!("  family: {why}");
+            out.push(Record::skipped(SUITE, "family", "all", size as u64, "new_bytes", &why));
         }
     }
     drop(proxy);
+    Ok(())
+}
+
+/// One request to the store at `endpoint`: whether it answers at all.
+fn probe(store: &Store, endpoint: &str) -> Result<(), BenchError> {
+    let down = |source| Error::StoreDown { endpoint: endpoint.to_string(), source };
+    let remote = Remote::new(store.url("probe"), &store.cfg).map_err(down)?;
+    remote.get("snapshot.json").map_err(down)?;
     Ok(())
 }
 
@@ -276,7 +285,7 @@ fn measure_family(
     dir: &Path,
     out: &mut Vec<Record>,
 ) -> Result<(), BenchError> {
-    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
     let sz = size as u64;
     let (start, bytes) = text_area(size);
     let name = format!("family-{}", human_bytes(sz));
@@ -290,17 +299,14 @@ fn measure_family(
         for (i, (_, snap_dir, prefix)) in columns.iter().enumerate() {
             let (every, seed) =
                 if i == 0 { (1, 0x2545_f491_4f6c_dd1d) } else { (FAMILY_DIRTY_EVERY, 0x9e37_79b9_7f4a_7c15) };
-            vm.pause().map_err(err)?;
+            vm.pause()?;
             let written =
                 write_text(vm.memory(), (start..start + bytes).step_by(PAGE_SIZE * every as usize), seed);
-            vm.resume().map_err(err)?;
+            vm.resume()?;
             written?;
             let parent = match i {
                 0 => None,
-                _ => Some(
-                    snapshot::Parent::load(&columns[0].1, store.url(&columns[0].2).to_string())
-                        .map_err(err)?,
-                ),
+                _ => Some(snapshot::Parent::load(&columns[0].1, store.url(&columns[0].2).to_string())?),
             };
             let summary = snapshot::take(
                 &vm,
@@ -310,10 +316,9 @@ fn measure_family(
                 &TakeOptions::default(),
                 parent.as_ref(),
                 &mut |_| {},
-            )
-            .map_err(err)?;
+            )?;
             let t = Instant::now();
-            let pushed = remote::push(snap_dir, &store.remote(prefix)?).map_err(err)?;
+            let pushed = remote::push(snap_dir, &store.remote(prefix)?)?;
             taken.push((summary, pushed, t.elapsed().as_nanos() as f64));
         }
         Ok(taken)
@@ -333,14 +338,14 @@ fn measure_family(
         out.push(v("pushed_bytes", pushed as f64, Unit::Bytes));
         out.push(v("push_ns", push_ns, Unit::Ns));
         let cache = PackCache { dir: dir.join(format!("cache-{col}")), limit_bytes: 16 << 30 };
-        let open = || Snapshot::open_remote_with_cache(store.remote(prefix)?, cache.clone()).map_err(err);
+        let open = || Ok(Snapshot::open_remote_with_cache(store.remote(prefix)?, cache.clone())?);
         match restore_vm(open, &no_prefetch, Contents::Idle) {
             Ok((run, _)) => {
                 out.push(v("ready_ns", run.ready_ns, Unit::Ns));
                 out.push(v("requests", run.requests as f64, Unit::Count));
                 out.push(v("fetched_bytes", run.fetched_bytes as f64, Unit::Bytes));
             }
-            Err(e) => out.push(Record::skipped(SUITE, "family", col, sz, "ready_ns", &e.0)),
+            Err(e) => out.push(Record::skipped(SUITE, "family", col, sz, "ready_ns", &note(&e))),
         }
     }
     Ok(())
@@ -409,28 +414,28 @@ fn measure(
     dir: &Path,
     out: &mut Vec<Record>,
 ) -> Result<(), BenchError> {
-    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
     let (sc, sz) = (contents.name(), size as u64);
     let snap_dir = dir.join("snapshot");
     let vm = source_vm(size, contents, huge)?;
     let taken = snapshot::take(&vm, "bench", false, &snap_dir, &TakeOptions::default(), None, &mut |_| {});
     vm.stop();
     drop(vm);
-    let summary = taken.map_err(err)?;
+    let summary = taken?;
     let plain = format!("{name}/plain");
     let t = Instant::now();
-    let pushed = remote::push(&snap_dir, &store.remote(&plain)?).map_err(err)?;
+    let pushed = remote::push(&snap_dir, &store.remote(&plain)?)?;
     eprintln!("    pushed {} in {:.2} s", human_bytes(pushed), t.elapsed().as_secs_f64());
 
     // A local restore's first touches become the working set; then the snapshot with it
     // goes to the store too.
-    let local = || Snapshot::open(&snap_dir).map_err(err);
+    let local = || Ok(Snapshot::open(&snap_dir)?);
     let no_prefetch = RestoreOptions { eager: false, no_prefetch: true };
     let (_, ws) = restore_vm(local, &no_prefetch, contents)?;
-    snapshot::record_working_set(&snap_dir, &ws).map_err(err)?;
+    snapshot::record_working_set(&snap_dir, &ws)?;
     let with_ws = format!("{name}/ws");
-    remote::push(&snap_dir, &store.remote(&with_ws)?).map_err(err)?;
-    let packs = Snapshot::open(&snap_dir).map_err(err)?.manifest.packs.len();
+    remote::push(&snap_dir, &store.remote(&with_ws)?)?;
+    let packs = Snapshot::open(&snap_dir)?.manifest.packs.len();
 
     let caches = dir.join("caches");
     let fresh_cache = |label: String| PackCache { dir: caches.join(label), limit_bytes: 16 << 30 };
@@ -447,7 +452,7 @@ fn measure(
             let remote_open = |prefix: &str, cache: PackCache| {
                 let remote =
                     if k.delayed() { store.remote_delayed(prefix)? } else { store.remote(prefix)? };
-                Snapshot::open_remote_with_cache(remote, cache).map_err(err)
+                Ok(Snapshot::open_remote_with_cache(remote, cache)?)
             };
             let got = match k {
                 Column::Local | Column::LocalPrefetch => restore_vm(local, &opts, contents),
@@ -466,8 +471,9 @@ fn measure(
             match got {
                 Ok((run, _)) => runs[i].push(run),
                 Err(e) => {
-                    eprintln!("    {} {sc}: {e}", k.name());
-                    failed[i] = Some(e.0);
+                    let why = note(&e);
+                    eprintln!("    {} {sc}: {why}", k.name());
+                    failed[i] = Some(why);
                 }
             }
         }
@@ -522,12 +528,12 @@ fn restore_vm(
     let t0 = Instant::now();
     let snap = Arc::new(open()?);
     let opened = snap.remote_report().map_or(0, |r| r.requests);
-    let state = snap.state().map_err(err)?;
-    let (memory, stats) = snapshot::restore_memory(snap.clone(), opts).map_err(err)?;
+    let state = snap.state()?;
+    let (memory, stats) = snapshot::restore_memory(snap.clone(), opts)?;
     let memory = Arc::new(memory);
-    let vm = crate::fork::vm_with_new_identity(memory, &state).map_err(err)?;
+    let vm = crate::fork::vm_with_new_identity(memory, &state)?;
     let reports = vm.subscribe();
-    vm.resume().map_err(err)?;
+    vm.resume()?;
     let restore_ns = t0.elapsed().as_nanos() as f64;
     let (wait, n) = match contents {
         Contents::Idle => (Duration::from_secs(30), 1),
@@ -536,7 +542,7 @@ fn restore_vm(
     let mut ready = Ok(());
     for _ in 0..n {
         if reports.recv_timeout(wait).is_err() {
-            ready = Err(err(format!("the restored guest did not report within {} s", wait.as_secs())));
+            ready = Err(Error::Silent { guest: "the restored guest", event: "report", secs: wait.as_secs() });
             break;
         }
     }
@@ -563,6 +569,25 @@ fn restore_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store that is set but down: one skip, naming the store, the failed request once
+    /// and what to do. The store is a loopback port nothing listens on.
+    #[test]
+    fn a_store_that_does_not_answer_says_so_once_with_the_fix() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut cfg = S3Config::from_env(Some(endpoint.clone()));
+        cfg.request_timeout = Duration::from_secs(2);
+        cfg.retry_timeout = Duration::from_secs(1);
+        let store = Store { delayed: cfg.clone(), cfg, run_prefix: "bench/test".into() };
+        let e = probe(&store, &endpoint).expect_err("nothing listens there");
+        assert!(matches!(e, Error::StoreDown { .. }), "{e:?}");
+        let text = crate::error::tests::report_once(&e);
+        assert!(text.starts_with(&format!("the object store at {endpoint} does not answer")), "{text}");
+        assert!(text.contains("scripts/s3-server start") && text.contains("VMFORK_S3_ENDPOINT"), "{text}");
+        let object = format!("s3://{BUCKET}/bench/test/probe/snapshot.json");
+        assert_eq!(text.matches(&object).count(), 1, "the failed request once: {text}");
+    }
 
     #[test]
     fn columns_are_named_and_classified() {

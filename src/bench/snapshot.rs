@@ -76,7 +76,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
+use super::{BenchError, BenchOptions, Error, Ratio, Record, Suite, Unit, human_bytes, note};
 use crate::memory::cow::Image;
 use crate::memory::uffd::{self, PageSource};
 use crate::memory::{Extent, GuestMemory, MemFile, MemoryOptions, PAGE_SIZE, Region, Strategy};
@@ -151,10 +151,6 @@ impl Restore {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> BenchError {
-    BenchError(format!("snapshot bench: {e}"))
-}
-
 /// A directory for a suite's snapshots and files in this run, removed when dropped.
 pub(super) struct WorkDir(pub(super) PathBuf);
 
@@ -162,7 +158,7 @@ impl WorkDir {
     pub(super) fn new(suite: &str) -> Result<Self, BenchError> {
         let dir = std::env::temp_dir().join(format!("vmfork-bench-{suite}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
         Ok(WorkDir(dir))
     }
 }
@@ -195,8 +191,8 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     let work = WorkDir::new("snapshot")?;
     for &size in &sizes {
         eprintln!("snapshot suite at {}", human_bytes(size as u64));
-        if let Err(why) = room(size, &work.0) {
-            skip_size(out, size, &why);
+        if let Err(e) = room(size, &work.0) {
+            skip_size(out, size, &note(&e));
             continue;
         }
         for contents in [Contents::Idle, Contents::Written25] {
@@ -205,8 +201,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             let result = measure(size, contents, opts.huge_pages, plan, &dir, out);
             let _ = std::fs::remove_dir_all(&dir);
             if let Err(e) = result {
-                eprintln!("  {}: {e}", contents.name());
-                out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "pause_ns", &e.0));
+                let why = note(&e);
+                eprintln!("  {}: {why}", contents.name());
+                out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "pause_ns", &why));
             }
         }
     }
@@ -217,29 +214,19 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
 /// quarter of it written, plus as much again copied on write while the snapshot is
 /// written) and one restored VM at a time, and disk for a snapshot and a sparse raw
 /// file beside it.
-pub(super) fn room(size: usize, dir: &Path) -> Result<(), String> {
-    let needs = size as u64 + (512 << 20);
+pub(super) fn room(size: usize, dir: &Path) -> Result<(), BenchError> {
+    let (guest, needs) = (size as u64, size as u64 + (512 << 20));
     let available = super::meminfo("MemAvailable");
     if available < needs {
-        return Err(format!(
-            "{} of memory available, a {} guest's snapshot and restores need about {}",
-            human_bytes(available),
-            human_bytes(size as u64),
-            human_bytes(needs)
-        ));
+        return Err(Error::NoMemory { available, guest, needs });
     }
-    let disk = nix::sys::statvfs::statvfs(dir)
-        .map(|s| s.blocks_available() * s.fragment_size())
-        .map_err(|e| format!("statvfs {}: {e}", dir.display()))?;
+    let free =
+        nix::sys::statvfs::statvfs(dir).map(|s| s.blocks_available() * s.fragment_size()).map_err(|e| {
+            Error::Io { what: format!("cannot see how much room {} has", dir.display()), source: e.into() }
+        })?;
     let needs = size as u64 / 2 + (256 << 20);
-    if disk < needs {
-        return Err(format!(
-            "{} free in {}, a {} guest's snapshot and raw file need about {}",
-            human_bytes(disk),
-            dir.display(),
-            human_bytes(size as u64),
-            human_bytes(needs)
-        ));
+    if free < needs {
+        return Err(Error::NoDisk { free, dir: dir.to_path_buf(), guest, needs });
     }
     Ok(())
 }
@@ -264,7 +251,7 @@ fn measure(
     dir: &Path,
     out: &mut Vec<Record>,
 ) -> Result<(), BenchError> {
-    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
     let (sc, sz) = (contents.name(), size as u64);
     let snap_dir = dir.join("snapshot");
     let raw_path = dir.join("memory.raw");
@@ -280,7 +267,7 @@ fn measure(
         let taken = snapshot::take(&vm, "bench", false, &d, &TakeOptions::default(), None, &mut |_| {});
         vm.stop();
         drop(vm);
-        let s = taken.map_err(err)?;
+        let s = taken?;
         pauses.push(s.pause_ns as f64);
         writes.push(s.guest_bytes as f64 / (1 << 20) as f64 / s.write_secs);
         if d != snap_dir {
@@ -292,7 +279,7 @@ fn measure(
         vm.stop();
         cow_pauses.push(pause?);
     }
-    let summary = summary.ok_or_else(|| err("no snapshot taken"))?;
+    let summary = summary.ok_or(Error::NoSnapshot)?;
     out.push(Record::value(SUITE, sc, "zstd", sz, "pause_ns", median(pauses), Unit::Ns));
     out.push(Record::value(SUITE, sc, "zstd", sz, "write_mib_s", median(writes), Unit::MibPerSec));
     out.push(Record::value(SUITE, sc, "zstd", sz, "stored_bytes", summary.stored_bytes as f64, Unit::Bytes));
@@ -317,8 +304,9 @@ fn measure(
             Ok(())
         }
         Err(e) => {
-            out.push(Record::skipped(SUITE, sc, "raw", sz, "write_mib_s", &e.0));
-            Err(e.0)
+            let why = note(&e);
+            out.push(Record::skipped(SUITE, sc, "raw", sz, "write_mib_s", &why));
+            Err(why)
         }
     };
 
@@ -346,14 +334,15 @@ fn measure(
                         let ws = ws.expect("a zstd restore has a trace");
                         if let Err(e) = snapshot::record_working_set(&snap_dir, &ws) {
                             failed[at(Restore::ZstdPrefetch)] =
-                                Some(format!("cannot record the working set: {e}"));
+                                Some(format!("cannot record the working set: {}", crate::error::report(&e)));
                         }
                     }
                     runs[i].push(run);
                 }
                 Err(e) => {
-                    eprintln!("  {} {sc}: {e}", k.name());
-                    failed[i] = Some(e.0);
+                    let why = note(&e);
+                    eprintln!("  {} {sc}: {why}", k.name());
+                    failed[i] = Some(why);
                 }
             }
         }
@@ -362,21 +351,22 @@ fn measure(
     // touched in its recorded order by a host thread.
     let samples = touch_samples(&snap_dir, contents, plan.touch_samples)?;
     let ws = working_set_gpas(&snap_dir)?;
-    let mut ws_touches: Vec<Option<Result<f64, BenchError>>> = RESTORES.iter().map(|_| None).collect();
+    // Each a value, or the skip note saying why not.
+    let mut ws_touches: Vec<Option<Result<f64, String>>> = RESTORES.iter().map(|_| None).collect();
     if !ws.is_empty() {
         for (i, k) in RESTORES.into_iter().enumerate() {
             ws_touches[i] = Some(match &failed[i] {
-                Some(why) if runs[i].is_empty() => Err(BenchError(why.clone())),
-                _ => ws_touch(k, &snap_dir, &raw_path, &ws),
+                Some(why) if runs[i].is_empty() => Err(why.clone()),
+                _ => ws_touch(k, &snap_dir, &raw_path, &ws).map_err(|e| note(&e)),
             });
         }
     }
-    let mut touches: Vec<Option<Result<Touch, BenchError>>> = RESTORES.iter().map(|_| None).collect();
+    let mut touches: Vec<Option<Result<Touch, String>>> = RESTORES.iter().map(|_| None).collect();
     for k in [Restore::FilePrivate, Restore::FileUffd, Restore::ZstdUffd, Restore::Eager] {
         let i = at(k);
         touches[i] = Some(match &failed[i] {
-            Some(why) if runs[i].is_empty() => Err(BenchError(why.clone())),
-            _ => touch_loop(k, &snap_dir, &raw_path, &samples),
+            Some(why) if runs[i].is_empty() => Err(why.clone()),
+            _ => touch_loop(k, &snap_dir, &raw_path, &samples).map_err(|e| note(&e)),
         });
     }
 
@@ -408,7 +398,7 @@ fn measure(
         match &ws_touches[i] {
             None => {}
             Some(Ok(ns)) => out.push(Record::value(SUITE, sc, name, sz, "ws_touch_ns", *ns, Unit::Ns)),
-            Some(Err(e)) => out.push(Record::skipped(SUITE, sc, name, sz, "ws_touch_ns", &e.0)),
+            Some(Err(why)) => out.push(Record::skipped(SUITE, sc, name, sz, "ws_touch_ns", why)),
         }
         match &touches[i] {
             None => {}
@@ -420,7 +410,7 @@ fn measure(
                     out.push(Record::value(SUITE, sc, name, sz, "srv_p99_ns", p99, Unit::Ns));
                 }
             }
-            Some(Err(e)) => out.push(Record::skipped(SUITE, sc, name, sz, "touch_p50_ns", &e.0)),
+            Some(Err(why)) => out.push(Record::skipped(SUITE, sc, name, sz, "touch_p50_ns", why)),
         }
     }
     Ok(())
@@ -429,24 +419,25 @@ fn measure(
 /// A running built-in guest of `size` bytes holding `contents`; its memory is written
 /// and it has reported (twice for `written25`: it is in its `touch` passes).
 pub(super) fn source_vm(size: usize, contents: Contents, huge: bool) -> Result<Vm, BenchError> {
-    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge }).map_err(err)?);
+    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge })?);
     let (start, mib) = written_area(size);
     let pages = mib << 8;
     let workload = match contents {
         Contents::Idle => Workload::Idle,
         Contents::Written25 => Workload::Touch { mib, random: false, every: pages },
     };
-    let vm = Vm::create(memory.clone(), &VmConfig { workload, ..Default::default() }).map_err(err)?;
+    let vm = Vm::create(memory.clone(), &VmConfig { workload, ..Default::default() })?;
     let reports = vm.subscribe();
     let wait = Duration::from_secs(60);
-    reports.recv_timeout(wait).map_err(|_| err("the guest did not report"))?;
+    let silent = || Error::Silent { guest: "the guest", event: "report", secs: wait.as_secs() };
+    reports.recv_timeout(wait).map_err(|_| silent())?;
     if contents == Contents::Written25 {
-        vm.pause().map_err(err)?;
+        vm.pause()?;
         write_text(&memory, (start..start + (mib << 20)).step_by(PAGE_SIZE), 0x2545_f491_4f6c_dd1d)?;
-        vm.resume().map_err(err)?;
+        vm.resume()?;
         // A whole pass over the area since the resume: the guest is in its loop.
         for _ in 0..2 {
-            reports.recv_timeout(wait).map_err(|_| err("the guest did not report"))?;
+            reports.recv_timeout(wait).map_err(|_| silent())?;
         }
     }
     Ok(vm)
@@ -463,7 +454,7 @@ pub(super) fn write_text(
     let mut x = seed;
     for va in vas {
         let off = (xorshift(&mut x) as usize % (pool.len() - PAGE_SIZE)) & !7;
-        memory.write(guest::ram_gpa(va), &pool[off..off + PAGE_SIZE]).map_err(err)?;
+        memory.write(guest::ram_gpa(va), &pool[off..off + PAGE_SIZE])?;
     }
     Ok(())
 }
@@ -531,9 +522,9 @@ fn text_pool(len: usize) -> Vec<u8> {
 /// The `cow` fork pause of `vm`, in this process: pause, capture, clone, resume.
 fn cow_pause(vm: &Vm) -> Result<f64, BenchError> {
     let t = Instant::now();
-    vm.pause().map_err(err)?;
-    let cloned = vm.capture().map_err(err).and_then(|_| vm.memory().clone_with(Strategy::Cow).map_err(err));
-    let resumed = vm.resume().map_err(err);
+    vm.pause()?;
+    let cloned = vm.capture().map_err(Error::from).and_then(|_| Ok(vm.memory().clone_with(Strategy::Cow)?));
+    let resumed = vm.resume();
     let ns = t.elapsed().as_nanos() as f64;
     drop(cloned?);
     resumed?;
@@ -544,15 +535,14 @@ fn cow_pause(vm: &Vm) -> Result<f64, BenchError> {
 /// one after the other, zero chunks left as holes), from an eager restore of it: returns
 /// (seconds to write and fsync, allocated bytes).
 fn write_raw(snap_dir: &Path, raw: &Path) -> Result<(f64, u64), BenchError> {
-    let snap = Arc::new(Snapshot::open(snap_dir).map_err(err)?);
+    let snap = Arc::new(Snapshot::open(snap_dir)?);
     let (memory, _) =
-        snapshot::restore_memory(snap.clone(), &RestoreOptions { eager: true, no_prefetch: true })
-            .map_err(err)?;
+        snapshot::restore_memory(snap.clone(), &RestoreOptions { eager: true, no_prefetch: true })?;
     let m = &snap.manifest;
     let cs = m.chunk_size as u64;
-    let file = File::create(raw).map_err(|e| err(format!("{}: {e}", raw.display())))?;
+    let file = File::create(raw).map_err(Error::io(format!("cannot create {}", raw.display())))?;
     let t = Instant::now();
-    file.set_len(m.guest_size()).map_err(err)?;
+    file.set_len(m.guest_size()).map_err(Error::io(format!("cannot size {}", raw.display())))?;
     let mut buf = vec![0u8; cs as usize];
     let mut at = 0u64;
     for r in &m.regions {
@@ -562,15 +552,17 @@ fn write_raw(snap_dir: &Path, raw: &Path) -> Result<(f64, u64), BenchError> {
             if snap.index.entries[(r.first_chunk + c) as usize].kind == Kind::Zero {
                 continue;
             }
-            memory.read(r.guest_addr + c * cs, &mut buf).map_err(err)?;
-            file.write_all_at(&buf, at + c * cs).map_err(err)?;
+            memory.read(r.guest_addr + c * cs, &mut buf)?;
+            file.write_all_at(&buf, at + c * cs)
+                .map_err(Error::io(format!("cannot write {}", raw.display())))?;
         }
         at += r.size;
     }
-    file.sync_all().map_err(err)?;
+    file.sync_all().map_err(Error::io(format!("cannot sync {}", raw.display())))?;
     let secs = t.elapsed().as_secs_f64();
     use std::os::unix::fs::MetadataExt;
-    let allocated = file.metadata().map_err(err)?.blocks() * 512;
+    let allocated =
+        file.metadata().map_err(Error::io(format!("cannot stat {}", raw.display())))?.blocks() * 512;
     Ok((secs, allocated))
 }
 
@@ -628,47 +620,49 @@ fn restored_memory(
     raw: &Path,
 ) -> Result<(GuestMemory, Served, VmState), BenchError> {
     let zstd = |opts: RestoreOptions| -> Result<(GuestMemory, Served, VmState), BenchError> {
-        let snap = Arc::new(Snapshot::open(snap_dir).map_err(err)?);
+        let snap = Arc::new(Snapshot::open(snap_dir)?);
         if !opts.eager && !opts.no_prefetch && snap.working_set.is_none() {
-            return Err(err("the snapshot has no working set"));
+            return Err(Error::NoWorkingSet);
         }
-        let state = snap.state().map_err(err)?;
-        let (memory, stats) = snapshot::restore_memory(snap, &opts).map_err(err)?;
+        let state = snap.state()?;
+        let (memory, stats) = snapshot::restore_memory(snap, &opts)?;
         Ok((memory, Served::Zstd(stats), state))
     };
     let state = || -> Result<VmState, BenchError> {
         let path = snap_dir.join("state.json");
-        let json = std::fs::read_to_string(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-        VmState::from_json(&json).map_err(err)
+        let json =
+            std::fs::read_to_string(&path).map_err(Error::io(format!("cannot read {}", path.display())))?;
+        VmState::from_json(&json).map_err(|source| Error::BadState { path, source })
     };
     let chunk = TakeOptions::default().chunk_size as usize;
-    let open_raw = || File::open(raw).map_err(|e| err(format!("{}: {e}", raw.display())));
+    let open_raw = || File::open(raw).map_err(Error::io(format!("cannot open {}", raw.display())));
     match k {
         Restore::ZstdUffd => zstd(RestoreOptions { eager: false, no_prefetch: true }),
         Restore::ZstdPrefetch => zstd(RestoreOptions { eager: false, no_prefetch: false }),
         Restore::Eager => zstd(RestoreOptions { eager: true, no_prefetch: true }),
         Restore::FilePrivate => {
             let state = state()?;
-            let file = Arc::new(MemFile::from_fd(open_raw()?.into()).map_err(err)?);
+            let file = Arc::new(MemFile::from_fd(open_raw()?.into())?);
             let mut regions = Vec::new();
             let mut at = 0;
             for (gpa, len) in guest::ram_layout(file.size()) {
                 let extent = Extent { offset: 0, len, file: file.clone(), file_offset: at };
-                regions.push(Region::with_layers(gpa, len, Image::from_extents(vec![extent])).map_err(err)?);
+                regions.push(Region::with_layers(gpa, len, Image::from_extents(vec![extent]))?);
                 at += len;
             }
-            Ok((GuestMemory::from_regions(regions, false).map_err(err)?, Served::None, state))
+            Ok((GuestMemory::from_regions(regions, false)?, Served::None, state))
         }
         Restore::FileUffd => {
             let state = state()?;
             let file = Arc::new(open_raw()?);
-            let size = file.metadata().map_err(err)?.len() as usize;
+            let size =
+                file.metadata().map_err(Error::io(format!("cannot stat {}", raw.display())))?.len() as usize;
             let counters = Arc::new(RawCounters::default());
             let mut regions = Vec::new();
             let mut at = 0;
             for (gpa, len) in guest::ram_layout(size) {
-                let mem = Arc::new(MemFile::create("vmfork-restore", len).map_err(err)?);
-                let region = Region::with_file(gpa, mem.clone()).map_err(err)?;
+                let mem = Arc::new(MemFile::create("vmfork-restore", len)?);
+                let region = Region::with_file(gpa, mem.clone())?;
                 let source = RawSource {
                     file: file.clone(),
                     base: at as u64,
@@ -677,10 +671,10 @@ fn restored_memory(
                     buf: Vec::new(),
                     counters: counters.clone(),
                 };
-                regions.push(uffd::fill_from_source(region, &mem, Box::new(source)).map_err(err)?);
+                regions.push(uffd::fill_from_source(region, &mem, Box::new(source))?);
                 at += len;
             }
-            Ok((GuestMemory::from_regions(regions, false).map_err(err)?, Served::Raw(counters), state))
+            Ok((GuestMemory::from_regions(regions, false)?, Served::Raw(counters), state))
         }
     }
 }
@@ -706,9 +700,9 @@ fn restore_vm(
     let t0 = Instant::now();
     let (memory, served, state) = restored_memory(k, snap_dir, raw)?;
     let memory = Arc::new(memory);
-    let vm = crate::fork::restore_as_new_vm(memory, &state).map_err(err)?;
+    let vm = crate::fork::restore_as_new_vm(memory, &state)?;
     let reports = vm.subscribe();
-    vm.resume().map_err(err)?;
+    vm.resume()?;
     let restore_ns = t0.elapsed().as_nanos() as f64;
     let (wait, n) = match contents {
         Contents::Idle => (Duration::from_secs(30), 1),
@@ -717,7 +711,7 @@ fn restore_vm(
     let mut ready = Ok(());
     for _ in 0..n {
         if reports.recv_timeout(wait).is_err() {
-            ready = Err(err(format!("the restored guest did not report within {} s", wait.as_secs())));
+            ready = Err(Error::Silent { guest: "the restored guest", event: "report", secs: wait.as_secs() });
             break;
         }
     }
@@ -739,7 +733,7 @@ fn restore_vm(
 /// Guest-physical addresses of the chunks the touch loop reads, shuffled: the non-zero
 /// chunks for `written25`, every chunk for `idle`; at most `max`.
 fn touch_samples(snap_dir: &Path, contents: Contents, max: usize) -> Result<Vec<u64>, BenchError> {
-    let snap = Snapshot::open(snap_dir).map_err(err)?;
+    let snap = Snapshot::open(snap_dir)?;
     let m = &snap.manifest;
     let mut gpas = Vec::new();
     for r in &m.regions {
@@ -760,7 +754,7 @@ fn touch_samples(snap_dir: &Path, contents: Contents, max: usize) -> Result<Vec<
 
 /// Guest-physical addresses of the snapshot's recorded working set, in recorded order.
 fn working_set_gpas(snap_dir: &Path) -> Result<Vec<u64>, BenchError> {
-    let snap = Snapshot::open(snap_dir).map_err(err)?;
+    let snap = Snapshot::open(snap_dir)?;
     let m = &snap.manifest;
     let gpa = |c: u64| {
         let r = m.regions.iter().rev().find(|r| r.first_chunk <= c).expect("chunk 0 is in region 0");
@@ -778,7 +772,7 @@ fn ws_touch(k: Restore, snap_dir: &Path, raw: &Path, gpas: &[u64]) -> Result<f64
     let mut b = [0u8; 1];
     for &gpa in gpas {
         for page in (gpa..gpa + chunk).step_by(PAGE_SIZE) {
-            memory.read(page, &mut b).map_err(err)?;
+            memory.read(page, &mut b)?;
             std::hint::black_box(b[0]);
         }
     }
@@ -810,12 +804,12 @@ fn touch_loop(k: Restore, snap_dir: &Path, raw: &Path, gpas: &[u64]) -> Result<T
     let mut b = [0u8; 1];
     for &gpa in gpas {
         let t = Instant::now();
-        memory.read(gpa, &mut b).map_err(err)?;
+        memory.read(gpa, &mut b)?;
         // The byte is used: the read cannot be optimized away.
         std::hint::black_box(b[0]);
         times.push(t.elapsed().as_nanos() as f64);
     }
-    let (p50, p99) = percentiles(times).ok_or_else(|| err("nothing to touch"))?;
+    let (p50, p99) = percentiles(times).ok_or(Error::NothingToTouch)?;
     let server = match &served {
         Served::Zstd(stats) => {
             let r = stats.report(None);

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, Record, Suite, Unit};
+use super::{BenchError, Error, Record, Suite, Unit};
 use crate::memory::MemoryOptions;
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
@@ -28,30 +28,30 @@ fn median(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_nanos() as f64
 }
 
-fn err(e: impl std::fmt::Display) -> BenchError {
-    BenchError(format!("vm bench: {e}"))
-}
-
 /// Times `cycles` pause/resume cycles of a `vcpus`-vCPU VM: (pause times, resume times).
 pub fn pause_resume(vcpus: u32, cycles: usize) -> Result<(Vec<Duration>, Vec<Duration>), BenchError> {
-    let memory = Arc::new(guest::memory(MEM, &MemoryOptions::default()).map_err(err)?);
+    let memory = Arc::new(guest::memory(MEM, &MemoryOptions::default())?);
     let config = VmConfig { vcpus, workload: Workload::default(), ..Default::default() };
-    let vm = Vm::create(memory, &config).map_err(err)?;
+    let vm = Vm::create(memory, &config)?;
     let rx = vm.subscribe();
     // Every vCPU is up before the clock starts.
     let mut up = vec![false; vcpus as usize];
     while up.iter().any(|u| !u) {
-        let r = rx.recv_timeout(Duration::from_secs(20)).map_err(|_| err("the guest did not report"))?;
+        let r = rx.recv_timeout(Duration::from_secs(20)).map_err(|_| Error::Silent {
+            guest: "the guest",
+            event: "report",
+            secs: 20,
+        })?;
         up[r.vcpu as usize] = true;
     }
     let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
     for _ in 0..cycles {
         std::thread::sleep(Duration::from_millis(2)); // let the vCPUs get back into the guest
         let t = Instant::now();
-        vm.pause().map_err(err)?;
+        vm.pause()?;
         pauses.push(t.elapsed());
         let t = Instant::now();
-        vm.resume().map_err(err)?;
+        vm.resume()?;
         resumes.push(t.elapsed());
     }
     vm.stop();
@@ -73,7 +73,7 @@ pub fn vm_start(exe: &Path, runs: usize, runtime_dir: Option<&Path>) -> Result<V
         if let Some(dir) = runtime_dir {
             cmd.env("XDG_RUNTIME_DIR", dir);
         }
-        let mut child = cmd.spawn().map_err(err)?;
+        let mut child = cmd.spawn().map_err(Error::io(format!("cannot start {}", exe.display())))?;
         let stdout = child.stdout.take().expect("piped");
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.by_ref().map_while(Result::ok).find(|l| l.starts_with("report "));
@@ -84,13 +84,13 @@ pub fn vm_start(exe: &Path, runs: usize, runtime_dir: Option<&Path>) -> Result<V
         if nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).is_err() {
             let _ = child.kill();
         }
-        let status = child.wait().map_err(err)?;
+        let status = child.wait().map_err(Error::io(format!("cannot wait for {}", exe.display())))?;
         let _ = drain.join();
         if first.is_none() {
-            return Err(err(format!("{} run printed no guest report", exe.display())));
+            return Err(Error::StartNoReport { exe: exe.to_path_buf() });
         }
         if !status.success() {
-            return Err(err(format!("{} run did not stop cleanly: {status}", exe.display())));
+            return Err(Error::StartUnclean { exe: exe.to_path_buf(), status });
         }
         times.push(elapsed);
     }
@@ -107,7 +107,7 @@ pub fn run(records: &mut Vec<Record>) -> Result<(), BenchError> {
         }
         return Ok(());
     }
-    let exe = std::env::current_exe().map_err(err)?;
+    let exe = std::env::current_exe().map_err(Error::io("cannot find this program's own path"))?;
     let is_vmfork = exe.file_name().is_some_and(|n| n == "vmfork");
     if is_vmfork {
         let t = vm_start(&exe, STARTS, None)?;

@@ -69,7 +69,11 @@ pub enum Error {
     #[error(transparent)]
     Memory(#[from] crate::memory::Error),
     #[error("bad VM state in state.json: {0}")]
-    State(String),
+    State(serde_json::Error),
+    #[error("bad VM state in state.json: the state is of a {state}-byte guest, the memory of {memory} bytes")]
+    StateSize { state: u64, memory: u64 },
+    #[error("cannot encode the VM state as JSON: {0}")]
+    EncodeState(serde_json::Error),
     #[error("{object}: {what}")]
     Remote { object: String, what: String },
     #[error("parent snapshot {location}: {what}")]

@@ -249,13 +249,9 @@ impl Snapshot {
 
     /// The VM state stored beside the memory.
     pub fn state(&self) -> Result<VmState> {
-        let state = VmState::from_json(&self.state_json).map_err(|e| Error::State(e.to_string()))?;
+        let state = VmState::from_json(&self.state_json).map_err(Error::State)?;
         if state.memory_size != self.manifest.guest_size() {
-            return Err(Error::State(format!(
-                "the state is of a {}-byte guest, the memory of {} bytes",
-                state.memory_size,
-                self.manifest.guest_size()
-            )));
+            return Err(Error::StateSize { state: state.memory_size, memory: self.manifest.guest_size() });
         }
         Ok(state)
     }

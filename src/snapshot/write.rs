@@ -207,7 +207,7 @@ pub fn take(
     let (state, images) = frozen?;
     resumed?;
 
-    let state_json = state.to_json().map_err(|e| Error::State(e.to_string()))?;
+    let state_json = state.to_json().map_err(Error::EncodeState)?;
     let source = |i: usize, off: usize, len: usize| -> &[u8] {
         let r = &images[i];
         assert!(off + len <= r.size());

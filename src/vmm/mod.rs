@@ -65,6 +65,12 @@ pub enum Error {
     Thread(std::io::Error),
     #[error("the saved state does not fit this VM: {0}")]
     StateMismatch(String),
+    #[error("{0} MSRs do not fit in one KVM MSR list (at most {max})", max = kvm_bindings::KVM_MAX_MSR_ENTRIES)]
+    MsrList(usize),
+    #[error("KVM could not read MSR {0:#x} of a vCPU")]
+    MsrRead(u32),
+    #[error("a Linux guest needs a VmConfig whose `linux` is set")]
+    NotLinux,
     #[error(transparent)]
     Setup(#[from] guest::SetupError),
     #[error(transparent)]
@@ -290,8 +296,7 @@ impl Vm {
 
     /// Boots a Linux guest on `memory` (which it overwrites); `config.linux` must be set.
     pub fn create_linux(memory: Arc<GuestMemory>, config: &VmConfig, boot: &linux::LinuxBoot) -> Result<Vm> {
-        let machine =
-            config.linux.clone().ok_or_else(|| Error::StateMismatch("not a Linux VM config".into()))?;
+        let machine = config.linux.clone().ok_or(Error::NotLinux)?;
         let loaded = linux::boot::load(&memory, boot)?;
         linux::acpi::write_tables(&memory, config.vcpus, &machine)?;
         let mut vm = Vm::build(memory, config, None)?;
@@ -311,7 +316,7 @@ impl Vm {
                 .iter()
                 .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
                 .collect();
-            let msrs = Msrs::from_entries(&entries).map_err(|e| Error::StateMismatch(format!("{e:?}")))?;
+            let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrList(entries.len()))?;
             v.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
             if i == 0 {
                 let base = v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;

@@ -83,12 +83,11 @@ impl VcpuState {
         let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
         let entries: Vec<kvm_msr_entry> =
             msr_indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|e| Error::StateMismatch(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrList(entries.len()))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         if n != entries.len() {
             let failed = entries[n].index;
-            return Err(Error::StateMismatch(format!("KVM could not read MSR {failed:#x}")));
+            return Err(Error::MsrRead(failed));
         }
         let events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         Ok(VcpuState { cpuid, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, events })

@@ -48,13 +48,12 @@ fn vm_memory_view(mem: &GuestMemory) -> Result<GuestMemoryMmap, BootError> {
                 libc::MAP_SHARED,
             )
         }
-        .map_err(|e| BootError::Kernel("guest memory".into(), e.to_string()))?;
+        .map_err(|e| BootError::LoaderView(e.into()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr()))
-            .ok_or_else(|| BootError::Kernel("guest memory".into(), "region overflows".into()))?;
+            .ok_or_else(|| BootError::LoaderView("a region ends past the top of the address space".into()))?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| BootError::Kernel("guest memory".into(), e.to_string()))
+    GuestMemoryMmap::from_regions(regions).map_err(|e| BootError::LoaderView(e.into()))
 }
 
 /// Loads kernel, initrd, command line, zero page, page tables and GDT into `mem`.

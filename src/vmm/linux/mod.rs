@@ -96,6 +96,9 @@ pub enum BootError {
     Kernel(PathBuf, String),
     #[error("the initrd ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel")]
     InitrdTooBig { size: usize, limit: u64 },
+    /// Guest memory could not be shown to linux-loader as vm-memory regions.
+    #[error("cannot map guest memory for the kernel loader: {0}")]
+    LoaderView(Box<dyn std::error::Error + Send + Sync>),
     #[error("the kernel command line is too long ({0} bytes; at most {1})")]
     Cmdline(usize, usize),
     #[error(transparent)]
