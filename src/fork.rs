@@ -207,7 +207,6 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
             ChildMemory::Ready(child_memory) => child_memory.send(&ours).map_err(Error::SendMemory)?,
             ChildMemory::Lazy(mut source, child_memory) => {
                 child_memory.send(&ours).map_err(Error::SendMemory)?;
-                drop(child_memory);
                 // The hand-back, or the child's Ready saying why there is none.
                 let frame = wire::recv(&ours, &[Kind::HandBack, Kind::Ready]).map_err(Error::Handoff)?;
                 if frame.kind == Kind::Ready {
@@ -328,7 +327,8 @@ fn capture_and_clone(
 }
 
 /// A fork's child restored in the parent's own process ([`Frozen::restore_here`]).
-/// Dropping it stops the VM first, then the page servers that fill it.
+/// Dropping it stops the VM and drops its memory first, then the page servers that
+/// filled it (fields drop in declaration order).
 pub struct LocalChild {
     /// The child's VM, paused: resume it to run.
     pub vm: Vm,
@@ -336,14 +336,7 @@ pub struct LocalChild {
     pub timings: Timings,
     /// A lazily filled child's page servers and both ends of the socket they were
     /// handed over (the child's memory watches one end for the servers' death).
-    servers: Option<(RemoteSource, UnixStream, UnixStream)>,
-}
-
-impl Drop for LocalChild {
-    fn drop(&mut self) {
-        self.vm.stop();
-        self.servers.take();
-    }
+    _servers: Option<(RemoteSource, UnixStream, UnixStream)>,
 }
 
 impl Frozen {
@@ -358,14 +351,28 @@ impl Frozen {
             ChildMemory::Lazy(mut source, memory) => {
                 let (ours, theirs) =
                     UnixStream::pair().map_err(|e| ChildError::Receive(wire::Error::Io(e)))?;
-                let vm = restore_child(memory, &state, Some(&theirs))?;
-                let frame = wire::recv(&ours, &[Kind::HandBack]).map_err(ChildError::Receive)?;
-                source.serve_handed_back(frame).map_err(ChildError::HandBack)?;
+                // The restore writes the new identity into the memory it has just
+                // registered: the page servers must be up by then, as a parent process's
+                // are. (Should they fail to start, `ours` closes and the child's memory
+                // takes it as their death.)
+                let server = std::thread::spawn(move || {
+                    let frame = wire::recv(&ours, &[Kind::HandBack]).map_err(ChildError::Receive)?;
+                    source.serve_handed_back(frame).map_err(ChildError::HandBack)?;
+                    Ok::<_, ChildError>((source, ours))
+                });
+                let vm = restore_child(memory, &state, Some(&theirs));
+                if vm.is_err() {
+                    // The hand-back may never have been sent: end the server's wait.
+                    let _ = theirs.shutdown(std::net::Shutdown::Both);
+                }
+                let served = server.join().expect("the hand-back's receiver does not panic");
+                let vm = vm?;
+                let (source, ours) = served?;
                 (vm, Some((source, ours, theirs)))
             }
         };
         timings.child_restored_ns = ns(t0);
-        Ok(LocalChild { vm, timings, servers })
+        Ok(LocalChild { vm, timings, _servers: servers })
     }
 }
 
