@@ -206,10 +206,16 @@ pub fn send(sock: &UnixStream, kind: Kind, payload: &[u8], fds: &[BorrowedFd<'_>
 pub fn recv(sock: &UnixStream, expect: &[Kind]) -> Result<Frame, Error> {
     let mut r = sock;
     let mut header = [0u8; HEADER_LEN];
-    read_all(&mut r, &mut header, || "before a whole frame header".into())?;
+    read_all(&mut r, &mut header, "before a whole frame header")?;
     let h = Header::decode(&header, expect)?;
-    let mut payload = vec![0u8; h.len as usize];
-    read_all(&mut r, &mut payload, || format!("in a {} frame's payload of {} bytes", h.kind, h.len))?;
+    // Grown as the bytes arrive: a header alone never makes us allocate its length.
+    let mut payload = Vec::new();
+    let got = (&mut r).take(h.len).read_to_end(&mut payload).map_err(io)?;
+    if got as u64 != h.len {
+        return Err(Error::Closed {
+            during: format!("after {got} bytes of a {} frame's payload of {}", h.kind, h.len),
+        });
+    }
     let want = h.fds as usize;
     let mut fds: Vec<OwnedFd> = Vec::with_capacity(want);
     let mut space = nix::cmsg_space!([RawFd; FDS_PER_BATCH]);
@@ -247,10 +253,12 @@ pub fn recv(sock: &UnixStream, expect: &[Kind]) -> Result<Frame, Error> {
 }
 
 /// `read_exact`, with an early end of stream said as where it happened.
-fn read_all(r: &mut impl Read, buf: &mut [u8], during: impl Fn() -> String) -> Result<(), Error> {
+fn read_all(r: &mut impl Read, buf: &mut [u8], during: &str) -> Result<(), Error> {
     match r.read_exact(buf) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::Closed { during: during() }),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(Error::Closed { during: during.to_string() })
+        }
         Err(e) => Err(io(e)),
     }
 }
@@ -365,7 +373,7 @@ mod tests {
         b.extend([b'x'; 10]);
         let e = recv_written(&b, &[Kind::Hello]).unwrap_err();
         assert!(matches!(e, Error::Closed { .. }), "{e}");
-        assert!(e.to_string().contains("hello frame's payload of 100 bytes"), "{e}");
+        assert!(e.to_string().contains("after 10 bytes of a hello frame's payload of 100"), "{e}");
         let e = recv_written(&b[..7], &[Kind::Hello]).unwrap_err();
         assert!(e.to_string().contains("frame header"), "{e}");
     }
