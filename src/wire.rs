@@ -272,8 +272,12 @@ pub mod fuzzing {
 
     use super::{Error, HEADER_LEN, Header, Kind, recv};
 
+    /// A fuzz target's check (the same type as `snapshot::fuzzing::Check`, which this
+    /// module, depending on nothing else of the crate, does not name).
+    pub type Check = fn(&[u8]);
+
     /// Each fuzz target's name (its directory under `fuzz/corpus/`) and its check.
-    pub const TARGETS: &[(&str, fn(&[u8]))] = &[("wire_frame", frame)];
+    pub const TARGETS: &[(&str, Check)] = &[("wire_frame", frame)];
 
     /// Inputs longer than this are cut: the check writes the input into a socket before
     /// reading it, and the socket's buffer must hold it all.
