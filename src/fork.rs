@@ -207,15 +207,7 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
             ChildMemory::Ready(child_memory) => child_memory.send(&ours).map_err(Error::SendMemory)?,
             ChildMemory::Lazy(mut source, child_memory) => {
                 child_memory.send(&ours).map_err(Error::SendMemory)?;
-                // The hand-back, or the child's Ready saying why there is none.
-                let frame = wire::recv(&ours, &[Kind::HandBack, Kind::Ready]).map_err(Error::Handoff)?;
-                if frame.kind == Kind::Ready {
-                    return match decode_ready(&frame.payload)? {
-                        Ready { ok: false, error, .. } => Err(Error::Child(error.unwrap_or_default())),
-                        _ => Err(Error::ReadyTooSoon),
-                    };
-                }
-                source.serve_handed_back(frame).map_err(Error::Serve)?;
+                source.serve_handed_back(await_hand_back(&ours)?).map_err(Error::Serve)?;
                 let link = ours.try_clone().map_err(|e| Error::Handoff(wire::Error::Io(e)))?;
                 served = Some(vm.page_servers().adopt(source, link));
             }
@@ -258,6 +250,18 @@ fn ns(t0: Instant) -> u64 {
 
 fn decode_ready(payload: &[u8]) -> Result<Ready> {
     serde_json::from_slice(payload).map_err(Error::BadReady)
+}
+
+/// A lazy child's hand-back frame, or the child's `Ready` saying why there is none.
+fn await_hand_back(sock: &UnixStream) -> Result<wire::Frame> {
+    let frame = wire::recv(sock, &[Kind::HandBack, Kind::Ready]).map_err(Error::Handoff)?;
+    if frame.kind == Kind::HandBack {
+        return Ok(frame);
+    }
+    match decode_ready(&frame.payload)? {
+        Ready { ok: false, error, .. } => Err(Error::Child(error.unwrap_or_default())),
+        _ => Err(Error::ReadyTooSoon),
+    }
 }
 
 /// A child as the parent's half of a fork ([`freeze`]) leaves it: everything it needs to
@@ -584,5 +588,34 @@ pub mod fuzzing {
             }
             Err(e) => assert!(!e.to_string().is_empty(), "refused without a reason"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(ok: bool, error: Option<&str>) -> Ready {
+        let error = error.map(str::to_string);
+        Ready { ok, error, pid: 7, restored_after_ns: 0, first_report_after_ns: None }
+    }
+
+    /// A lazy child that fails before its hand-back answers with a `Ready` frame where the
+    /// hand-back was due: the parent reports the child's own error.
+    #[test]
+    fn a_child_failing_before_its_hand_back_is_heard() {
+        let (parent, child) = UnixStream::pair().unwrap();
+        answer(&child, &ready(false, Some("registering memory: no userfaultfd"))).unwrap();
+        match await_hand_back(&parent) {
+            Err(Error::Child(e)) => assert_eq!(e, "registering memory: no userfaultfd"),
+            other => panic!("{other:?}"),
+        }
+        answer(&child, &ready(true, None)).unwrap();
+        assert!(matches!(await_hand_back(&parent), Err(Error::ReadyTooSoon)));
+        wire::send(&child, Kind::HandBack, b"[]", &[]).unwrap();
+        assert_eq!(await_hand_back(&parent).unwrap().kind, Kind::HandBack);
+        // A child that dies instead is lost contact, not a hang.
+        drop(child);
+        assert!(matches!(await_hand_back(&parent), Err(Error::Handoff(wire::Error::Closed { .. }))));
     }
 }
