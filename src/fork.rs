@@ -20,8 +20,13 @@
 //! Failure anywhere before step 4 resumes the parent and reports what failed; after it,
 //! the parent is already running and only the child is lost. A VM started with
 //! `--private` refuses every fork.
+//!
+//! [`fork`] is the whole protocol. Its two halves are also entries of their own, for a
+//! child in this very process (the bench times a child's guest that way): [`freeze`] is
+//! steps 1–4 and returns a [`Frozen`] child, and [`restore_child`] is the child's step 6
+//! up to its resume, the same call [`become_child`] makes; [`Frozen::restore_here`] joins
+//! the two. Every message between the two processes is a [`crate::wire`] frame.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -31,12 +36,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::memory::transfer::{recv_with_fds, send_with_fds};
 use crate::memory::uffd::RemoteSource;
 use crate::memory::{GuestMemory, Strategy};
 use crate::runtime::Identity;
 use crate::vmm::guest::{self, ENTROPY_GPA, ENTROPY_LEN};
 use crate::vmm::{RunState, Vm, VmState};
+use crate::wire::{self, Kind};
 
 /// Where the child's fresh entropy goes, relative to the generation id (the built-in
 /// guest reseeds from it; a Linux guest reseeds from the new generation id through its
@@ -61,7 +66,15 @@ pub enum Error {
     #[error("the child failed: {0}")]
     Child(String),
     #[error("lost contact with the child: {0}")]
-    Handoff(std::io::Error),
+    Handoff(wire::Error),
+    #[error("cannot send the child its memory: {0}")]
+    SendMemory(crate::memory::Error),
+    #[error("cannot serve the child's memory from its userfaultfds: {0}")]
+    Serve(crate::memory::Error),
+    #[error("the child's answer is not a Ready message: {0}")]
+    BadReady(serde_json::Error),
+    #[error("the child answered ready before it handed back its userfaultfds")]
+    ReadyTooSoon,
     #[error(
         "the child did not answer within {} s and was stopped; its log: {log}",
         HANDOFF_WAIT.as_secs()
@@ -77,7 +90,7 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
     #[error("receiving the fork: {0}")]
-    Receive(std::io::Error),
+    Receive(wire::Error),
     #[error("bad fork hello: {0}")]
     Hello(serde_json::Error),
     #[error("receiving memory: {0}")]
@@ -94,7 +107,7 @@ pub enum ChildError {
     #[error("the guest did not run: {0}")]
     DidNotRun(RunState),
     #[error("answering the parent: {0}")]
-    Answer(std::io::Error),
+    Answer(wire::Error),
 }
 
 /// Why captured state and memory could not become a VM of its own.
@@ -178,20 +191,8 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
     if private {
         return Err(Error::Private(parent.to_string()));
     }
-    let (strategy, why) = strategy.resolve();
-    let t0 = Instant::now();
-    let ns = |t0: Instant| t0.elapsed().as_nanos() as u64;
-    let mut timings = Timings::default();
-
-    // 1–3: pause, capture, clone; the parent resumes whatever happens.
-    vm.pause().map_err(Error::Pause)?;
-    timings.paused_ns = ns(t0);
-    let frozen = capture_and_clone(vm, strategy, &mut timings, t0);
-    // 4: the parent runs again before the child exists.
-    let resumed = vm.resume();
-    timings.parent_resumed_ns = ns(t0);
-    let (state, memory) = frozen?;
-    resumed.map_err(Error::Pause)?;
+    // 1–4: pause, capture, clone, resume.
+    let Frozen { strategy, why, state, memory, mut timings, t0 } = freeze(vm, strategy)?;
 
     // 5: the child process, and everything it needs.
     let (ours, theirs) = UnixStream::pair().map_err(Error::Spawn)?;
@@ -201,20 +202,20 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
         Hello { name: child.to_string(), parent: parent.to_string(), strategy, state, sent_ns: ns(t0) };
     // A lazily filled child's page servers, once the parent's VM serves them.
     let mut served = None;
-    let handoff = || -> std::io::Result<Ready> {
-        let json = serde_json::to_vec(&hello).map_err(std::io::Error::other)?;
-        send_with_fds(&ours, &json, &[])?;
+    let handoff = || -> Result<Ready> {
+        let json = serde_json::to_vec(&hello).expect("a Hello serializes");
+        wire::send(&ours, Kind::Hello, &json, &[]).map_err(Error::Handoff)?;
         match memory {
-            Frozen::Ready(child_memory) => child_memory.send(&ours).map_err(std::io::Error::other)?,
-            Frozen::Lazy(mut source, child_memory) => {
-                child_memory.send(&ours).map_err(std::io::Error::other)?;
-                source.serve_handed_back(&ours).map_err(std::io::Error::other)?;
-                served = Some(vm.page_servers().adopt(source, ours.try_clone()?));
+            ChildMemory::Ready(child_memory) => child_memory.send(&ours).map_err(Error::SendMemory)?,
+            ChildMemory::Lazy(mut source, child_memory) => {
+                child_memory.send(&ours).map_err(Error::SendMemory)?;
+                source.serve_handed_back(await_hand_back(&ours)?).map_err(Error::Serve)?;
+                let link = ours.try_clone().map_err(|e| Error::Handoff(wire::Error::Io(e)))?;
+                served = Some(vm.page_servers().adopt(source, link));
             }
         }
-        let mut line = String::new();
-        BufReader::new(&ours).read_line(&mut line)?;
-        serde_json::from_str(&line).map_err(|e| std::io::Error::other(format!("{e}: {line:?}")))
+        let frame = wire::recv(&ours, &[Kind::Ready]).map_err(Error::Handoff)?;
+        decode_ready(&frame.payload)
     };
     let outcome = handoff();
     // The child outlives this request; reap it when it exits, and end it if the handoff
@@ -231,11 +232,11 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
             servers.release(key);
         }
     });
-    let ready = outcome.map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Unresponsive {
+    let ready = outcome.map_err(|e| match e {
+        Error::Handoff(wire::Error::TimedOut) => Error::Unresponsive {
             log: child_log(child).map_or_else(|e| e.to_string(), |p| p.display().to_string()),
         },
-        _ => Error::Handoff(e),
+        e => e,
     })?;
     if !ready.ok {
         return Err(Error::Child(ready.error.unwrap_or_default()));
@@ -245,12 +246,70 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
     Ok(Child { name: child.to_string(), pid: ready.pid, strategy, why, timings })
 }
 
+fn ns(t0: Instant) -> u64 {
+    t0.elapsed().as_nanos() as u64
+}
+
+fn decode_ready(payload: &[u8]) -> Result<Ready> {
+    serde_json::from_slice(payload).map_err(Error::BadReady)
+}
+
+/// A lazy child's hand-back frame, or the child's `Ready` saying why there is none.
+fn await_hand_back(sock: &UnixStream) -> Result<wire::Frame> {
+    let frame = wire::recv(sock, &[Kind::HandBack, Kind::Ready]).map_err(Error::Handoff)?;
+    if frame.kind == Kind::HandBack {
+        return Ok(frame);
+    }
+    match decode_ready(&frame.payload)? {
+        Ready { ok: false, error, .. } => Err(Error::Child(error.unwrap_or_default())),
+        _ => Err(Error::ReadyTooSoon),
+    }
+}
+
+/// A child as the parent's half of a fork ([`freeze`]) leaves it: everything it needs to
+/// become a VM of its own, in this process ([`Frozen::restore_here`]) or another
+/// ([`fork`]).
+pub struct Frozen {
+    /// The strategy the memory was cloned with (`auto` resolved).
+    pub strategy: Strategy,
+    /// Why this strategy (what `auto` chose).
+    pub why: String,
+    /// The parent's vCPU, VM and device state at the pause.
+    pub state: VmState,
+    /// The child's memory.
+    pub memory: ChildMemory,
+    /// Steps 1–4; the child's fields are still 0.
+    pub timings: Timings,
+    /// The fork request: where [`Timings`] count from.
+    t0: Instant,
+}
+
 /// The child's memory, as the clone left it.
-enum Frozen {
-    /// Complete: send it and forget it.
+pub enum ChildMemory {
+    /// Complete: hand it over and forget it.
     Ready(GuestMemory),
-    /// Filled lazily from `RemoteSource`, which the parent keeps serving.
+    /// Filled lazily from the [`RemoteSource`], which the parent keeps serving once the
+    /// child has registered the memory and handed back its userfaultfds.
     Lazy(RemoteSource, GuestMemory),
+}
+
+/// The parent's half of a fork, steps 1–4: pauses `vm`, captures its state, clones its
+/// memory with `strategy` (`auto` resolved first) and resumes it, whatever happened in
+/// between. [`fork`] continues with a child process; [`Frozen::restore_here`] with a
+/// child in this one.
+pub fn freeze(vm: &Vm, strategy: Strategy) -> Result<Frozen> {
+    let (strategy, why) = strategy.resolve();
+    let t0 = Instant::now();
+    let mut timings = Timings::default();
+    vm.pause().map_err(Error::Pause)?;
+    timings.paused_ns = ns(t0);
+    let frozen = capture_and_clone(vm, strategy, &mut timings, t0);
+    // 4: the parent runs again before the child exists.
+    let resumed = vm.resume();
+    timings.parent_resumed_ns = ns(t0);
+    let (state, memory) = frozen?;
+    resumed.map_err(Error::Pause)?;
+    Ok(Frozen { strategy, why, state, memory, timings, t0 })
 }
 
 fn capture_and_clone(
@@ -258,19 +317,69 @@ fn capture_and_clone(
     strategy: Strategy,
     timings: &mut Timings,
     t0: Instant,
-) -> Result<(VmState, Frozen)> {
+) -> Result<(VmState, ChildMemory)> {
     let state = vm.capture().map_err(Error::Capture)?;
-    timings.captured_ns = t0.elapsed().as_nanos() as u64;
+    timings.captured_ns = ns(t0);
     let clone_err = |error| Error::Clone { strategy, error };
     let memory = match strategy {
         s if s.is_lazy() => {
             let (source, child) = vm.memory().lazy_clone_for_remote(strategy).map_err(clone_err)?;
-            Frozen::Lazy(source, child)
+            ChildMemory::Lazy(source, child)
         }
-        _ => Frozen::Ready(vm.memory().clone_with(strategy).map_err(clone_err)?.0),
+        _ => ChildMemory::Ready(vm.memory().clone_with(strategy).map_err(clone_err)?.0),
     };
-    timings.cloned_ns = t0.elapsed().as_nanos() as u64;
+    timings.cloned_ns = ns(t0);
     Ok((state, memory))
+}
+
+/// A fork's child restored in the parent's own process ([`Frozen::restore_here`]).
+/// Dropping it stops the VM and drops its memory first, then the page servers that
+/// filled it (fields drop in declaration order).
+pub struct LocalChild {
+    /// The child's VM, paused: resume it to run.
+    pub vm: Vm,
+    /// Steps 1–4 of the fork, and `child_restored_ns`.
+    pub timings: Timings,
+    /// A lazily filled child's page servers and both ends of the socket they were
+    /// handed over (the child's memory watches one end for the servers' death).
+    _servers: Option<(RemoteSource, UnixStream, UnixStream)>,
+}
+
+impl Frozen {
+    /// The child, restored in this process as a child process would restore it
+    /// ([`restore_child`]: for a lazy strategy its userfaultfds are handed back over a
+    /// socket pair, to page servers that run as threads here), paused. No messages but
+    /// the hand-back cross, and no control socket is bound.
+    pub fn restore_here(self) -> std::result::Result<LocalChild, ChildError> {
+        let Frozen { state, memory, mut timings, t0, .. } = self;
+        let (vm, servers) = match memory {
+            ChildMemory::Ready(memory) => (restore_child(memory, &state, None)?, None),
+            ChildMemory::Lazy(mut source, memory) => {
+                let (ours, theirs) =
+                    UnixStream::pair().map_err(|e| ChildError::Receive(wire::Error::Io(e)))?;
+                // The restore writes the new identity into the memory it has just
+                // registered: the page servers must be up by then, as a parent process's
+                // are. (Should they fail to start, `ours` closes and the child's memory
+                // takes it as their death.)
+                let server = std::thread::spawn(move || {
+                    let frame = wire::recv(&ours, &[Kind::HandBack]).map_err(ChildError::Receive)?;
+                    source.serve_handed_back(frame).map_err(ChildError::HandBack)?;
+                    Ok::<_, ChildError>((source, ours))
+                });
+                let vm = restore_child(memory, &state, Some(&theirs));
+                if vm.is_err() {
+                    // The hand-back may never have been sent: end the server's wait.
+                    let _ = theirs.shutdown(std::net::Shutdown::Both);
+                }
+                let served = server.join().expect("the hand-back's receiver does not panic");
+                let vm = vm?;
+                let (source, ours) = served?;
+                (vm, Some((source, ours, theirs)))
+            }
+        };
+        timings.child_restored_ns = ns(t0);
+        Ok(LocalChild { vm, timings, _servers: servers })
+    }
 }
 
 /// Starts `vmfork __child` with `sock` as its fd 3.
@@ -311,8 +420,8 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     bind: impl FnOnce(&str) -> std::result::Result<T, E>,
 ) -> std::result::Result<(Arc<Vm>, Identity, T), ChildError> {
     let t0 = Instant::now();
-    let (json, _) = recv_with_fds(sock).map_err(ChildError::Receive)?;
-    let hello: Hello = serde_json::from_slice(&json).map_err(ChildError::Hello)?;
+    let frame = wire::recv(sock, &[Kind::Hello]).map_err(ChildError::Receive)?;
+    let hello: Hello = serde_json::from_slice(&frame.payload).map_err(ChildError::Hello)?;
     // From here on the parent waits for a Ready: a failure is told to it as well.
     let fail = |e: ChildError| -> ChildError {
         let ready = Ready {
@@ -322,15 +431,12 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
             restored_after_ns: 0,
             first_report_after_ns: None,
         };
-        let _ = writeln!(&*sock, "{}", serde_json::to_string(&ready).unwrap_or_default());
+        let _ = answer(sock, &ready);
         e
     };
     let memory = GuestMemory::receive(sock).map_err(|e| fail(ChildError::Memory(e)))?;
-    if hello.strategy.is_lazy() {
-        crate::memory::uffd::hand_back(&memory, sock).map_err(|e| fail(ChildError::HandBack(e)))?;
-    }
+    let vm = restore_child(memory, &hello.state, hello.strategy.is_lazy().then_some(sock)).map_err(fail)?;
     let bound = bind(&hello.name).map_err(|e| fail(ChildError::Bind(e.into())))?;
-    let vm = restore_as_new_vm(Arc::new(memory), &hello.state).map_err(|e| fail(e.into()))?;
     let restored = t0.elapsed();
     let reports = vm.subscribe();
     let (_, lines) = vm.console().subscribe();
@@ -364,7 +470,7 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         restored_after_ns: restored.as_nanos() as u64,
         first_report_after_ns: first_report,
     };
-    writeln!(&*sock, "{}", serde_json::to_string(&ready).unwrap_or_default()).map_err(ChildError::Answer)?;
+    answer(sock, &ready).map_err(ChildError::Answer)?;
     let who = Identity {
         name: hello.name,
         private: false,
@@ -373,6 +479,29 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         restored_from: None,
     };
     Ok((Arc::new(vm), who, bound))
+}
+
+/// Sends the parent the child's [`Ready`].
+fn answer(sock: &UnixStream, ready: &Ready) -> std::result::Result<(), wire::Error> {
+    let json = serde_json::to_vec(ready).expect("a Ready serializes");
+    wire::send(sock, Kind::Ready, &json, &[])
+}
+
+/// The child's side of a fork from its memory's arrival to a VM ready to resume, in a
+/// child process ([`become_child`]) or the parent's own ([`Frozen::restore_here`]): a
+/// lazily filled memory (of a `uffd` or `uffd-minor` fork) is registered for remote fill
+/// and its userfaultfds handed back over `hand_back` (whose closing then means the page
+/// servers are gone); then the VM `state` describes is restored over `memory` as a VM of
+/// its own ([`restore_as_new_vm`]). Paused.
+pub fn restore_child(
+    memory: GuestMemory,
+    state: &VmState,
+    hand_back: Option<&UnixStream>,
+) -> std::result::Result<Vm, ChildError> {
+    if let Some(sock) = hand_back {
+        crate::memory::uffd::hand_back(&memory, sock).map_err(ChildError::HandBack)?;
+    }
+    Ok(restore_as_new_vm(Arc::new(memory), state)?)
 }
 
 /// The VM `state` describes, over `memory`, as a VM of its own: a new generation id and
@@ -438,14 +567,16 @@ pub mod fuzzing {
     pub const TARGETS: &[(&str, crate::snapshot::fuzzing::Check)] =
         &[("fork_hello", hello), ("fork_ready", ready)];
 
-    /// The input as the `Hello` a child receives first, decoded as [`super::become_child`]
-    /// does: no panic, and what decodes encodes to JSON that decodes to the same again.
+    /// The input as the payload of the `Hello` frame a child receives first, decoded as
+    /// [`super::become_child`] does: no panic, and what decodes encodes to JSON that decodes to the same again.
     pub fn hello(b: &[u8]) {
         round_trip::<Hello>(b);
     }
 
-    /// The input as the `Ready` line a parent reads from its child, decoded as
-    /// [`super::fork`] does: as for [`hello`].
+    /// The input as the payload of the `Ready` frame a parent reads from its child,
+    /// decoded as [`super::fork`] does: as for [`hello`]. (Before `Ready` was a frame it
+    /// was a line; a line's trailing newline is whitespace JSON allows, so the lines of
+    /// the committed corpus are valid payloads still.)
     pub fn ready(b: &[u8]) {
         round_trip::<Ready>(b);
     }
@@ -459,5 +590,34 @@ pub mod fuzzing {
             }
             Err(e) => assert!(!e.to_string().is_empty(), "refused without a reason"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(ok: bool, error: Option<&str>) -> Ready {
+        let error = error.map(str::to_string);
+        Ready { ok, error, pid: 7, restored_after_ns: 0, first_report_after_ns: None }
+    }
+
+    /// A lazy child that fails before its hand-back answers with a `Ready` frame where the
+    /// hand-back was due: the parent reports the child's own error.
+    #[test]
+    fn a_child_failing_before_its_hand_back_is_heard() {
+        let (parent, child) = UnixStream::pair().unwrap();
+        answer(&child, &ready(false, Some("registering memory: no userfaultfd"))).unwrap();
+        match await_hand_back(&parent) {
+            Err(Error::Child(e)) => assert_eq!(e, "registering memory: no userfaultfd"),
+            other => panic!("{other:?}"),
+        }
+        answer(&child, &ready(true, None)).unwrap();
+        assert!(matches!(await_hand_back(&parent), Err(Error::ReadyTooSoon)));
+        wire::send(&child, Kind::HandBack, b"[]", &[]).unwrap();
+        assert_eq!(await_hand_back(&parent).unwrap().kind, Kind::HandBack);
+        // A child that dies instead is lost contact, not a hang.
+        drop(child);
+        assert!(matches!(await_hand_back(&parent), Err(Error::Handoff(wire::Error::Closed { .. }))));
     }
 }

@@ -3,7 +3,8 @@
 //! [`memory`] holds guest memory and the clone strategies (copy, cow, reflink, uffd,
 //! auto); [`vmm`] runs the built-in guest in KVM VMs over that memory; [`fork`] turns one
 //! running VM into two processes; [`snapshot`] persists one as compressed chunks and
-//! restores it lazily; [`bench`] compares the strategies side by side.
+//! restores it lazily; [`bench`] compares the strategies side by side; [`wire`] frames
+//! every message that crosses between the processes of a fork.
 //!
 //! Errors are an enum per module, one meaning per variant. Each message says what
 //! happened and, where it helps, what to do. A variant either writes its cause into its
@@ -23,3 +24,4 @@ pub mod runtime;
 pub mod snapshot;
 pub mod units;
 pub mod vmm;
+pub mod wire;

@@ -316,3 +316,47 @@ fn page_servers_go_with_their_children() {
     }
     settle(before);
 }
+
+/// The fork's two halves within one process (`fork::freeze`, then
+/// `Frozen::restore_here`: what the bench's child workloads use): the child continues the
+/// parent's guest under a new generation id, a lazy child's pages come from page servers
+/// in this process, and the parent keeps running.
+#[test]
+fn a_child_restored_in_process_continues_the_parent_under_a_new_identity() {
+    use std::sync::Arc;
+    use vmfork::memory::{MemoryOptions, Strategy};
+    use vmfork::vmm::{Vm, VmConfig, guest};
+
+    let Some(_lock) = kvm_available("a_child_restored_in_process_continues_the_parent_under_a_new_identity")
+    else {
+        return;
+    };
+    let wait = Duration::from_secs(20);
+    for strategy in [Strategy::Copy, Strategy::Cow, Strategy::Uffd, Strategy::UffdMinor] {
+        let memory = Arc::new(guest::memory(16 << 20, &MemoryOptions::default()).unwrap());
+        let parent = Vm::create(memory, &VmConfig::default()).unwrap();
+        let reports = parent.subscribe();
+        let seen = reports.recv_timeout(wait).expect("the parent's guest reports");
+        let frozen = vmfork::fork::freeze(&parent, strategy).unwrap();
+        let t = &frozen.timings;
+        assert_eq!(frozen.strategy, strategy);
+        assert!(t.paused_ns <= t.captured_ns && t.captured_ns <= t.cloned_ns, "{strategy}: {t:?}");
+        assert!(t.cloned_ns <= t.parent_resumed_ns, "{strategy}: {t:?}");
+        let child = frozen.restore_here().unwrap();
+        assert!(child.timings.child_restored_ns >= child.timings.parent_resumed_ns, "{strategy}");
+        let child_reports = child.vm.subscribe();
+        child.vm.resume().unwrap();
+        let first = child_reports.recv_timeout(wait).unwrap_or_else(|_| panic!("{strategy}: child silent"));
+        assert!(first.counter >= seen.counter, "{strategy}: the child restarted: {first:?} after {seen:?}");
+        assert_ne!(first.genid, seen.genid, "{strategy}: the child kept the parent's generation id");
+        assert_ne!(first.genid, [0, 0], "{strategy}: the child got no generation id");
+        let later = child_reports.recv_timeout(wait).unwrap_or_else(|_| panic!("{strategy}: child stalled"));
+        assert!(later.counter > first.counter, "{strategy}: the child does not progress");
+        drop(child);
+        // The parent runs on, under its own identity.
+        while reports.try_recv().is_ok() {}
+        let after = reports.recv_timeout(wait).unwrap_or_else(|_| panic!("{strategy}: parent stalled"));
+        assert!(after.counter > seen.counter && after.genid == seen.genid, "{strategy}: {after:?}");
+        parent.stop();
+    }
+}

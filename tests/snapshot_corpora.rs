@@ -1,6 +1,6 @@
 //! Every file of the committed fuzz corpora (`fuzz/corpus/<target>/`) through the same
 //! check its fuzz target runs (the `fuzzing` module of the parser's owner:
-//! `vmfork::snapshot`, `api`, `memory::transfer`, `fork`, `units`), on stable Rust:
+//! `vmfork::snapshot`, `api`, `memory::transfer`, `fork`, `units`, `wire`), on stable Rust:
 //! crashes the fuzzers once found stay fixed, and a deleted or emptied corpus fails here.
 //!
 //! `cargo test --test snapshot_corpora -- --ignored write_seeds` (re)writes the seed
@@ -23,6 +23,7 @@ fn targets() -> Vec<(&'static str, Check)> {
         vmfork::memory::transfer::fuzzing::TARGETS,
         vmfork::fork::fuzzing::TARGETS,
         vmfork::units::fuzzing::TARGETS,
+        vmfork::wire::fuzzing::TARGETS,
     ]
     .concat()
 }
@@ -242,6 +243,29 @@ fn write_seeds() {
     }
     let short = zstd::bulk::compress(b"vmfork snapshot vmfork snapshot", 1).unwrap();
     seeds.push(("snapshot_chunk", "seed-short-zstd", chunk(2 | 0x80, &Entry::ZERO, &short)));
+
+    // Frames: one of each kind as sent, cut short, and with lying headers.
+    let frame = |kind: u32, fds: u32, len: u64, payload: &[u8]| {
+        let mut b = kind.to_le_bytes().to_vec();
+        b.extend(fds.to_le_bytes());
+        b.extend(len.to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    };
+    let ready = br#"{"ok":true,"error":null,"pid":42,"restored_after_ns":1000,"first_report_after_ns":2000}"#;
+    let manifest =
+        br#"{"huge_pages":false,"regions":[{"guest_addr":0,"size":4096,"layout":{"kind":"file","fd":0}}]}"#;
+    let ranges = b"[[140737488355328,4096]]";
+    seeds.push(("wire_frame", "seed-hello", frame(1, 0, 2, b"{}")));
+    seeds.push(("wire_frame", "seed-manifest", frame(2, 1, manifest.len() as u64, manifest)));
+    seeds.push(("wire_frame", "seed-hand-back", frame(3, 1, ranges.len() as u64, ranges)));
+    seeds.push(("wire_frame", "seed-ready", frame(4, 0, ready.len() as u64, ready)));
+    seeds.push(("wire_frame", "seed-ready-then-more", [frame(4, 0, 2, b"{}"), frame(4, 0, 0, b"")].concat()));
+    seeds.push(("wire_frame", "seed-truncated", frame(4, 0, ready.len() as u64, &ready[..20])));
+    seeds.push(("wire_frame", "seed-short-header", frame(1, 0, 0, b"")[..9].to_vec()));
+    seeds.push(("wire_frame", "seed-oversize", frame(2, 0, u64::MAX, b"")));
+    seeds.push(("wire_frame", "seed-too-many-fds", frame(3, u32::MAX, 0, b"")));
+    seeds.push(("wire_frame", "seed-unknown-kind", frame(0x4b464d56, 0, 0, b"")));
 
     let root = corpus_dir();
     for (target, name, bytes) in seeds {

@@ -29,7 +29,8 @@ fn page_server_subprocess() {
     let sock = UnixStream::connect(path).unwrap();
     child.send(&sock).unwrap();
     drop(child);
-    remote.serve_handed_back(&sock).unwrap();
+    let hand_back = vmfork::wire::recv(&sock, &[vmfork::wire::Kind::HandBack]).unwrap();
+    remote.serve_handed_back(hand_back).unwrap();
     // Serve until the child hangs up (or we are killed).
     let mut buf = [0u8; 1];
     let _ = (&sock).read(&mut buf);

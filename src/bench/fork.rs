@@ -13,9 +13,12 @@
 //!   cores: it would compete). Strategy `native` is the parent's own pass over the same
 //!   pages before the fork, all already populated: the cost of the work itself. The
 //!   child starts at the parent's position in its pass, so its time includes at most
-//!   one such native pass besides the first touches. The child runs in this process
-//!   (restored from the captured state, as `vmfork __child` does), so the uffd page
-//!   server is a thread here rather than the parent process;
+//!   one such native pass besides the first touches. The child runs in this process:
+//!   the parent's half of the fork is `fork::freeze` (pause, capture, clone, resume;
+//!   the parent is paused again right after), the child is restored by
+//!   `fork::Frozen::restore_here`, through the same `fork::restore_child` a `vmfork
+//!   __child` process runs, so the uffd page servers are threads here rather than the
+//!   parent process;
 //! * `fanout{N}/total_bytes`: memory held by an idle parent and `N` idle children forked
 //!   from it (see [`fan_out`]); the parent's own pages count, so `size` is the floor;
 //! * `chain{N}/first_fork_ns`, `last_fork_ns` (and `_pause_ns`): fork the VM, then fork
@@ -244,16 +247,16 @@ fn child_workload(
     let native = next(&parent_reports)?.duration_since(t);
     // The child will hold a private copy of every page it touches, whatever the strategy.
     ensure_room(pages * PAGE_SIZE as u64 + (256 << 20), "the child's pass")?;
-    // The fork, in this process; the parent stays paused.
+    // The fork, in this process: the parent's half as `vmfork fork` does it, then the
+    // parent paused again for the child's pass.
+    let frozen = crate::fork::freeze(&vm, strategy).map_err(err)?;
     vm.pause().map_err(err)?;
-    let state = vm.capture().map_err(err)?;
-    let (child_memory, _) = vm.memory().clone_with(strategy).map_err(err)?;
-    let child = Vm::restore(Arc::new(child_memory), &state).map_err(err)?;
-    let reports = child.subscribe();
+    let child = frozen.restore_here().map_err(err)?;
+    let reports = child.vm.subscribe();
     let t = Instant::now();
-    child.resume().map_err(err)?;
+    child.vm.resume().map_err(err)?;
     let measured = next(&reports).and_then(|_| next(&reports)).map(|done| done.duration_since(t));
-    child.stop();
+    drop(child);
     vm.stop();
     Ok((native.as_nanos() as f64, measured?.as_nanos() as f64))
 }

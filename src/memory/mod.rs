@@ -97,7 +97,7 @@ pub enum Error {
     #[error("invalid guest memory manifest: {0}")]
     BadManifest(String),
     #[error("cannot pass guest memory between processes: {0}")]
-    Transfer(std::io::Error),
+    Transfer(crate::wire::Error),
 }
 
 /// Result of the memory layer.

@@ -6,26 +6,18 @@
 //! same way, so a `cow` child shares every page with its parent, and a `copy` or
 //! `reflink` child simply owns its file.
 //!
-//! Wire format on a Unix stream socket: a 16-byte header (manifest length and fd count,
-//! little-endian u64 each), the manifest bytes, then the fds in batches of at most
-//! [`FDS_PER_MESSAGE`], each batch riding on one byte of payload.
+//! On the wire the manifest is the payload of one [`crate::wire`] frame of kind
+//! [`Kind::Manifest`], and the memfds ride with it, each file once.
 
-use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
 use super::cow::{Image, Patch};
 use super::{Error, Extent, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result};
-
-/// Fds sent per message; below the kernel's `SCM_MAX_FD` (253).
-pub const FDS_PER_MESSAGE: usize = 200;
-
-/// Largest manifest accepted (a region with the maximum number of extents fits easily).
-const MAX_MANIFEST: u64 = 64 << 20;
+use crate::wire::{self, Kind};
 
 /// How a memory is laid out over files; `fd` fields index the fds sent alongside.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,81 +165,32 @@ impl GuestMemory {
         GuestMemory::from_regions(regions, manifest.huge_pages)
     }
 
-    /// Sends this memory over `sock` (see the module documentation for the format).
+    /// Sends this memory over `sock`: its manifest, with the files it names.
     pub fn send(&self, sock: &UnixStream) -> Result<()> {
         let (manifest, files) = self.manifest()?;
         let json = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
-        let fds: Vec<RawFd> = files.iter().map(|f| f.as_fd().as_raw_fd()).collect();
-        send_with_fds(sock, &json, &fds).map_err(Error::Transfer)
+        let fds: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
+        wire::send(sock, Kind::Manifest, &json, &fds).map_err(Error::Transfer)
     }
 
     /// Receives memory sent with [`GuestMemory::send`].
     pub fn receive(sock: &UnixStream) -> Result<GuestMemory> {
-        let (json, fds) = recv_with_fds(sock).map_err(Error::Transfer)?;
-        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(format!("manifest: {e}")))?;
-        let files = fds.into_iter().map(MemFile::from_fd).collect::<Result<Vec<_>>>()?;
+        let frame = wire::recv(sock, &[Kind::Manifest]).map_err(Error::Transfer)?;
+        GuestMemory::from_frame(frame)
+    }
+
+    /// Builds memory from a received [`Kind::Manifest`] frame (see
+    /// [`GuestMemory::from_manifest`]).
+    pub fn from_frame(frame: wire::Frame) -> Result<GuestMemory> {
+        let manifest: Manifest =
+            serde_json::from_slice(&frame.payload).map_err(|e| bad(format!("manifest: {e}")))?;
+        let files = frame.fds.into_iter().map(MemFile::from_fd).collect::<Result<Vec<_>>>()?;
         GuestMemory::from_manifest(&manifest, files)
     }
 }
 
 fn bad(msg: String) -> Error {
     Error::BadManifest(msg)
-}
-
-/// Writes `bytes` and passes `fds` along (framing in the module documentation).
-pub fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    let mut w = sock;
-    let mut header = [0u8; 16];
-    header[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-    header[8..].copy_from_slice(&(fds.len() as u64).to_le_bytes());
-    w.write_all(&header)?;
-    w.write_all(bytes)?;
-    for batch in fds.chunks(FDS_PER_MESSAGE) {
-        let cmsg = [ControlMessage::ScmRights(batch)];
-        sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&[0])], &cmsg, MsgFlags::empty(), None)?;
-    }
-    Ok(())
-}
-
-/// Reads what [`send_with_fds`] wrote.
-pub fn recv_with_fds(sock: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut r = sock;
-    let mut header = [0u8; 16];
-    r.read_exact(&mut header)?;
-    let len = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
-    let nfds = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
-    if len > MAX_MANIFEST || nfds > 1 << 20 {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "implausible message header"));
-    }
-    let mut bytes = vec![0u8; len as usize];
-    r.read_exact(&mut bytes)?;
-    let mut fds = Vec::with_capacity(nfds as usize);
-    let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
-    while fds.len() < nfds as usize {
-        let mut byte = [0u8; 1];
-        let mut iov = [IoSliceMut::new(&mut byte)];
-        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
-        if msg.bytes == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "sender closed before all fds arrived",
-            ));
-        }
-        let before = fds.len();
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: the kernel just installed these fds in our table for us alone.
-                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
-            }
-        }
-        if fds.len() == before {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "a message expected to carry fds had none",
-            ));
-        }
-    }
-    Ok((bytes, fds))
 }
 
 /// The check behind the `transfer_manifest` fuzz target (`fuzz/fuzz_targets/`), also run
@@ -322,15 +265,25 @@ mod tests {
     }
 
     #[test]
-    fn many_files_cross_in_batches() {
+    fn many_files_cross_in_one_frame() {
+        // More layers than one batch of fds holds: 450 single-file regions.
+        let files: Vec<Arc<MemFile>> =
+            (0..450).map(|_| Arc::new(MemFile::create("t", PAGE_SIZE).unwrap())).collect();
+        let regions = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Region::with_file((i * PAGE_SIZE) as u64, f.clone()).unwrap())
+            .collect();
+        let mem = GuestMemory::from_regions(regions, false).unwrap();
+        mem.write(449 * 4096, b"last").unwrap();
         let (a, b) = UnixStream::pair().unwrap();
-        let files: Vec<MemFile> = (0..450).map(|_| MemFile::create("t", PAGE_SIZE).unwrap()).collect();
-        let raw: Vec<RawFd> = files.iter().map(|f| f.as_fd().as_raw_fd()).collect();
-        let sender = std::thread::spawn(move || send_with_fds(&a, b"hello", &raw).map(|_| files));
-        let (bytes, fds) = recv_with_fds(&b).unwrap();
+        let sender = std::thread::spawn(move || mem.send(&a));
+        let got = GuestMemory::receive(&b).unwrap();
         sender.join().unwrap().unwrap();
-        assert_eq!(bytes, b"hello");
-        assert_eq!(fds.len(), 450);
+        assert_eq!(got.regions().len(), 450);
+        let mut buf = [0u8; 4];
+        got.read(449 * 4096, &mut buf).unwrap();
+        assert_eq!(&buf, b"last");
     }
 
     #[test]

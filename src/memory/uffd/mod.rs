@@ -499,16 +499,18 @@ pub fn hand_back(memory: &GuestMemory, sock: &std::os::unix::net::UnixStream) ->
     let targets = memory.expect_remote_fill(sock)?;
     let ranges: Vec<(usize, usize)> =
         targets.iter().zip(memory.regions()).map(|((_, a), r)| (*a, r.size())).collect();
-    let fds: Vec<_> = targets.iter().map(|(u, _)| u.as_raw_fd()).collect();
+    let fds: Vec<_> = targets.iter().map(|(u, _)| u.as_fd()).collect();
     let json = serde_json::to_vec(&ranges).expect("ranges serialize");
-    super::transfer::send_with_fds(sock, &json, &fds).map_err(Error::Transfer)
+    crate::wire::send(sock, crate::wire::Kind::HandBack, &json, &fds).map_err(Error::Transfer)
 }
 
 impl RemoteSource {
-    /// The page server's half of the hand-back ([`hand_back`]): receives the child's
-    /// userfaultfds and ranges over `sock` and serves each region through its own.
-    pub fn serve_handed_back(&mut self, sock: &std::os::unix::net::UnixStream) -> Result<()> {
-        let (json, fds) = super::transfer::recv_with_fds(sock).map_err(Error::Transfer)?;
+    /// The page server's half of the hand-back ([`hand_back`]): serves each region
+    /// through the userfaultfd and range the child handed back in `frame` (a
+    /// [`crate::wire::Kind::HandBack`] frame; the caller receives it, since the child may
+    /// answer with another message instead).
+    pub fn serve_handed_back(&mut self, frame: crate::wire::Frame) -> Result<()> {
+        let (json, fds) = (frame.payload, frame.fds);
         let ranges: Vec<(usize, usize)> = serde_json::from_slice(&json)
             .map_err(|e| Error::Uffd(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         if ranges.len() != fds.len() || ranges.len() != self.fills.len() {
