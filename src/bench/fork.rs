@@ -61,10 +61,6 @@ const SMALL: usize = 256 << 20;
 /// `--quick`'s only size (fan-out and chain included): a smoke run.
 const QUICK: usize = 64 << 20;
 
-fn err(e: impl std::fmt::Display) -> BenchError {
-    BenchError(format!("fork bench: {e}"))
-}
-
 pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), BenchError> {
     let sizes = match (&opts.sizes[..], opts.quick) {
         ([], true) => vec![QUICK],
@@ -154,14 +150,18 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
 /// A running VM of `size` bytes whose every page past the guest's own first MiB holds
 /// data, so cloning has real work to do.
 fn populated_vm(size: usize, huge: bool, workload: Workload) -> Result<Vm, BenchError> {
-    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge }).map_err(err)?);
-    let vm = Vm::create(memory.clone(), &VmConfig { workload, ..Default::default() }).map_err(err)?;
-    vm.subscribe().recv_timeout(Duration::from_secs(20)).map_err(|_| err("the guest did not report"))?;
-    vm.pause().map_err(err)?;
+    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge })?);
+    let vm = Vm::create(memory.clone(), &VmConfig { workload, ..Default::default() })?;
+    vm.subscribe().recv_timeout(Duration::from_secs(20)).map_err(|_| BenchError::Silent {
+        guest: "the parent's guest",
+        event: "report",
+        secs: 20,
+    })?;
+    vm.pause()?;
     for at in ((1 << 20)..size).step_by(PAGE_SIZE) {
-        memory.write(guest::ram_gpa(at as u64), &[0x5a]).map_err(err)?;
+        memory.write(guest::ram_gpa(at as u64), &[0x5a])?;
     }
-    vm.resume().map_err(err)?;
+    vm.resume()?;
     Ok(vm)
 }
 
@@ -213,12 +213,15 @@ pub(super) fn fork_timings(
     for i in 0..n {
         room_for_fork(size, strategy, i)?;
         let child =
-            crate::fork::fork(vm, parent, false, &format!("{parent}-{}-fork{i}", strategy.name()), strategy)
-                .map_err(err)?;
+            crate::fork::fork(vm, parent, false, &format!("{parent}-{}-fork{i}", strategy.name()), strategy)?;
         stop_all(std::slice::from_ref(&child));
         pauses.push(child.timings.parent_resumed_ns);
         let first = child.timings.child_first_report_ns;
-        running.push(first.ok_or_else(|| err("a child's guest did not report within the wait"))?);
+        running.push(first.ok_or(BenchError::Silent {
+            guest: "a child's guest",
+            event: "report",
+            secs: crate::fork::FIRST_REPORT_WAIT.as_secs(),
+        })?);
     }
     Ok((median(pauses), median(running)))
 }
@@ -232,13 +235,17 @@ fn child_workload(
 ) -> Result<(f64, f64), BenchError> {
     let mib = ((size - (1 << 20)) * percent / 100) >> 20;
     let pages = (mib as u64) << 8;
-    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge }).map_err(err)?);
+    let memory = Arc::new(guest::memory(size, &MemoryOptions { huge_pages: huge })?);
     let workload = Workload::Touch { mib: mib as u64, random: false, every: pages };
-    let vm = Vm::create(memory, &VmConfig { workload, ..Default::default() }).map_err(err)?;
+    let vm = Vm::create(memory, &VmConfig { workload, ..Default::default() })?;
     let parent_reports = vm.subscribe();
     let wait = Duration::from_secs(300);
     let next = |rx: &std::sync::mpsc::Receiver<_>| {
-        rx.recv_timeout(wait).map(|_| Instant::now()).map_err(|_| err("no guest report within 300 s"))
+        rx.recv_timeout(wait).map(|_| Instant::now()).map_err(|_| BenchError::Silent {
+            guest: "the guest",
+            event: "report",
+            secs: wait.as_secs(),
+        })
     };
     // Start, end of the first pass (populates), end of the second: the native pass.
     next(&parent_reports)?;
@@ -249,12 +256,12 @@ fn child_workload(
     ensure_room(pages * PAGE_SIZE as u64 + (256 << 20), "the child's pass")?;
     // The fork, in this process: the parent's half as `vmfork fork` does it, then the
     // parent paused again for the child's pass.
-    let frozen = crate::fork::freeze(&vm, strategy).map_err(err)?;
-    vm.pause().map_err(err)?;
-    let child = frozen.restore_here().map_err(err)?;
+    let frozen = crate::fork::freeze(&vm, strategy)?;
+    vm.pause()?;
+    let child = frozen.restore_here()?;
     let reports = child.vm.subscribe();
     let t = Instant::now();
-    child.vm.resume().map_err(err)?;
+    child.vm.resume()?;
     let measured = next(&reports).and_then(|_| next(&reports)).map(|done| done.duration_since(t));
     drop(child);
     vm.stop();
@@ -279,7 +286,7 @@ fn fan_out(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<f64,
         match crate::fork::fork(&vm, &parent, false, &vm_name("fanout", strategy, i), strategy) {
             Ok(c) => children.push(c),
             Err(e) => {
-                total = Err(err(e));
+                total = Err(e.into());
                 break;
             }
         }
@@ -338,11 +345,7 @@ fn room_for_fork(size: usize, strategy: Strategy, made: usize) -> Result<(), Ben
 fn ensure_room(needs: u64, what: &str) -> Result<(), BenchError> {
     let available = super::meminfo("MemAvailable");
     if available < needs {
-        return Err(err(format!(
-            "stopped: {} of memory left, {what} needs about {}",
-            human_bytes(available),
-            human_bytes(needs)
-        )));
+        return Err(BenchError::NoRoom { available, what: what.to_string(), needs });
     }
     Ok(())
 }
@@ -359,15 +362,15 @@ fn chain(size: usize, strategy: Strategy, huge: bool, depth: usize) -> Result<Ve
         }
         let name = vm_name("chain", strategy, i);
         let link = match links.last() {
-            None => {
-                crate::fork::fork(&vm, &vm_name("chain", strategy, 0), false, &name, strategy).map_err(err)
-            }
+            None => crate::fork::fork(&vm, &vm_name("chain", strategy, 0), false, &name, strategy)
+                .map_err(BenchError::from),
             Some(parent) => {
                 let req = Request::Fork { strategy, name: Some(name), count: 1 };
-                api::call(&parent.name, &req).map_err(err).and_then(|(answer, _)| {
+                api::call(&parent.name, &req).map_err(BenchError::from).and_then(|(answer, _)| {
+                    let no_child = |source| BenchError::NoChild { answer: answer.to_string(), source };
                     let mut c: Vec<Child> =
-                        serde_json::from_value(answer["children"].clone()).map_err(err)?;
-                    c.pop().ok_or_else(|| err("the fork answered no child"))
+                        serde_json::from_value(answer["children"].clone()).map_err(|e| no_child(Some(e)))?;
+                    c.pop().ok_or_else(|| no_child(None))
                 })
             }
         };
@@ -375,11 +378,16 @@ fn chain(size: usize, strategy: Strategy, huge: bool, depth: usize) -> Result<Ve
             Ok(c) if c.timings.child_first_report_ns.is_some() => links.push(c),
             Ok(c) => {
                 links.push(c);
-                result = Err(err(format!("link {i}'s guest did not report within the wait")));
+                let silent = BenchError::Silent {
+                    guest: "the child's guest",
+                    event: "report",
+                    secs: crate::fork::FIRST_REPORT_WAIT.as_secs(),
+                };
+                result = Err(BenchError::ChainLink { link: i, source: Box::new(silent) });
                 break;
             }
             Err(e) => {
-                result = Err(err(format!("link {i}: {e}")));
+                result = Err(BenchError::ChainLink { link: i, source: Box::new(e) });
                 break;
             }
         }

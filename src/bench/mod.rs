@@ -533,19 +533,32 @@ pub enum Error {
     NoSnapshot,
     #[error("the snapshot has no chunk to touch")]
     NothingToTouch,
-    /// A failure described only in words (bench/fork.rs, until its errors are typed).
-    #[error("{0}")]
-    Message(String),
+    #[error(transparent)]
+    Child(#[from] crate::fork::ChildError),
+    #[error(transparent)]
+    Api(#[from] crate::api::Error),
+    #[error("a fork answered {answer}, which names no child")]
+    NoChild {
+        answer: String,
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+    /// A link of a chain of forks failed (the variant inside says how).
+    #[error("link {link} of the chain")]
+    ChainLink {
+        link: usize,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(
+        "stopped: {} of memory left, {what} needs about {}: free memory or measure a smaller --size",
+        human_bytes(*available), human_bytes(*needs)
+    )]
+    NoRoom { available: u64, what: String, needs: u64 },
 }
 
 /// The name the suites use.
 pub type BenchError = Error;
-
-/// [`Error::Message`], under the name bench/fork.rs calls (until its errors are typed).
-#[allow(non_snake_case)]
-pub(crate) fn BenchError(message: String) -> Error {
-    Error::Message(message)
-}
 
 impl Error {
     /// An I/O failure: `what` says what could not be done ("cannot write FILE").
