@@ -566,23 +566,27 @@ fn fork(args: ForkArgs) -> CliResult {
     }
     let ms = |ns: u64| format!("{:.3}", ns as f64 / 1e6);
     println!(
-        "{:<16} {:>8} {:<10} {:>10} {:>10} {:>10} {:>12}",
-        "CHILD", "PID", "STRATEGY", "PAUSE_MS", "CLONE_MS", "RESTORE_MS", "RUNNING_MS"
+        "{:<16} {:>8} {:<10} {:>10} {:>10} {:>10} {:>15}",
+        "CHILD", "PID", "STRATEGY", "PAUSE_MS", "CLONE_MS", "RUNNING_MS", "FIRST_REPORT_MS"
     );
     for c in &children {
         let t = &c.timings;
         println!(
-            "{:<16} {:>8} {:<10} {:>10} {:>10} {:>10} {:>12}",
+            "{:<16} {:>8} {:<10} {:>10} {:>10} {:>10} {:>15}",
             c.name,
             c.pid,
             c.strategy.to_string(),
             ms(t.parent_resumed_ns),
             ms(t.cloned_ns.saturating_sub(t.captured_ns)),
-            ms(t.child_restored_ns),
+            ms(t.child_running_ns),
             t.child_first_report_ns.map_or_else(|| "not yet".to_string(), ms)
         );
     }
+    // Where the time to a running child went, for the first one.
     if let Some(c) = children.first() {
+        let steps: Vec<String> =
+            c.timings.phases().iter().map(|(step, at)| format!("{step} {}", ms(*at))).collect();
+        println!("{} (ms from the request): {}", c.name, steps.join(", "));
         println!("strategy {}: {}", c.strategy, c.why);
     }
     Ok(ExitCode::SUCCESS)

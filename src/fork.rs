@@ -136,12 +136,58 @@ pub struct Timings {
     pub cloned_ns: u64,
     /// Parent running again: the parent was paused from (about) 0 to here.
     pub parent_resumed_ns: u64,
-    /// The child restored its VM (after receiving state and memory).
+    /// The child process is asked for (`fork` and `exec` follow).
+    #[serde(default)]
+    pub child_spawned_ns: u64,
+    /// The child process runs vmfork's code: `exec`, the dynamic loader and the runtime
+    /// took it from [`Self::child_spawned_ns`] to here.
+    #[serde(default)]
+    pub child_started_ns: u64,
+    /// The child has the parent's `Hello` (name, VM state).
+    #[serde(default)]
+    pub child_hello_ns: u64,
+    /// The child has its memory mapped (and, for a lazy strategy, its userfaultfds
+    /// handed back).
+    #[serde(default)]
+    pub child_memory_ns: u64,
+    /// The child restored its VM: KVM VM and vCPUs created, memory registered, state
+    /// and the new identity written, its control socket bound.
     pub child_restored_ns: u64,
+    /// The child's vCPUs were resumed: the guest runs from here.
+    #[serde(default)]
+    pub child_running_ns: u64,
     /// The child's guest sent its first report; `None` if it had not within
     /// [`FIRST_REPORT_WAIT`] but was still running (a workload that reports rarely, slowed
     /// down by first-touch faults).
     pub child_first_report_ns: Option<u64>,
+}
+
+impl Timings {
+    /// Each step with its end, in nanoseconds from the request, in order: where a fork's
+    /// time went. The child's steps are 0 for a child that never reported them.
+    pub fn phases(&self) -> [(&'static str, u64); 10] {
+        [
+            ("paused", self.paused_ns),
+            ("captured", self.captured_ns),
+            ("cloned", self.cloned_ns),
+            ("parent resumed", self.parent_resumed_ns),
+            ("spawned", self.child_spawned_ns),
+            ("started", self.child_started_ns),
+            ("hello", self.child_hello_ns),
+            ("memory", self.child_memory_ns),
+            ("restored", self.child_restored_ns),
+            ("running", self.child_running_ns),
+        ]
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for the whole host, so that a child
+/// process can place its steps on its parent's timeline.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// What the parent sends the child first.
@@ -153,6 +199,10 @@ struct Hello {
     state: VmState,
     /// Nanoseconds since the fork request when this was sent, to continue the timeline.
     sent_ns: u64,
+    /// The fork request's time on the host's monotonic clock ([`monotonic_ns`]): the
+    /// child's steps are counted from it.
+    #[serde(default)]
+    t0_monotonic_ns: u64,
 }
 
 /// What the child answers once its guest runs (or fails).
@@ -161,8 +211,21 @@ struct Ready {
     ok: bool,
     error: Option<String>,
     pid: u32,
-    restored_after_ns: u64,
-    first_report_after_ns: Option<u64>,
+    /// The child's steps, in nanoseconds from the fork request.
+    #[serde(default)]
+    steps: ChildSteps,
+}
+
+/// When the child got through each of its steps, in nanoseconds from the fork request
+/// (see [`Timings`]).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct ChildSteps {
+    started_ns: u64,
+    hello_ns: u64,
+    memory_ns: u64,
+    restored_ns: u64,
+    running_ns: u64,
+    first_report_ns: Option<u64>,
 }
 
 /// How long a child waits for its guest's first report before it answers without one.
@@ -192,14 +255,21 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
         return Err(Error::Private(parent.to_string()));
     }
     // 1–4: pause, capture, clone, resume.
-    let Frozen { strategy, why, state, memory, mut timings, t0 } = freeze(vm, strategy)?;
+    let Frozen { strategy, why, state, memory, mut timings, t0, t0_monotonic_ns } = freeze(vm, strategy)?;
 
     // 5: the child process, and everything it needs.
     let (ours, theirs) = UnixStream::pair().map_err(Error::Spawn)?;
     ours.set_read_timeout(Some(HANDOFF_WAIT)).map_err(Error::Spawn)?;
+    timings.child_spawned_ns = ns(t0);
     let process = spawn_child(child, theirs)?;
-    let hello =
-        Hello { name: child.to_string(), parent: parent.to_string(), strategy, state, sent_ns: ns(t0) };
+    let hello = Hello {
+        name: child.to_string(),
+        parent: parent.to_string(),
+        strategy,
+        state,
+        sent_ns: ns(t0),
+        t0_monotonic_ns,
+    };
     // A lazily filled child's page servers, once the parent's VM serves them.
     let mut served = None;
     let handoff = || -> Result<Ready> {
@@ -241,8 +311,13 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
     if !ready.ok {
         return Err(Error::Child(ready.error.unwrap_or_default()));
     }
-    timings.child_restored_ns = hello.sent_ns + ready.restored_after_ns;
-    timings.child_first_report_ns = ready.first_report_after_ns.map(|ns| hello.sent_ns + ns);
+    let steps = ready.steps;
+    timings.child_started_ns = steps.started_ns;
+    timings.child_hello_ns = steps.hello_ns;
+    timings.child_memory_ns = steps.memory_ns;
+    timings.child_restored_ns = steps.restored_ns;
+    timings.child_running_ns = steps.running_ns;
+    timings.child_first_report_ns = steps.first_report_ns;
     Ok(Child { name: child.to_string(), pid: ready.pid, strategy, why, timings })
 }
 
@@ -282,6 +357,8 @@ pub struct Frozen {
     pub timings: Timings,
     /// The fork request: where [`Timings`] count from.
     t0: Instant,
+    /// The same instant on the host's monotonic clock, for a child process.
+    t0_monotonic_ns: u64,
 }
 
 /// The child's memory, as the clone left it.
@@ -299,7 +376,7 @@ pub enum ChildMemory {
 /// child in this one.
 pub fn freeze(vm: &Vm, strategy: Strategy) -> Result<Frozen> {
     let (strategy, why) = strategy.resolve();
-    let t0 = Instant::now();
+    let (t0, t0_monotonic_ns) = (Instant::now(), monotonic_ns());
     let mut timings = Timings::default();
     vm.pause().map_err(Error::Pause)?;
     timings.paused_ns = ns(t0);
@@ -309,7 +386,7 @@ pub fn freeze(vm: &Vm, strategy: Strategy) -> Result<Frozen> {
     timings.parent_resumed_ns = ns(t0);
     let (state, memory) = frozen?;
     resumed.map_err(Error::Pause)?;
-    Ok(Frozen { strategy, why, state, memory, timings, t0 })
+    Ok(Frozen { strategy, why, state, memory, timings, t0, t0_monotonic_ns })
 }
 
 fn capture_and_clone(
@@ -419,31 +496,38 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     sock: &UnixStream,
     bind: impl FnOnce(&str) -> std::result::Result<T, E>,
 ) -> std::result::Result<(Arc<Vm>, Identity, T), ChildError> {
-    let t0 = Instant::now();
+    let started = monotonic_ns();
     let frame = wire::recv(sock, &[Kind::Hello]).map_err(ChildError::Receive)?;
     let hello: Hello = serde_json::from_slice(&frame.payload).map_err(ChildError::Hello)?;
+    // Each step's end on the parent's timeline.
+    let since_request = |t: u64| t.saturating_sub(hello.t0_monotonic_ns);
+    let mut steps = ChildSteps {
+        started_ns: since_request(started),
+        hello_ns: since_request(monotonic_ns()),
+        ..Default::default()
+    };
     // From here on the parent waits for a Ready: a failure is told to it as well.
-    let fail = |e: ChildError| -> ChildError {
-        let ready = Ready {
-            ok: false,
-            error: Some(e.to_string()),
-            pid: std::process::id(),
-            restored_after_ns: 0,
-            first_report_after_ns: None,
-        };
+    let fail = move |e: ChildError| -> ChildError {
+        let ready = Ready { ok: false, error: Some(e.to_string()), pid: std::process::id(), steps };
         let _ = answer(sock, &ready);
         e
     };
     let memory = GuestMemory::receive(sock).map_err(|e| fail(ChildError::Memory(e)))?;
-    let vm = restore_child(memory, &hello.state, hello.strategy.is_lazy().then_some(sock)).map_err(fail)?;
+    let hand_back = hello.strategy.is_lazy().then_some(sock);
+    if let Some(sock) = hand_back {
+        crate::memory::uffd::hand_back(&memory, sock).map_err(|e| fail(ChildError::HandBack(e)))?;
+    }
+    steps.memory_ns = since_request(monotonic_ns());
+    let vm = restore_child(memory, &hello.state, None).map_err(fail)?;
     let bound = bind(&hello.name).map_err(|e| fail(ChildError::Bind(e.into())))?;
-    let restored = t0.elapsed();
+    steps.restored_ns = since_request(monotonic_ns());
     let reports = vm.subscribe();
     let (_, lines) = vm.console().subscribe();
     // The child's log must hold everything the guest prints once it runs: a Linux
     // guest's first lines are its kernel's reaction to the new generation id.
     vm.console().set_echo(true);
     vm.resume().map_err(|e| fail(ChildError::Resume(e)))?;
+    steps.running_ns = since_request(monotonic_ns());
     // The guest's first sign of life (a report; a Linux guest's first console line) is
     // the proof it runs. A workload may report rarely (and run slowly at first, paying
     // for first touches), so no report within the wait is fine as long as the VM still
@@ -454,7 +538,7 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         reports.recv_timeout(FIRST_REPORT_WAIT).map(drop)
     };
     let first_report = match first {
-        Ok(()) => Some(t0.elapsed().as_nanos() as u64),
+        Ok(()) => Some(since_request(monotonic_ns())),
         Err(_) => match vm.state() {
             RunState::Running => {
                 eprintln!("vmfork: no sign of the guest since its resume; vCPUs: {}", vm.describe_vcpus());
@@ -463,13 +547,8 @@ pub fn become_child<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
             state => return Err(fail(ChildError::DidNotRun(state))),
         },
     };
-    let ready = Ready {
-        ok: true,
-        error: None,
-        pid: std::process::id(),
-        restored_after_ns: restored.as_nanos() as u64,
-        first_report_after_ns: first_report,
-    };
+    steps.first_report_ns = first_report;
+    let ready = Ready { ok: true, error: None, pid: std::process::id(), steps };
     answer(sock, &ready).map_err(ChildError::Answer)?;
     let who = Identity {
         name: hello.name,
@@ -599,7 +678,7 @@ mod tests {
 
     fn ready(ok: bool, error: Option<&str>) -> Ready {
         let error = error.map(str::to_string);
-        Ready { ok, error, pid: 7, restored_after_ns: 0, first_report_after_ns: None }
+        Ready { ok, error, pid: 7, steps: ChildSteps::default() }
     }
 
     /// A lazy child that fails before its hand-back answers with a `Ready` frame where the

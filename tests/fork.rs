@@ -64,6 +64,15 @@ fn every_strategy_forks_a_running_vm_into_an_independent_one() {
         if strategy != "auto" {
             assert_eq!(used, strategy);
         }
+        // Every step of the fork is on one timeline, in order, and took time: the child's
+        // steps (counted in its own process) come after the parent resumed.
+        let t: vmfork::fork::Timings = serde_json::from_value(children[0]["timings"].clone()).unwrap();
+        let phases = t.phases();
+        for pair in phases.windows(2) {
+            assert!(pair[0].1 <= pair[1].1, "{strategy}: {} after {}: {phases:?}", pair[0].0, pair[1].0);
+        }
+        assert!(t.child_started_ns > t.child_spawned_ns, "{strategy}: exec took no time: {phases:?}");
+        assert!(t.child_first_report_ns.is_some_and(|f| f >= t.child_running_ns), "{strategy}: {t:?}");
         let status = rt.status(&name);
         assert_eq!(status["parent"], "p", "{strategy}");
         // The child continues the guest from the fork instant, with memory intact...

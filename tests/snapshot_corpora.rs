@@ -252,7 +252,7 @@ fn write_seeds() {
         b.extend_from_slice(payload);
         b
     };
-    let ready = br#"{"ok":true,"error":null,"pid":42,"restored_after_ns":1000,"first_report_after_ns":2000}"#;
+    let ready = br#"{"ok":true,"error":null,"pid":42,"steps":{"started_ns":1000,"hello_ns":1100,"memory_ns":1200,"restored_ns":1300,"running_ns":1400,"first_report_ns":2000}}"#;
     let manifest =
         br#"{"huge_pages":false,"regions":[{"guest_addr":0,"size":4096,"layout":{"kind":"file","fd":0}}]}"#;
     let ranges = b"[[140737488355328,4096]]";

@@ -6,6 +6,12 @@
 //!   ([`Plan`]) of one parent running the `count` workload, whose every page was
 //!   written first;
 //! * `fork_to_child_running_ns`: from the fork request to the child guest's first report;
+//! * `fork_to_vcpus_running_ns`: from the fork request to the child's vCPUs resumed (its
+//!   guest runs from there), and `fork_step_{spawn,exec,hello,memory,restore,resume}_ns`,
+//!   where that time went after the parent resumed: starting the process, `exec` and
+//!   vmfork's start-up, receiving the `Hello`, receiving (and for `uffd`, registering)
+//!   the memory, restoring the VM (KVM VM, memory slots, state, new identity, control
+//!   socket), resuming its vCPUs; medians over the same forks;
 //! * `child_workload_ns` (scenarios `touch10pct`, `touch100pct`): a forked child's guest
 //!   touches (increments a word of) every page of 10% / 100% of its memory; from the
 //!   child's resume until it has touched each at least once. The parent runs the same
@@ -95,11 +101,17 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                 }
             }
             match forks(size, strategy, huge, plan.forks) {
-                Ok((pause, running)) => {
+                Ok(t) => {
                     let m = "fork_parent_pause_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, pause, Unit::Ns));
+                    out.push(Record::value(SUITE, m, name, sz, m, t.pause, Unit::Ns));
                     let m = "fork_to_child_running_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, running, Unit::Ns));
+                    out.push(Record::value(SUITE, m, name, sz, m, t.first_report, Unit::Ns));
+                    let m = "fork_to_vcpus_running_ns";
+                    out.push(Record::value(SUITE, m, name, sz, m, t.vcpus_running, Unit::Ns));
+                    for (step, ns) in t.steps {
+                        let m = format!("fork_step_{step}_ns");
+                        out.push(Record::value(SUITE, "fork", name, sz, &m, ns, Unit::Ns));
+                    }
                 }
                 Err(e) => skip(out, "fork", "fork_parent_pause_ns", &super::note(&e)),
             }
@@ -191,31 +203,46 @@ pub(super) fn stop_all(children: &[Child]) {
     }
 }
 
-/// Medians of (parent pause, fork to child running) over `n` forks.
-fn forks(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<(f64, f64), BenchError> {
+/// Medians over `n` forks of one parent ([`fork_timings`]).
+fn forks(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<ForkMedians, BenchError> {
     let vm = populated_vm(size, huge, Workload::default())?;
     let result = fork_timings(&vm, &vm_name("parent", strategy, 0), size, strategy, n);
     vm.stop();
     result
 }
 
-/// Medians of (parent pause, fork request to the child guest's first report or console
-/// line) over `n` forks of the running `vm` of `size` bytes, each child stopped and gone
-/// before the next fork.
+/// Medians, in nanoseconds, over several forks of one parent.
+pub(super) struct ForkMedians {
+    /// The parent's pause.
+    pub pause: f64,
+    /// Fork request to the child guest's first report (a Linux guest's first console
+    /// line).
+    pub first_report: f64,
+    /// Fork request to the child's vCPUs resumed.
+    pub vcpus_running: f64,
+    /// The child's steps after the parent resumed, each from the end of the one before:
+    /// spawn, exec, hello, memory, restore, resume.
+    pub steps: Vec<(&'static str, f64)>,
+}
+
+/// [`ForkMedians`] over `n` forks of the running `vm` of `size` bytes, each child stopped
+/// and gone before the next fork.
 pub(super) fn fork_timings(
     vm: &Vm,
     parent: &str,
     size: usize,
     strategy: Strategy,
     n: usize,
-) -> Result<(f64, f64), BenchError> {
+) -> Result<ForkMedians, BenchError> {
     let (mut pauses, mut running) = (Vec::new(), Vec::new());
+    let mut timings = Vec::new();
     for i in 0..n {
         room_for_fork(size, strategy, i)?;
         let child =
             crate::fork::fork(vm, parent, false, &format!("{parent}-{}-fork{i}", strategy.name()), strategy)?;
         stop_all(std::slice::from_ref(&child));
         pauses.push(child.timings.parent_resumed_ns);
+        timings.push(child.timings.clone());
         let first = child.timings.child_first_report_ns;
         running.push(first.ok_or(BenchError::Silent {
             guest: "a child's guest",
@@ -223,7 +250,26 @@ pub(super) fn fork_timings(
             secs: crate::fork::FIRST_REPORT_WAIT.as_secs(),
         })?);
     }
-    Ok((median(pauses), median(running)))
+    // Each child step from the end of the one before it (the parent's resume first).
+    let names = ["spawn", "exec", "hello", "memory", "restore", "resume"];
+    let steps = names
+        .iter()
+        .enumerate()
+        .map(|(i, &step)| {
+            let took = |t: &crate::fork::Timings| {
+                let phases = t.phases();
+                // phases()[3] is the parent's resume; the child's steps follow.
+                phases[4 + i].1.saturating_sub(phases[3 + i].1)
+            };
+            (step, median(timings.iter().map(took).collect()))
+        })
+        .collect();
+    Ok(ForkMedians {
+        pause: median(pauses),
+        first_report: median(running),
+        vcpus_running: median(timings.iter().map(|t| t.child_running_ns).collect()),
+        steps,
+    })
 }
 
 /// (native pass, child's first pass) in ns over `percent`% of the guest's memory.

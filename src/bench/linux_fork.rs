@@ -154,13 +154,20 @@ fn at_size(
         }
         eprintln!("  {name}");
         match fork_timings(&vm, &parent, size, strategy, plan.forks) {
-            Ok((pause, console)) => {
-                out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", pause, Unit::Ns));
+            Ok(t) => {
+                out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", t.pause, Unit::Ns));
                 out.push(value(
                     "fork_to_child_console_ns",
                     name,
                     "fork_to_child_console_ns",
-                    console,
+                    t.first_report,
+                    Unit::Ns,
+                ));
+                out.push(value(
+                    "fork_to_vcpus_running_ns",
+                    name,
+                    "fork_to_vcpus_running_ns",
+                    t.vcpus_running,
                     Unit::Ns,
                 ));
             }
