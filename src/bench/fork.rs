@@ -12,6 +12,11 @@
 //!   vmfork's start-up, receiving the `Hello`, receiving (and for `uffd`, registering)
 //!   the memory, restoring the VM (KVM VM, memory slots, state, new identity, control
 //!   socket), resuming its vCPUs; medians over the same forks;
+//! * `refork1pct`, `parent_pause_ns` and `parent_pause_max_ns`: a parent (idle guest,
+//!   every page written) forked once, then [`REFORKS`] times more, each time after 1 %
+//!   of its pages (one in every 100, a different one each time) were written: the
+//!   parent's pause, median and worst. A fork of a parent that wrote `d` pages should
+//!   pause it for O(d), not O(size): the target is at most 5 ms, and 1/20 of `copy`'s;
 //! * `child_workload_ns` (scenarios `touch10pct`, `touch100pct`): a forked child's guest
 //!   touches (increments a word of) every page of 10% / 100% of its memory; from the
 //!   child's resume until it has touched each at least once. The parent runs the same
@@ -115,6 +120,14 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
                 }
                 Err(e) => skip(out, "fork", "fork_parent_pause_ns", &super::note(&e)),
             }
+            match reforks(size, strategy, huge, REFORKS) {
+                Ok((median, max)) => {
+                    let s = "refork1pct";
+                    out.push(Record::value(SUITE, s, name, sz, "parent_pause_ns", median, Unit::Ns));
+                    out.push(Record::value(SUITE, s, name, sz, "parent_pause_max_ns", max, Unit::Ns));
+                }
+                Err(e) => skip(out, "refork1pct", "parent_pause_ns", &super::note(&e)),
+            }
             for &(scenario, percent) in plan.workloads {
                 match child_workload(size, strategy, huge, percent) {
                     Ok((native, child)) => {
@@ -157,6 +170,56 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         }
     }
     Ok(())
+}
+
+/// Re-forks measured per strategy and size in `refork1pct`.
+pub const REFORKS: usize = 10;
+
+/// (median, max) parent pause of `n` forks of one parent, each after it wrote 1 % of its
+/// pages, scattered (one in every 100), a different 1 % each time; every child is
+/// stopped before the next fork. The writes are made from the host while the guest
+/// (idle) is paused: to the page tables they are the guest's own.
+fn reforks(size: usize, strategy: Strategy, huge: bool, n: usize) -> Result<(f64, f64), BenchError> {
+    let vm = populated_vm(size, huge, Workload::Idle)?;
+    let parent = vm_name("refork", strategy, 0);
+    let mut pauses = Vec::new();
+    let mut result = Ok(());
+    for i in 0..=n {
+        if let Err(e) = room_for_fork(size, strategy, 0) {
+            result = Err(e);
+            break;
+        }
+        if i > 0 {
+            let written = vm.pause().map_err(BenchError::from).and_then(|()| {
+                for at in ((1 << 20) + i * PAGE_SIZE..size).step_by(100 * PAGE_SIZE) {
+                    vm.memory().write(guest::ram_gpa(at as u64), &[i as u8])?;
+                }
+                Ok(())
+            });
+            vm.resume()?;
+            if let Err(e) = written {
+                result = Err(e);
+                break;
+            }
+        }
+        match crate::fork::fork(&vm, &parent, false, &vm_name("refork", strategy, i + 1), strategy) {
+            Ok(child) => {
+                stop_all(std::slice::from_ref(&child));
+                // The first fork is not a re-fork.
+                if i > 0 {
+                    pauses.push(child.timings.parent_resumed_ns);
+                }
+            }
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        }
+    }
+    vm.stop();
+    result?;
+    let max = pauses.iter().copied().max().unwrap_or(0) as f64;
+    Ok((median(pauses), max))
 }
 
 /// A running VM of `size` bytes whose every page past the guest's own first MiB holds
@@ -472,6 +535,13 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             push(format!("copy/{s} fork_parent_pause_ns"), size, ratio, ">= 1000", ratio >= Some(1000.0));
             let ms = pause(s).map(|ns| ns / 1e6);
             push(format!("{s} fork_parent_pause_ms"), size, ms, "<= 1", ms.is_some_and(|v| v <= 1.0));
+        }
+        let refork = |s: &str| value("refork1pct", s, "parent_pause_ns", size);
+        for s in ["cow", "reflink", "uffd", "uffd-minor"] {
+            let ratio = refork("copy").zip(refork(s)).map(|(c, x)| c / x);
+            push(format!("copy/{s} refork1pct parent_pause_ns"), size, ratio, ">= 20", ratio >= Some(20.0));
+            let ms = refork(s).map(|ns| ns / 1e6);
+            push(format!("{s} refork1pct parent_pause_ms"), size, ms, "<= 5", ms.is_some_and(|v| v <= 5.0));
         }
         for scenario in &chains {
             for s in Strategy::CONCRETE.map(Strategy::name) {
