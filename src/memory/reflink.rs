@@ -15,11 +15,6 @@ use std::sync::{Arc, OnceLock};
 
 use super::{Error, Layout, MemFile, Region, Result, cow};
 
-/// `_IOW(0x94, 9, int)` from include/uapi/linux/fs.h.
-const FICLONE: libc::c_ulong = 0x4004_9409;
-/// `_IOW(0x94, 13, struct file_clone_range)`.
-const FICLONERANGE: libc::c_ulong = 0x4020_940D;
-
 /// Whether this kernel can reflink memfds; the error explains why not.
 pub fn probe() -> Result<()> {
     static PROBE: OnceLock<Option<i32>> = OnceLock::new();
@@ -74,17 +69,8 @@ pub(super) fn clone_region(src: &Region) -> Result<Region> {
 fn ficlone(dst: &MemFile, src: &MemFile) -> Result<()> {
     // SAFETY: FICLONE takes the source fd as its integer argument; both fds are open for
     // the duration of the call and no memory of ours is passed.
-    let rc = unsafe { libc::ioctl(dst.file().as_raw_fd(), FICLONE, src.file().as_raw_fd()) };
+    let rc = unsafe { libc::ioctl(dst.file().as_raw_fd(), libc::FICLONE, src.file().as_raw_fd()) };
     check(rc)
-}
-
-/// `struct file_clone_range` from include/uapi/linux/fs.h.
-#[repr(C)]
-struct FileCloneRange {
-    src_fd: i64,
-    src_offset: u64,
-    src_length: u64,
-    dest_offset: u64,
 }
 
 /// Makes `[dst_offset, dst_offset + len)` of `dst` share `src` from `src_offset`.
@@ -95,14 +81,14 @@ fn ficlone_range(
     len: usize,
     dst_offset: usize,
 ) -> Result<()> {
-    let arg = FileCloneRange {
+    let arg = libc::file_clone_range {
         src_fd: src.file().as_raw_fd().into(),
         src_offset: src_offset as u64,
         src_length: len as u64,
         dest_offset: dst_offset as u64,
     };
     // SAFETY: FICLONERANGE reads one file_clone_range, which outlives the call.
-    let rc = unsafe { libc::ioctl(dst.file().as_raw_fd(), FICLONERANGE, &arg) };
+    let rc = unsafe { libc::ioctl(dst.file().as_raw_fd(), libc::FICLONERANGE, &arg) };
     check(rc)
 }
 

@@ -8,15 +8,24 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
 const UFFD_API: u64 = 0xAA;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
-const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
-const UFFDIO_CONTINUE: libc::c_ulong = 0xC020_AA07;
-const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+
+/// The ioctl type of userfaultfd, and each command's number and argument, as
+/// include/uapi/linux/userfaultfd.h declares them: the macros size each request by its
+/// struct below, so a struct that drifts from the ABI changes the request number too
+/// (and the test pins the numbers).
+const UFFDIO: u32 = 0xAA;
+ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, ApiArg);
+ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, RegisterArg);
+ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, Range);
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, Range);
+ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, CopyArg);
+ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, ZeroPageArg);
+ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, ContinueArg);
+// `/dev/userfaultfd`'s own ioctl (include/uapi/linux/userfaultfd.h, `_IO(UFFDIO, 0x00)`).
+ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 
 /// Features vmfork asks for.
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
@@ -138,7 +147,7 @@ impl Uffd {
                 )
             })?;
             // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
-            let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+            let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW(), flags) };
             if raw < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -147,7 +156,7 @@ impl Uffd {
         };
         let mut api = ApiArg { api: UFFD_API, features, ioctls: 0 };
         // SAFETY: UFFDIO_API reads and writes one ApiArg, which lives across the call.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API(), &mut api) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(Uffd { fd })
@@ -172,7 +181,7 @@ impl Uffd {
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes one RegisterArg that outlives the call.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut arg) } < 0 {
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER(), &mut arg) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -182,7 +191,7 @@ impl Uffd {
     pub fn unregister(&self, start: usize, len: usize) -> io::Result<()> {
         let arg = Range { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_UNREGISTER reads one Range that outlives the call.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &arg) } < 0 {
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER(), &arg) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -192,7 +201,7 @@ impl Uffd {
     pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
         let arg = Range { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_WAKE reads one Range that outlives the call.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &arg) } < 0 {
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE(), &arg) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -207,7 +216,7 @@ impl Uffd {
         // SAFETY: UFFDIO_COPY reads the `src.len()` bytes of `src` and writes only into
         // ranges registered with this descriptor (whose registration promised no Rust
         // reference covers them) and the CopyArg, which outlives the call.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut arg) };
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY(), &mut arg) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -221,7 +230,7 @@ impl Uffd {
         let mut arg = ContinueArg { range: Range { start: dst as u64, len: len as u64 }, mode: 0, mapped: 0 };
         // SAFETY: UFFDIO_CONTINUE writes only page tables of the registered range and
         // the argument, which outlives the call.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut arg) } < 0 {
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE(), &mut arg) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(arg.mapped as usize)
@@ -232,7 +241,7 @@ impl Uffd {
         let mut arg =
             ZeroPageArg { range: Range { start: dst as u64, len: len as u64 }, mode: 0, zeropage: 0 };
         // SAFETY: UFFDIO_ZEROPAGE writes only into the registered range and the argument.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut arg) } < 0 {
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE(), &mut arg) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -265,3 +274,23 @@ impl AsFd for Uffd {
 }
 
 const _: () = assert!(std::mem::size_of::<Msg>() == 32);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request numbers the kernel's headers give (x86-64), against the ones the
+    /// macros compute from the structs here.
+    #[test]
+    fn ioctl_numbers_match_the_kernel_abi() {
+        assert_eq!(UFFDIO_API(), 0xC018_AA3F);
+        assert_eq!(UFFDIO_REGISTER(), 0xC020_AA00);
+        assert_eq!(UFFDIO_UNREGISTER(), 0x8010_AA01);
+        assert_eq!(UFFDIO_WAKE(), 0x8010_AA02);
+        assert_eq!(UFFDIO_COPY(), 0xC028_AA03);
+        assert_eq!(UFFDIO_ZEROPAGE(), 0xC020_AA04);
+        assert_eq!(UFFDIO_CONTINUE(), 0xC020_AA07);
+        assert_eq!(USERFAULTFD_IOC_NEW(), 0xAA00);
+        assert_eq!(std::mem::size_of::<Msg>(), 32);
+    }
+}
