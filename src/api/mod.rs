@@ -301,9 +301,11 @@ pub fn status(who: &Identity, vm: &Vm) -> Status {
 
 fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
     let mut w = conn.try_clone()?;
-    let mut line = String::new();
-    BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
-    let req: Request = match parse_request(&line) {
+    // Bytes, not a `String`: a line that is not UTF-8 gets its error answer like any
+    // other bad request, instead of a hang-up without a word.
+    let mut line = Vec::new();
+    BufReader::new((&conn).take(MAX_REQUEST)).read_until(b'\n', &mut line)?;
+    let req: Request = match std::str::from_utf8(&line).map_err(BadRequest::NotUtf8).and_then(parse_request) {
         Ok(r) => r,
         Err(e) => {
             return error(
@@ -463,6 +465,8 @@ pub enum BadRequest {
     NoCmd,
     #[error("unknown field {0:?}")]
     UnknownField(String),
+    #[error("a request is UTF-8 text: {0}")]
+    NotUtf8(std::str::Utf8Error),
 }
 
 /// Whether `path` is a socket file (for tests and listings).
