@@ -18,12 +18,16 @@
 //! | `{"cmd":"restore-stats"}` | `{"ok":true,"snapshot":DIR,"stats":{zero_faults,decoded_faults,prefetched_chunks,bytes_decoded,fault_p50_us,fault_p99_us,misses,ws_precision,ws_recall,trace}}` for a VM restored from a snapshot |
 //!
 //! Anything else gets `{"ok":false,"error":"..."}` and the VM keeps running.
+//!
+//! Requests that pause or resume the VM (fork, snapshot, pause, resume) run one at a
+//! time: a pause or resume sent while a fork or snapshot is in flight is answered after
+//! it. Every other request is answered at once.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -247,12 +251,13 @@ impl Server {
 
     /// Accepts connections on `listener` in a background thread, one thread each.
     pub fn spawn(&self, listener: UnixListener, who: Identity, vm: Arc<Vm>) {
+        let freezes = Arc::new(Mutex::new(()));
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (vm, who) = (vm.clone(), who.clone());
+                let (vm, who, freezes) = (vm.clone(), who.clone(), freezes.clone());
                 std::thread::spawn(move || {
-                    let _ = handle(conn, &who, &vm);
+                    let _ = handle(conn, &who, &vm, &freezes);
                 });
             }
         });
@@ -299,11 +304,20 @@ pub fn status(who: &Identity, vm: &Vm) -> Status {
     }
 }
 
-fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
+/// Serves one connection. `freezes` is held by every request that pauses or resumes
+/// the VM (fork, snapshot, pause, resume) for as long as it runs: the VM's pause is one
+/// flag, not a count, so a second fork in flight would find the VM already paused, and
+/// the first fork's resume would then let the guest run while the second captured and
+/// cloned it (or the second's pause would fail, seeing it run again); a `resume`
+/// between a fork's pause and its clone would do the same. A pause or resume sent
+/// during a fork waits until the fork has answered.
+fn handle(conn: UnixStream, who: &Identity, vm: &Vm, freezes: &Mutex<()>) -> io::Result<()> {
     let mut w = conn.try_clone()?;
-    let mut line = String::new();
-    BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
-    let req: Request = match parse_request(&line) {
+    // Bytes, not a `String`: a line that is not UTF-8 gets its error answer like any
+    // other bad request, instead of a hang-up without a word.
+    let mut line = Vec::new();
+    BufReader::new((&conn).take(MAX_REQUEST)).read_until(b'\n', &mut line)?;
+    let req: Request = match std::str::from_utf8(&line).map_err(BadRequest::NotUtf8).and_then(parse_request) {
         Ok(r) => r,
         Err(e) => {
             return error(
@@ -318,10 +332,16 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
     };
     match req {
         Request::Status => answer(&mut w, serde_json::json!({"ok": true, "status": status(who, vm)})),
-        Request::Fork { strategy, name, count } => match fork_many(vm, who, strategy, name, count) {
-            Ok(children) => answer(&mut w, serde_json::json!({"ok": true, "children": children})),
-            Err(e) => error(&mut w, crate::error::Report(&e)),
-        },
+        Request::Fork { strategy, name, count } => {
+            let forked = {
+                let _one_at_a_time = freezes.lock().unwrap_or_else(|p| p.into_inner());
+                fork_many(vm, who, strategy, name, count)
+            };
+            match forked {
+                Ok(children) => answer(&mut w, serde_json::json!({"ok": true, "children": children})),
+                Err(e) => error(&mut w, crate::error::Report(&e)),
+            }
+        }
         Request::Snapshot { dir, level, chunk, stop, parent } => {
             let defaults = crate::snapshot::TakeOptions::default();
             let opts = crate::snapshot::TakeOptions {
@@ -341,15 +361,11 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
                 Ok(p) => p,
                 Err(e) => return error(&mut w, e),
             };
-            match crate::snapshot::take(
-                vm,
-                &who.name,
-                who.private,
-                &dir,
-                &opts,
-                parent.as_ref(),
-                &mut progress,
-            ) {
+            let taken = {
+                let _one_at_a_time = freezes.lock().unwrap_or_else(|p| p.into_inner());
+                crate::snapshot::take(vm, &who.name, who.private, &dir, &opts, parent.as_ref(), &mut progress)
+            };
+            match taken {
                 Ok(summary) => {
                     let sent = answer(&mut w, serde_json::json!({"ok": true, "summary": summary}));
                     if stop {
@@ -366,14 +382,20 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm) -> io::Result<()> {
             }
             None => error(&mut w, format!("VM {} was not restored from a snapshot", who.name)),
         },
-        Request::Pause => match timed(&|| vm.pause()) {
-            Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "pause_ns": ns})),
-            Err(e) => error(&mut w, e),
-        },
-        Request::Resume => match timed(&|| vm.resume()) {
-            Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "resume_ns": ns})),
-            Err(e) => error(&mut w, e),
-        },
+        Request::Pause => {
+            let _one_at_a_time = freezes.lock().unwrap_or_else(|p| p.into_inner());
+            match timed(&|| vm.pause()) {
+                Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "pause_ns": ns})),
+                Err(e) => error(&mut w, e),
+            }
+        }
+        Request::Resume => {
+            let _one_at_a_time = freezes.lock().unwrap_or_else(|p| p.into_inner());
+            match timed(&|| vm.resume()) {
+                Ok(ns) => answer(&mut w, serde_json::json!({"ok": true, "resume_ns": ns})),
+                Err(e) => error(&mut w, e),
+            }
+        }
         Request::Stop => {
             // Answer first: once the VM stops, the process exits. The client waits for
             // the socket to go away.
@@ -474,6 +496,8 @@ pub enum BadRequest {
     NoCmd,
     #[error("unknown field {0:?}")]
     UnknownField(String),
+    #[error("a request is UTF-8 text: {0}")]
+    NotUtf8(std::str::Utf8Error),
 }
 
 /// Whether `path` is a socket file (for tests and listings).

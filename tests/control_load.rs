@@ -1,0 +1,375 @@
+//! The control socket of a real VM process (the `vmfork` binary on this host's KVM)
+//! under load, from a second uid, and fed malformed input. Each test skips with a
+//! printed reason only where /dev/kvm is absent (or, for the second uid, where the test
+//! does not run as root).
+//!
+//! Not timed tests: latencies are printed (`--nocapture`), never asserted.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+mod common;
+
+use common::control::{self, children, connect, count_entries, counter, percentile, request, status};
+use common::{Runtime, kvm_available};
+
+/// Clients hammering the socket at once.
+const CLIENTS: usize = 64;
+/// Forks per strategy while they do.
+const FORKS_PER_STRATEGY: usize = 2;
+
+/// The strategies this host can fork with; `reflink` needs the kernel series.
+fn strategies(test: &str) -> Vec<&'static str> {
+    let mut s = vec!["copy", "cow", "uffd", "uffd-minor"];
+    match vmfork::memory::reflink::probe() {
+        Ok(()) => s.push("reflink"),
+        Err(e) => common::skip_part(test, "reflink", &format!("this kernel cannot reflink tmpfs files: {e}")),
+    }
+    s
+}
+
+/// What one client thread did.
+#[derive(Default)]
+struct Tally {
+    status_sent: u64,
+    status_answered: u64,
+    console_sent: u64,
+    console_answered: u64,
+    /// Status latencies, connect to answer.
+    latencies: Vec<Duration>,
+    /// Guest counters seen, in order.
+    counters: Vec<u64>,
+}
+
+/// One `status` request: exactly one answer line, a status of VM `name`, then the end
+/// of the stream.
+fn one_status(rt: &Runtime, name: &str, t: &mut Tally) {
+    let start = Instant::now();
+    let mut s = connect(rt, name);
+    t.status_sent += 1;
+    s.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap_or_else(|e| panic!("status: no answer: {e}"));
+    t.latencies.push(start.elapsed());
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("status: {e}: {line:?}"));
+    assert_eq!(v["ok"], true, "status answered {v}");
+    assert_eq!(v["status"]["name"], name, "status answered for another VM: {v}");
+    assert!(v.get("children").is_none() && v.get("pause_ns").is_none(), "another request's answer: {v}");
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "", "status answered more than one line");
+    t.status_answered += 1;
+    if let Some(c) = counter(&v["status"]) {
+        t.counters.push(c);
+    }
+}
+
+/// One `console` request: the answer `{"ok":true}` alone, then console text (the
+/// backlog holds the guest's reports), then hang up.
+fn one_console(rt: &Runtime, name: &str, t: &mut Tally) {
+    let mut s = connect(rt, name);
+    t.console_sent += 1;
+    s.write_all(b"{\"cmd\":\"console\"}\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap_or_else(|e| panic!("console: no answer: {e}"));
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("console: {e}: {line:?}"));
+    assert_eq!(v, serde_json::json!({"ok": true}), "console answered something else");
+    line.clear();
+    r.read_line(&mut line).unwrap_or_else(|e| panic!("console: no console line: {e}"));
+    assert!(line.ends_with('\n') && serde_json::from_str::<Value>(&line).is_err(), "console sent {line:?}");
+    t.console_answered += 1;
+}
+
+#[test]
+fn sixty_four_clients_hammer_status_and_console_while_the_vm_forks() {
+    const TEST: &str = "sixty_four_clients_hammer_status_and_console_while_the_vm_forks";
+    let Some(_lock) = kvm_available(TEST) else { return };
+    let rt = Arc::new(Runtime::new("load"));
+    rt.run("p", &[]);
+    let first = counter(&status(&rt, "p")).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (rt, done) = (rt.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut t = Tally::default();
+                let mut n = i;
+                while !done.load(Ordering::Relaxed) {
+                    // Mostly status, every fourth a console.
+                    if n % 4 == 3 {
+                        one_console(&rt, "p", &mut t);
+                    } else {
+                        one_status(&rt, "p", &mut t);
+                    }
+                    n += 1;
+                }
+                t
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut forks = 0;
+    for strategy in strategies(TEST) {
+        for k in 0..FORKS_PER_STRATEGY {
+            let name = format!("{}-{k}", strategy.replace('-', ""));
+            let json = format!(r#"{{"cmd":"fork","strategy":"{strategy}","name":"{name}"}}"#);
+            let v = request(&rt, "p", &json);
+            assert_eq!(v["ok"], true, "fork with {strategy} under load: {v}");
+            assert_eq!(v["children"][0]["name"], name.as_str(), "{v}");
+            assert!(v.get("status").is_none(), "a fork answered with a status: {v}");
+            forks += 1;
+            let c = counter(&status(&rt, &name));
+            assert!(c.is_some(), "child {name} has not reported");
+            assert_eq!(request(&rt, &name, r#"{"cmd":"stop"}"#)["ok"], true);
+            // The parent's guest runs on, clients and all.
+            let c = counter(&status(&rt, "p")).unwrap();
+            control::wait_counter_past(&rt, "p", c, &format!("after the fork with {strategy}"));
+        }
+    }
+    // Let the clients run a little past the last fork, then collect them.
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Relaxed);
+    let tallies: Vec<Tally> = clients.into_iter().map(|c| c.join().expect("a client failed")).collect();
+    let took = started.elapsed();
+
+    let mut latencies = Vec::new();
+    let (mut sent, mut answered) = (0, 0);
+    for (i, t) in tallies.iter().enumerate() {
+        assert_eq!(t.status_sent, t.status_answered, "client {i}: status requests without an answer");
+        assert_eq!(t.console_sent, t.console_answered, "client {i}: console requests without an answer");
+        assert!(t.status_answered > 0, "client {i} never got a status through");
+        // Each client's view of the guest never goes back.
+        assert!(t.counters.windows(2).all(|w| w[0] <= w[1]), "client {i} saw the counter go back");
+        sent += t.status_sent + t.console_sent;
+        answered += t.status_answered + t.console_answered;
+        latencies.extend_from_slice(&t.latencies);
+    }
+    let last = tallies.iter().filter_map(|t| t.counters.last()).max().copied().unwrap_or(0);
+    // And it runs on now that they have gone.
+    let last = control::wait_counter_past(&rt, "p", last.max(first), "after the load");
+    latencies.sort();
+    eprintln!(
+        "{CLIENTS} clients, {forks} forks in {took:.1?}: {sent} requests, {answered} answers; \
+         status latency p50 {:?} p99 {:?} max {:?} ({} status requests); guest counter {first} -> {last}",
+        percentile(&latencies, 50),
+        percentile(&latencies, 99),
+        latencies.last().copied().unwrap_or_default(),
+        latencies.len(),
+    );
+}
+
+/// The runtime directory is 0700 and the socket 0600; another uid is refused by both,
+/// while the owner connects.
+#[test]
+fn a_second_uid_cannot_reach_the_control_socket() {
+    const TEST: &str = "a_second_uid_cannot_reach_the_control_socket";
+    let Some(_lock) = kvm_available(TEST) else { return };
+    if !nix::unistd::geteuid().is_root() {
+        common::skip(TEST, "needs root to run a helper process as uid 65534");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let rt = Runtime::new("second-uid");
+    rt.ok(&["run", "--detach", "--name", "p", "--mem", "16M", "--workload", "idle"]);
+    let dir = rt.dir.join("vmfork");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&dir), 0o700, "the runtime directory must be private");
+    assert_eq!(mode(&rt.socket("p")), 0o600, "the control socket must be private");
+
+    // The helper is this very binary, so the binary must be reachable for uid 65534:
+    // a copy in a directory of its own that anybody may enter.
+    let bin_dir = rt.dir.join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    std::fs::set_permissions(&rt.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let own = std::env::var_os("VMFORK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vmfork").into());
+    let bin = bin_dir.join("vmfork");
+    std::fs::copy(own, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &rt.dir)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ran, err) = as_nobody(&["--help"]);
+    assert!(ran, "uid 65534 cannot run the helper at all, so its refusal below would prove nothing: {err}");
+
+    // The directory stops it first...
+    let (ok, err) = as_nobody(&["pause", "p"]);
+    assert!(!ok, "uid 65534 paused root's VM");
+    assert!(err.contains("control socket") && err.contains("Permission denied"), "{err}");
+    eprintln!("uid 65534 through the 0700 directory: {}", err.trim());
+    // ...and where the directory lets it through, the socket does.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (ok, err) = as_nobody(&["stop", "p"]);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(!ok, "uid 65534 stopped root's VM through a 0600 socket");
+    assert!(err.contains("control socket") && err.contains("Permission denied"), "{err}");
+    eprintln!("uid 65534 at the 0600 socket: {}", err.trim());
+    // Neither attempt removed the socket as stale.
+    assert!(rt.socket("p").exists(), "a refused client removed the socket");
+    assert_eq!(status(&rt, "p")["state"], "running");
+    rt.ok(&["pause", "p"]);
+    rt.ok(&["resume", "p"]);
+}
+
+/// The answer to `bytes` sent as one connection's request (the stream then shut for
+/// writing): every line the VM sent back before it hung up, read with timeouts.
+fn exchange(rt: &Runtime, bytes: &[u8]) -> Vec<Value> {
+    let mut s = connect(rt, "p");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The VM reads one line of at most 4096 bytes, answers and hangs up: writing more
+    // may fail, which is its business, not a failure.
+    match s.write_all(bytes) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {}
+        Err(e) => panic!("writing {} bytes: {e}", bytes.len()),
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let mut r = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) => return out,
+            Ok(_) => out.push(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer is not JSON: {e}: {line:?}")),
+            ),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return out,
+            Err(e) => {
+                panic!("no answer to {:?}: {e}", String::from_utf8_lossy(&bytes[..bytes.len().min(80)]))
+            }
+        }
+    }
+}
+
+/// Exactly one answer: an error, or an `ok` answer of the expected kind.
+fn one_answer(answers: &[Value], what: &str) -> Value {
+    assert_eq!(answers.len(), 1, "{what}: {} answers: {answers:?}", answers.len());
+    let v = answers[0].clone();
+    match &v["ok"] {
+        Value::Bool(false) => assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {v}"),
+        Value::Bool(true) => {}
+        _ => panic!("{what}: neither an answer nor an error: {v}"),
+    }
+    v
+}
+
+#[test]
+fn the_fuzz_corpus_and_broken_clients_on_a_live_socket_leave_the_vm_running() {
+    const TEST: &str = "the_fuzz_corpus_and_broken_clients_on_a_live_socket_leave_the_vm_running";
+    let Some(_lock) = kvm_available(TEST) else { return };
+    let rt = Runtime::new("live-fuzz");
+    rt.run("p", &[]);
+    let pid = status(&rt, "p")["pid"].as_i64().unwrap() as i32;
+    let threads_before = count_entries(pid, "task");
+    let fds_before = control::fds(pid);
+
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/api_request");
+    let mut files: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap_or_else(|e| panic!("{}: {e}", corpus.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "the api_request corpus is empty");
+    let (mut errors, mut answered, mut held_back) = (0, 0, Vec::new());
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let what = f.file_name().unwrap().to_string_lossy().into_owned();
+        // What the VM would do with the line it reads (up to the first newline): a
+        // request that would stop, fork or snapshot the VM is not sent.
+        let first = bytes.split(|&b| b == b'\n').next().unwrap();
+        let first = &first[..first.len().min(4096)];
+        let parsed = std::str::from_utf8(first).ok().and_then(|l| vmfork::api::parse_request(l).ok());
+        use vmfork::api::Request;
+        if let Some(Request::Stop | Request::Fork { .. } | Request::Snapshot { .. }) = &parsed {
+            held_back.push(format!("{what} ({parsed:?})"));
+            continue;
+        }
+        if parsed == Some(Request::Console) {
+            // It streams until the client hangs up: its first line, then hang up.
+            let mut s = connect(&rt, "p");
+            s.write_all(&bytes).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Value>(&line).unwrap(),
+                serde_json::json!({"ok": true}),
+                "{what}"
+            );
+            answered += 1;
+            continue;
+        }
+        let v = one_answer(&exchange(&rt, &bytes), &what);
+        if v["ok"] == true {
+            assert!(parsed.is_some(), "{what}: the VM accepted what the parser refuses: {v}");
+            answered += 1;
+        } else {
+            assert!(
+                parsed.is_none() || matches!(parsed, Some(Request::RestoreStats)),
+                "{what}: the VM refused a request the parser accepts ({parsed:?}): {v}"
+            );
+            errors += 1;
+        }
+        if parsed == Some(Request::Pause) {
+            assert_eq!(request(&rt, "p", r#"{"cmd":"resume"}"#)["ok"], true);
+        }
+    }
+    eprintln!(
+        "{} corpus files: {errors} refused, {answered} answered, {} held back: {held_back:?}",
+        files.len(),
+        held_back.len()
+    );
+
+    // A line longer than any limit: a status request padded past the 4096 bytes read.
+    let mut long = b"{\"cmd\":\"status\"".to_vec();
+    long.resize(4 << 20, b' ');
+    long.extend_from_slice(b"}\n");
+    let v = one_answer(&exchange(&rt, &long), "a 4 MiB line");
+    assert_eq!(v["ok"], false, "a line past the limit was accepted: {v}");
+    // Bytes that are not UTF-8 get an error too, not a hang-up.
+    let v = one_answer(&exchange(&rt, b"{\"cmd\":\"st\xffatus\"}\n"), "a line that is not UTF-8");
+    assert_eq!(v["ok"], false, "{v}");
+
+    // A client that connects and never sends does not hold up anyone else.
+    let silent = connect(&rt, "p");
+    // Clients that send half a line and go.
+    for _ in 0..100 {
+        let mut s = connect(&rt, "p");
+        s.write_all(b"{\"cmd\":\"sta").unwrap();
+    }
+    let c = counter(&status(&rt, "p")).unwrap();
+    control::wait_counter_past(&rt, "p", c, "after the corpus and the broken clients");
+    drop(silent);
+
+    // Nothing stays behind: every connection's thread and fd is gone again.
+    let t = Instant::now();
+    loop {
+        let (threads, fds) = (count_entries(pid, "task"), control::fds(pid));
+        if threads == threads_before && fds == fds_before {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "10 s after the clients left, the VM has {threads} threads (before: {threads_before}) and \
+             fds {fds:?} (before: {fds_before:?})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(children(pid).is_empty(), "the corpus started a process: {:?}", children(pid));
+    assert_eq!(status(&rt, "p")["state"], "running");
+}
