@@ -378,11 +378,13 @@ pub fn freeze(vm: &Vm, strategy: Strategy) -> Result<Frozen> {
     let (strategy, why) = strategy.resolve();
     let (t0, t0_monotonic_ns) = (Instant::now(), monotonic_ns());
     let mut timings = Timings::default();
+    // A VM its owner paused stays paused: the fork resumes only what it paused itself.
+    let was_paused = matches!(vm.state(), RunState::Paused);
     vm.pause().map_err(Error::Pause)?;
     timings.paused_ns = ns(t0);
     let frozen = capture_and_clone(vm, strategy, &mut timings, t0);
     // 4: the parent runs again before the child exists.
-    let resumed = vm.resume();
+    let resumed = if was_paused { Ok(()) } else { vm.resume() };
     timings.parent_resumed_ns = ns(t0);
     let (state, memory) = frozen?;
     resumed.map_err(Error::Pause)?;

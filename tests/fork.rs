@@ -135,6 +135,24 @@ fn fan_out_of_eight_and_a_chain_of_four() {
 }
 
 #[test]
+fn a_paused_vm_stays_paused_when_it_is_forked() {
+    let Some(_lock) = kvm_available("a_paused_vm_stays_paused_when_it_is_forked") else {
+        return;
+    };
+    let rt = Runtime::new("pausedfork");
+    rt.run("p", &[]);
+    rt.ok(&["pause", "p"]);
+    for strategy in ["cow", "uffd"] {
+        let children = rt.fork("p", strategy, &[]);
+        assert_eq!(rt.status("p")["state"], "paused", "{strategy}: the fork resumed its paused parent");
+        // The child runs on its own.
+        assert_progress(&rt, children[0]["name"].as_str().unwrap());
+    }
+    rt.ok(&["resume", "p"]);
+    assert_progress(&rt, "p");
+}
+
+#[test]
 fn a_private_vm_is_never_forked() {
     let Some(_lock) = kvm_available("a_private_vm_is_never_forked") else {
         return;
