@@ -275,8 +275,16 @@ fn the_fuzz_corpus_and_broken_clients_on_a_live_socket_leave_the_vm_running() {
     let rt = Runtime::new("live-fuzz");
     rt.run("p", &[]);
     let pid = status(&rt, "p")["pid"].as_i64().unwrap() as i32;
-    let threads_before = count_entries(pid, "task");
-    let fds_before = control::fds(pid);
+    // The idle baseline: the thread that answered that status request may still be on
+    // its way out (with its connection's fds), so take the leanest of a second's samples.
+    let (mut threads_before, mut fds_before) = (count_entries(pid, "task"), control::fds(pid));
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        let (threads, fds) = (count_entries(pid, "task"), control::fds(pid));
+        if threads < threads_before || (threads == threads_before && fds.len() < fds_before.len()) {
+            (threads_before, fds_before) = (threads, fds);
+        }
+    }
 
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/api_request");
     let mut files: Vec<_> = std::fs::read_dir(&corpus)
