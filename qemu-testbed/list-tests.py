@@ -17,8 +17,9 @@ for line in open(sys.argv[1]):
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         kind, name = m["target"]["kind"][0], m["target"]["name"]
         # The corpora test reads fuzz/ from the source tree, which the guest lacks; the
-        # VM test suites (vmm, fork, snapshot, remote) run on the host, where they are quick; here they
-        # would run under nested KVM in TCG. Of them, the fork test that needs reflink
+        # VM test suites (vmm, fork, snapshot, remote, control_load, fork_soak) drive the
+        # vmfork binary and run on the host, where they are quick; here they would run
+        # under nested KVM in TCG. Of them, the fork test that needs reflink
         # runs here too. The Linux-guest suite runs only here (the host cannot boot
         # Linux), on its own. The criterion benches run here with every strategy.
         if kind == "test" and name == "linux_guest":
@@ -27,5 +28,7 @@ for line in open(sys.argv[1]):
             print("FORK " + m["executable"])
         elif kind == "bench":
             print("CRITERION " + m["executable"])
-        elif kind in ("lib", "test") and name not in ("vmm", "snapshot", "remote", "snapshot_corpora"):
+        elif kind in ("lib", "test") and name not in (
+            "vmm", "snapshot", "remote", "snapshot_corpora", "control_load", "fork_soak"
+        ):
             print(m["executable"])
