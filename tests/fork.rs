@@ -274,18 +274,7 @@ fn a_forked_child_reseeds_its_random_stream_from_fresh_entropy() {
     }
 }
 
-/// The open fds of process `pid`, with what each is, but for memfds: those are the
-/// layers of its guest memory, which the clone engine folds on a schedule of its own.
-fn fds(pid: i32) -> Vec<String> {
-    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| std::fs::read_link(e.path()).map_or_else(|e| e.to_string(), |p| p.display().to_string()))
-        .filter(|what| !what.starts_with("/memfd:"))
-        .collect();
-    fds.sort();
-    fds
-}
+use common::control::fds;
 
 /// A lazily filled child's page servers belong to the VM that serves it and go when the
 /// child does: after a hundred `uffd` and `uffd-minor` children have come and gone, the
