@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::memory::transfer::Detached;
 use crate::memory::uffd::RemoteSource;
 use crate::memory::{GuestMemory, Strategy};
 use crate::runtime::Identity;
@@ -277,6 +278,7 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
         wire::send(&ours, Kind::Hello, &json, &[]).map_err(Error::Handoff)?;
         match memory {
             ChildMemory::Ready(child_memory) => child_memory.send(&ours).map_err(Error::SendMemory)?,
+            ChildMemory::Frozen(child_memory) => child_memory.send(&ours).map_err(Error::SendMemory)?,
             ChildMemory::Lazy(mut source, child_memory) => {
                 child_memory.send(&ours).map_err(Error::SendMemory)?;
                 source.serve_handed_back(await_hand_back(&ours)?).map_err(Error::Serve)?;
@@ -365,9 +367,12 @@ pub struct Frozen {
 pub enum ChildMemory {
     /// Complete: hand it over and forget it.
     Ready(GuestMemory),
+    /// A `cow` image, not mapped in the parent: the child maps its layers and copies
+    /// its patches in (so the parent's pause is the freeze alone).
+    Frozen(Detached),
     /// Filled lazily from the [`RemoteSource`], which the parent keeps serving once the
     /// child has registered the memory and handed back its userfaultfds.
-    Lazy(RemoteSource, GuestMemory),
+    Lazy(RemoteSource, Detached),
 }
 
 /// The parent's half of a fork, steps 1–4: pauses `vm`, captures its state, clones its
@@ -405,6 +410,7 @@ fn capture_and_clone(
             let (source, child) = vm.memory().lazy_clone_for_remote(strategy).map_err(clone_err)?;
             ChildMemory::Lazy(source, child)
         }
+        Strategy::Cow => ChildMemory::Frozen(vm.memory().freeze_detached().map_err(clone_err)?),
         _ => ChildMemory::Ready(vm.memory().clone_with(strategy).map_err(clone_err)?.0),
     };
     timings.cloned_ns = ns(t0);
@@ -433,7 +439,11 @@ impl Frozen {
         let Frozen { state, memory, mut timings, t0, .. } = self;
         let (vm, servers) = match memory {
             ChildMemory::Ready(memory) => (restore_child(memory, &state, None)?, None),
+            ChildMemory::Frozen(memory) => {
+                (restore_child(memory.map().map_err(ChildError::Memory)?, &state, None)?, None)
+            }
             ChildMemory::Lazy(mut source, memory) => {
+                let memory = memory.map().map_err(ChildError::Memory)?;
                 let (ours, theirs) =
                     UnixStream::pair().map_err(|e| ChildError::Receive(wire::Error::Io(e)))?;
                 // The restore writes the new identity into the memory it has just

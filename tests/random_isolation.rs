@@ -77,7 +77,16 @@ fn run(ops: usize) {
             }
             80..=91 if live.len() < MAX_LIVE => {
                 let s = strategies[rng.below(strategies.len())];
-                let (mem, _) = live[i].mem.clone_with(s).unwrap();
+                let mem = if s == Strategy::Cow && rng.below(2) == 0 {
+                    // As a fork makes it: frozen here, mapped by whoever receives it.
+                    let frozen = live[i].mem.freeze_detached().unwrap();
+                    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+                    frozen.send(&a).unwrap();
+                    drop(frozen);
+                    GuestMemory::receive(&b).unwrap()
+                } else {
+                    live[i].mem.clone_with(s).unwrap().0
+                };
                 let name = format!("{}>{}#{op}", live[i].name, s);
                 let model = live[i].model.clone();
                 live.push(Live { mem, model, name });

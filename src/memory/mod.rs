@@ -507,6 +507,25 @@ impl GuestMemory {
         Ok((GuestMemory::from_regions(regions, self.huge_pages)?, concrete))
     }
 
+    /// The `cow` clone's freeze alone: every region's current contents become an
+    /// immutable image (as [`GuestMemory::clone_with`] `cow` makes them) and this memory
+    /// runs on as a view of it, but the child is not mapped here. It is what a fork's
+    /// parent does inside its pause; the child's process maps the image and copies its
+    /// patches in ([`transfer::Detached`]).
+    pub fn freeze_detached(&self) -> Result<transfer::Detached> {
+        let mut regions = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            r.materialize()?;
+            let image = cow::freeze(r)?;
+            regions.push(transfer::DetachedRegion {
+                guest_addr: r.guest_addr(),
+                size: r.size(),
+                layout: Layout::Layers(image),
+            });
+        }
+        Ok(transfer::Detached::new(regions, self.huge_pages))
+    }
+
     /// Fetches every page a lazy (uffd) clone has not been served yet and stops its page
     /// server, so the memory stands on its own.
     pub fn materialize(&self) -> Result<()> {

@@ -66,44 +66,121 @@ pub struct ExtentManifest {
     pub file_offset: usize,
 }
 
+/// Memory on its way to another process: each region's layout over files, mapped
+/// nowhere in this one. A fork's parent makes one inside its pause
+/// ([`GuestMemory::freeze_detached`], [`GuestMemory::lazy_clone_for_remote`]) so that the
+/// pause costs the freeze alone: mapping the layers and copying the patches in is the
+/// receiver's work, in its own process ([`GuestMemory::from_manifest`]).
+#[derive(Debug)]
+pub struct Detached {
+    huge_pages: bool,
+    regions: Vec<DetachedRegion>,
+}
+
+/// One region of a [`Detached`] memory.
+#[derive(Debug)]
+pub(super) struct DetachedRegion {
+    pub guest_addr: u64,
+    pub size: usize,
+    pub layout: Layout,
+}
+
+impl Detached {
+    pub(super) fn new(regions: Vec<DetachedRegion>, huge_pages: bool) -> Self {
+        Detached { huge_pages, regions }
+    }
+
+    /// Sends this memory over `sock`, as [`GuestMemory::send`] does.
+    pub fn send(&self, sock: &UnixStream) -> Result<()> {
+        let mut files = Files::default();
+        let regions = self
+            .regions
+            .iter()
+            .map(|r| RegionManifest {
+                guest_addr: r.guest_addr,
+                size: r.size,
+                layout: layout_manifest(&r.layout, &mut files),
+            })
+            .collect();
+        send_manifest(sock, &Manifest { huge_pages: self.huge_pages, regions }, &files.0)
+    }
+
+    /// Maps this memory here: what a receiving process builds from it.
+    pub fn map(self) -> Result<GuestMemory> {
+        let regions = self
+            .regions
+            .into_iter()
+            .map(|r| match r.layout {
+                Layout::File(f) => Region::with_file(r.guest_addr, f),
+                Layout::Layers(image) => Region::with_layers(r.guest_addr, r.size, image),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        GuestMemory::from_regions(regions, self.huge_pages)
+    }
+
+    /// Total bytes of guest memory.
+    pub fn size(&self) -> usize {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+}
+
+/// The files a manifest names, each once, in the order of their fd indices.
+#[derive(Default)]
+struct Files(Vec<Arc<MemFile>>);
+
+impl Files {
+    fn index(&mut self, f: &Arc<MemFile>) -> usize {
+        match self.0.iter().position(|g| Arc::ptr_eq(f, g)) {
+            Some(i) => i,
+            None => {
+                self.0.push(f.clone());
+                self.0.len() - 1
+            }
+        }
+    }
+}
+
+fn layout_manifest(layout: &Layout, files: &mut Files) -> LayoutManifest {
+    match layout {
+        Layout::File(f) => LayoutManifest::File { fd: files.index(f) },
+        Layout::Layers(image) => LayoutManifest::Layers {
+            patches: image
+                .patches
+                .iter()
+                .map(|p| PatchManifest { fd: files.index(p.file()), runs: p.runs().to_vec() })
+                .collect(),
+            extents: image
+                .extents
+                .iter()
+                .map(|e| ExtentManifest {
+                    offset: e.offset,
+                    len: e.len,
+                    fd: files.index(&e.file),
+                    file_offset: e.file_offset,
+                })
+                .collect(),
+        },
+    }
+}
+
+fn send_manifest(sock: &UnixStream, manifest: &Manifest, files: &[Arc<MemFile>]) -> Result<()> {
+    let json = serde_json::to_vec(manifest).map_err(|e| bad(e.to_string()))?;
+    let fds: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
+    wire::send(sock, Kind::Manifest, &json, &fds).map_err(Error::Transfer)
+}
+
 impl GuestMemory {
     /// Describes this memory for another process: the manifest and the files it names.
     /// A lazily filled (uffd) memory is materialized first: its page server stays here.
     pub fn manifest(&self) -> Result<(Manifest, Vec<Arc<MemFile>>)> {
-        let mut files: Vec<Arc<MemFile>> = Vec::new();
-        let mut index = |f: &Arc<MemFile>| match files.iter().position(|g| Arc::ptr_eq(f, g)) {
-            Some(i) => i,
-            None => {
-                files.push(f.clone());
-                files.len() - 1
-            }
-        };
+        let mut files = Files::default();
         let mut regions = Vec::with_capacity(self.regions().len());
         for r in self.regions() {
             r.materialize()?;
-            let layout = match &*r.layout() {
-                Layout::File(f) => LayoutManifest::File { fd: index(f) },
-                Layout::Layers(image) => LayoutManifest::Layers {
-                    patches: image
-                        .patches
-                        .iter()
-                        .map(|p| PatchManifest { fd: index(p.file()), runs: p.runs().to_vec() })
-                        .collect(),
-                    extents: image
-                        .extents
-                        .iter()
-                        .map(|e| ExtentManifest {
-                            offset: e.offset,
-                            len: e.len,
-                            fd: index(&e.file),
-                            file_offset: e.file_offset,
-                        })
-                        .collect(),
-                },
-            };
+            let layout = layout_manifest(&r.layout(), &mut files);
             regions.push(RegionManifest { guest_addr: r.guest_addr(), size: r.size(), layout });
         }
-        Ok((Manifest { huge_pages: self.huge_pages(), regions }, files))
+        Ok((Manifest { huge_pages: self.huge_pages(), regions }, files.0))
     }
 
     /// Builds memory from a manifest and the files it indexes, checking that the
@@ -116,7 +193,7 @@ impl GuestMemory {
         let mut regions = Vec::with_capacity(manifest.regions.len());
         for rm in &manifest.regions {
             super::check_size(rm.size)?;
-            let region = match &rm.layout {
+            let layout = match &rm.layout {
                 LayoutManifest::File { fd } => {
                     let f = file(*fd)?;
                     if f.size() != rm.size {
@@ -126,7 +203,7 @@ impl GuestMemory {
                             f.size()
                         )));
                     }
-                    Region::with_file(rm.guest_addr, f)?
+                    Layout::File(f)
                 }
                 LayoutManifest::Layers { extents, patches } => {
                     let mut next = 0;
@@ -157,20 +234,18 @@ impl GuestMemory {
                         .map(|p| Patch::new(file(p.fd)?, p.runs.clone(), rm.size).map(Arc::new))
                         .collect::<Result<Vec<_>>>()
                         .map_err(|e| bad(format!("patch: {e}")))?;
-                    Region::with_layers(rm.guest_addr, rm.size, Image { extents: out, patches })?
+                    Layout::Layers(Image { extents: out, patches })
                 }
             };
-            regions.push(region);
+            regions.push(DetachedRegion { guest_addr: rm.guest_addr, size: rm.size, layout });
         }
-        GuestMemory::from_regions(regions, manifest.huge_pages)
+        Detached::new(regions, manifest.huge_pages).map()
     }
 
     /// Sends this memory over `sock`: its manifest, with the files it names.
     pub fn send(&self, sock: &UnixStream) -> Result<()> {
         let (manifest, files) = self.manifest()?;
-        let json = serde_json::to_vec(&manifest).map_err(|e| bad(e.to_string()))?;
-        let fds: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
-        wire::send(sock, Kind::Manifest, &json, &fds).map_err(Error::Transfer)
+        send_manifest(sock, &manifest, &files)
     }
 
     /// Receives memory sent with [`GuestMemory::send`].

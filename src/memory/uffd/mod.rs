@@ -57,6 +57,7 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::transfer::{Detached, DetachedRegion};
 use super::{Error, GuestMemory, Layout, MemFile, PAGE_SIZE, Region, Result, Strategy, cow};
 use sys::{Mode, Msg, Uffd};
 
@@ -427,7 +428,7 @@ impl Region {
 /// region is served from, and a page server per region once the child has registered.
 #[derive(Debug)]
 pub struct RemoteSource {
-    fills: Vec<Option<Fill>>,
+    fills: Vec<Option<RemoteFill>>,
     servers: Vec<PageServer>,
 }
 
@@ -437,30 +438,27 @@ impl GuestMemory {
     /// [`GuestMemory::expect_remote_fill`] and sends back its userfaultfds. For `uffd` the
     /// child's memory is empty files of its own; for `uffd-minor` it is a `cow` view of
     /// the frozen layers whose pages get mapped on first touch.
-    pub fn lazy_clone_for_remote(&self, strategy: Strategy) -> Result<(RemoteSource, GuestMemory)> {
+    pub fn lazy_clone_for_remote(&self, strategy: Strategy) -> Result<(RemoteSource, Detached)> {
         let mut fills = Vec::with_capacity(self.regions().len());
         let mut regions = Vec::with_capacity(self.regions().len());
         for r in self.regions() {
             r.materialize()?;
             let image = cow::freeze(r)?;
-            match strategy {
+            let (guest_addr, size) = (r.guest_addr(), r.size());
+            let layout = match strategy {
                 Strategy::Uffd => {
-                    fills.push(Some(Fill::Copy(Box::new(Region::with_layers(
-                        r.guest_addr(),
-                        r.size(),
-                        image,
-                    )?))));
-                    let file = Arc::new(MemFile::create("vmfork-uffd", r.size())?);
-                    regions.push(Region::with_file(r.guest_addr(), file)?);
+                    fills.push(Some(RemoteFill::Copy { guest_addr, size, image }));
+                    Layout::File(Arc::new(MemFile::create("vmfork-uffd", size)?))
                 }
                 Strategy::UffdMinor => {
-                    fills.push(Some(Fill::Continue));
-                    regions.push(Region::with_layers(r.guest_addr(), r.size(), image)?);
+                    fills.push(Some(RemoteFill::Continue));
+                    Layout::Layers(image)
                 }
                 other => return Err(Error::BadLayout(format!("{other} is not a lazy strategy"))),
-            }
+            };
+            regions.push(DetachedRegion { guest_addr, size, layout });
         }
-        let child = GuestMemory::from_regions(regions, self.huge_pages())?;
+        let child = Detached::new(regions, self.huge_pages());
         Ok((RemoteSource { fills, servers: Vec::new() }, child))
     }
 
@@ -537,15 +535,21 @@ impl RemoteSource {
             self.fills.get_mut(index).and_then(Option::take).ok_or_else(|| {
                 Error::BadLayout(format!("region {index} does not exist or is already served"))
             })?;
-        if let Fill::Copy(image) = &fill {
-            if image.size() != len {
+        let fill = match fill {
+            RemoteFill::Copy { size, .. } if size != len => {
                 return Err(Error::SizeMismatch {
                     what: "the image of a lazily filled region",
                     expected: len,
-                    got: image.size(),
+                    got: size,
                 });
             }
-        }
+            // Mapped only now, after the parent's pause: the image is immutable, so the
+            // parent running meanwhile changes nothing in it.
+            RemoteFill::Copy { guest_addr, size, image } => {
+                Fill::Copy(Box::new(Region::with_layers(guest_addr, size, image)?))
+            }
+            RemoteFill::Continue => Fill::Continue,
+        };
         self.servers.push(PageServer::start(Arc::new(uffd), fill, addr, len, None)?);
         Ok(())
     }
@@ -617,6 +621,15 @@ fn holes(file: &MemFile) -> Vec<(usize, usize)> {
 }
 
 /// Where served pages come from.
+/// What a [`RemoteSource`] will serve a region from, before it serves it.
+#[derive(Debug)]
+enum RemoteFill {
+    /// Copied from a view of this image, mapped when serving starts.
+    Copy { guest_addr: u64, size: usize, image: cow::Image },
+    /// Already in the page cache the child maps; only mapped there.
+    Continue,
+}
+
 enum Fill {
     /// Copied from this image of the clone instant.
     Copy(Box<Region>),
