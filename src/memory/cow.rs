@@ -19,7 +19,9 @@
 //!   [`Patch`], packed back to back, and appends it to the image. Nothing of the view is
 //!   remapped: the view keeps its anonymous pages and its page tables, so the pause
 //!   grows with the pages written since the last clone, scattered or not, and not with
-//!   the memory's size or with how many clones came before.
+//!   the memory's size or with how many clones came before. The patch's file is
+//!   allocated and mapped ahead, between freezes (`Spare`), so the pause copies the
+//!   pages with memcpy rather than allocating them one pwrite at a time.
 //! * A new view of an image (the child) maps the layers `MAP_PRIVATE` (one VMA per
 //!   layer extent, and a fresh image has one) and then copies the patches' pages into
 //!   its own mapping, oldest patch first. That work lands on the child, off the parent's
@@ -28,6 +30,7 @@
 //!   holds [`FOLD_AT`] of them, a background thread folds them into one patch holding
 //!   each page's newest copy; the next freeze swaps the fold in. Patches are immutable,
 //!   so folding needs no pause, and a child never applies more than about `2 * FOLD_AT`.
+//!   A fold waits while a freeze of its region runs, so as not to compete with the pause.
 //!
 //! # Limits
 //! * Where writes cannot be tracked (a kernel before 6.7, userfaultfd not allowed, or a
@@ -40,6 +43,9 @@
 //!   a future base made by reflink (`reflink`) or a new first freeze.
 //! * Read faults of a tracked view map one page at a time: the kernel turns fault-around
 //!   off for uffd-WP ranges, and PTE markers keep huge mappings out.
+//! * A region frozen at least once holds a spare patch file between freezes: about a
+//!   quarter more than its last freeze wrote, at least 1/128 and at most 1/16 of its
+//!   size (8 MiB for a 1 GiB guest that writes little).
 //! * Sealed layers cannot punch holes: a page overwritten everywhere stays allocated in
 //!   its old layer until every memory holding that layer is dropped.
 //! * The source file must not be mapped shared and writable by another process, or the
@@ -48,10 +54,11 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use super::accounting::anon_runs;
-use super::{Error, Extent, Layout, MemFile, PAGE_SIZE, Region, Result, Share};
+use super::{Advice, Error, Extent, Layout, Mapping, MemFile, PAGE_SIZE, Region, Result, Share};
 
 /// Written runs separated by at most this many clean bytes are captured as one run
 /// (copying the clean pages between them): fewer, longer copies for the child to make.
@@ -149,6 +156,44 @@ pub(super) struct Folding {
     /// How many of the image's first patches it replaces.
     count: usize,
     worker: JoinHandle<Result<Folded>>,
+    /// Set while a freeze runs: the fold waits, so that it takes no CPU or page
+    /// allocations from the parent's pause (on a 2-core host it doubled the pause).
+    hold: Arc<Hold>,
+}
+
+/// A flag a background fold checks between chunks, waiting while it is set.
+#[derive(Debug, Default)]
+pub struct Hold(AtomicBool);
+
+impl Hold {
+    /// Waits (parked) while the flag is set.
+    fn wait(&self) {
+        while self.0.load(Ordering::Acquire) {
+            std::thread::park();
+        }
+    }
+}
+
+/// Holds a region's running fold, if any, until dropped.
+struct HeldFold<'a>(Option<(&'a Hold, std::thread::Thread)>);
+
+impl<'a> HeldFold<'a> {
+    fn new(fold: &'a Option<Folding>) -> Self {
+        HeldFold(fold.as_ref().map(|f| {
+            f.hold.0.store(true, Ordering::Release);
+            (&*f.hold, f.worker.thread().clone())
+        }))
+    }
+}
+
+impl Drop for HeldFold<'_> {
+    fn drop(&mut self) {
+        if let Some((hold, thread)) = self.0.take() {
+            hold.0.store(false, Ordering::Release);
+            // A fold that saw the flag set and has not parked yet finds the token.
+            thread.unpark();
+        }
+    }
 }
 
 /// What a fold made of an image's oldest patches.
@@ -190,9 +235,12 @@ pub fn freeze(region: &Region) -> Result<Image> {
                 file,
                 file_offset: 0,
             }]));
+            region.prepare_spare(spare_bytes(size, 0));
         }
         Layout::Layers(image) => {
             collect_fold(region, image);
+            let fold = region.fold();
+            let held = HeldFold::new(&fold);
             let mut tracker = region.tracker();
             let tracked = tracker.as_ref().map(|t| t.take_written());
             let runs = match tracked {
@@ -207,10 +255,14 @@ pub fn freeze(region: &Region) -> Result<Image> {
             };
             drop(tracker);
             let runs = merge_close(runs, GAP_FILL);
+            let written = runs.iter().map(|(s, e)| e - s).sum();
             if !runs.is_empty() {
                 image.patches.push(Arc::new(write_patch(region, runs)?));
             }
+            drop(held);
+            drop(fold);
             start_fold(region, image);
+            region.prepare_spare(spare_bytes(size, written));
             // Tracking starts here rather than at the first freeze: right after that
             // remap the view has no anonymous page, so the page map alone finds exactly
             // what the second freeze needs, and the first clone stays one remap.
@@ -226,17 +278,110 @@ pub fn freeze(region: &Region) -> Result<Image> {
 /// Copies the given runs of the region's current view into one new sealed patch.
 fn write_patch(region: &Region, runs: Vec<(usize, usize)>) -> Result<Patch> {
     let total = runs.iter().map(|(s, e)| e - s).sum();
-    let file = Arc::new(MemFile::create("vmfork-patch", total)?);
-    let mut at = 0;
-    for &(s, e) in &runs {
+    let parts: Vec<&[u8]> = runs
+        .iter()
         // SAFETY: [s, e) lies inside the region's mapping (runs come from its page map or
         // its write tracker) and the region is not written during a clone.
-        let bytes = unsafe { std::slice::from_raw_parts(region.host_addr().add(s), e - s) };
-        file.write_all_at(bytes, at as u64)?;
-        at += e - s;
-    }
+        .map(|&(s, e)| unsafe { std::slice::from_raw_parts(region.host_addr().add(s), e - s) })
+        .collect();
+    let file = match region.take_spare() {
+        Some(spare) => spare.fill(&parts, total)?,
+        None => {
+            let file = MemFile::create("vmfork-patch", total)?;
+            file.write_all_vectored_at(&parts, 0)?;
+            file
+        }
+    };
     file.seal_immutable()?;
-    Patch::new(file, runs, region.size())
+    Patch::new(Arc::new(file), runs, region.size())
+}
+
+/// The smallest spare patch file worth preparing, in pages.
+const SPARE_MIN_PAGES: usize = 256;
+
+/// How big a spare to prepare for the next freeze of a `size`-byte region that wrote
+/// `written` bytes since its last one: a quarter more than that (a guest that keeps
+/// writing at the same rate fills it), at least 1/128 of the region or
+/// [`SPARE_MIN_PAGES`], at most 1/[`FLATTEN_DIV`] of it.
+fn spare_bytes(size: usize, written: usize) -> usize {
+    let want = (written + written / 4).max(size / 128).max(SPARE_MIN_PAGES * PAGE_SIZE);
+    let want = want.min(size / FLATTEN_DIV).max(PAGE_SIZE);
+    // Whole 2 MiB pages where it is that big: the kernel maps a reservation with PMDs
+    // only when its length is a multiple of them (and then aligns it).
+    if want >= HUGE_PAGE { want.next_multiple_of(HUGE_PAGE) } else { want.next_multiple_of(PAGE_SIZE) }
+}
+
+/// The PMD-mapped transparent huge page size of x86-64.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A patch file allocated and mapped writable ahead of the freeze that fills it.
+///
+/// A patch written with pwrite(2) pays, inside the parent's pause, for a page allocation
+/// and page-cache insertion per 4 KiB. So after every freeze a thread allocates the next
+/// freeze's file and maps it populated (`MADV_POPULATE_WRITE`), and the pause only copies
+/// the written pages into it. Pages the freeze does not need are truncated away before
+/// the seal; pages beyond the spare go in with pwrite. Cost: between freezes the region
+/// holds the spare's pages, about what its last freeze wrote (see [`spare_bytes`]).
+#[derive(Debug)]
+pub(super) struct Spare(JoinHandle<Result<SpareFile>>);
+
+#[derive(Debug)]
+pub(super) struct SpareFile {
+    file: MemFile,
+    map: Mapping,
+}
+
+impl Spare {
+    /// Starts preparing a spare of `bytes` bytes; `None` where no thread could start.
+    pub(super) fn prepare(bytes: usize) -> Option<Spare> {
+        let worker = std::thread::Builder::new().name("vmfork-spare".into()).spawn(move || {
+            let file = MemFile::create("vmfork-patch", bytes)?;
+            let map = Mapping::reserve(bytes)?;
+            // Huge pages, where the host gives them to shmem, make the pause's unmap of
+            // the spare 512 times less page-table work.
+            map.advise_huge()?;
+            map.map_file(0, bytes, file.file().as_raw_fd(), 0, Share::Shared)?;
+            map.madvise(0, bytes, Advice::PopulateWrite)?;
+            Ok(SpareFile { file, map })
+        });
+        worker.ok().map(Spare)
+    }
+
+    /// The spare file, if it is ready now: a freeze does not wait for one.
+    pub(super) fn ready(self) -> Option<SpareFile> {
+        if self.0.is_finished() { self.0.join().ok()?.ok() } else { None }
+    }
+}
+
+impl SpareFile {
+    /// `parts` back to back in this file, cut to their `total` bytes: copied into the
+    /// mapping as far as it reaches, written with pwrite beyond it. Unmapped on return,
+    /// so the file can be sealed.
+    fn fill(self, parts: &[&[u8]], total: usize) -> Result<MemFile> {
+        let SpareFile { mut file, map } = self;
+        let room = map.len();
+        let mut at = 0;
+        let mut rest: Vec<&[u8]> = Vec::new();
+        for part in parts {
+            let n = part.len().min(room.saturating_sub(at));
+            // SAFETY: `at + n <= room`, inside the mapping, which maps this file shared
+            // and writable, has no other user and is never referenced by Rust; the part
+            // is a live slice.
+            unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), map.as_ptr().add(at), n) };
+            if n < part.len() {
+                rest.push(&part[n..]);
+            }
+            at += part.len();
+        }
+        drop(map);
+        if total > room {
+            file.truncate(total)?;
+            file.write_all_vectored_at(&rest, room as u64)?;
+        } else if total < room {
+            file.truncate(total)?;
+        }
+        Ok(file)
+    }
 }
 
 /// Swaps a finished fold in for the patches it replaces. A fold that failed leaves the
@@ -271,28 +416,32 @@ fn start_fold(region: &Region, image: &Image) {
     let patches = image.patches.clone();
     let extents = image.extents.clone();
     let size = region.size();
+    let hold = Arc::new(Hold::default());
+    let held = hold.clone();
     let spawned = std::thread::Builder::new().name("vmfork-fold".into()).spawn(move || {
-        let patch = fold_patches(&patches, size)?;
+        let patch = fold_patches(&patches, size, &held)?;
         if patch.bytes() <= size / FLATTEN_DIV {
             return Ok(Folded::Patch(patch));
         }
-        flatten(&extents, &patch, size).map(Folded::Layer)
+        flatten(&extents, &patch, size, &held).map(Folded::Layer)
     });
     // Without a thread the patches just stay as they are.
     if let Ok(worker) = spawned {
-        *fold = Some(Folding { count: image.patches.len(), worker });
+        *fold = Some(Folding { count: image.patches.len(), worker, hold });
     }
 }
 
 /// A sealed file of the whole region: `extents` with `patch` laid over them. Pages that
 /// read as zeroes are left as holes, so a sparse memory stays sparse.
-pub fn flatten(extents: &[Extent], patch: &Patch, region_size: usize) -> Result<Arc<MemFile>> {
+/// Waits at `hold` between chunks.
+pub fn flatten(extents: &[Extent], patch: &Patch, region_size: usize, hold: &Hold) -> Result<Arc<MemFile>> {
     const CHUNK: usize = 512 * PAGE_SIZE;
     let file = Arc::new(MemFile::create("vmfork-layer", region_size)?);
     let mut buf = vec![0u8; CHUNK];
     for x in extents {
         let mut done = 0;
         while done < x.len {
+            hold.wait();
             let n = CHUNK.min(x.len - done);
             let bytes = &mut buf[..n];
             x.file.file().read_exact_at(bytes, (x.file_offset + done) as u64).map_err(Error::File)?;
@@ -305,6 +454,7 @@ pub fn flatten(extents: &[Extent], patch: &Patch, region_size: usize) -> Result<
     for (s, e, at) in patch.placed() {
         let mut done = 0;
         while s + done < e {
+            hold.wait();
             let n = CHUNK.min(e - s - done);
             let bytes = &mut buf[..n];
             patch.file().file().read_exact_at(bytes, (at + done) as u64).map_err(Error::File)?;
@@ -316,8 +466,9 @@ pub fn flatten(extents: &[Extent], patch: &Patch, region_size: usize) -> Result<
     Ok(file)
 }
 
-/// One patch holding, for every page any of `patches` covers, its newest copy.
-pub fn fold_patches(patches: &[Arc<Patch>], region_size: usize) -> Result<Patch> {
+/// One patch holding, for every page any of `patches` covers, its newest copy. Waits
+/// at `hold` between chunks.
+pub fn fold_patches(patches: &[Arc<Patch>], region_size: usize, hold: &Hold) -> Result<Patch> {
     let pages = region_size / PAGE_SIZE;
     let mut claimed = vec![false; pages];
     // (region offset, patch, file offset) per page, newest patch first.
@@ -339,6 +490,7 @@ pub fn fold_patches(patches: &[Arc<Patch>], region_size: usize) -> Result<Patch>
     let mut buf = vec![0u8; 256 * PAGE_SIZE];
     let mut k = 0;
     while k < pieces.len() {
+        hold.wait();
         // A span: consecutive pages from consecutive offsets of one patch.
         let (start, from, at) = pieces[k];
         let mut n = 1;
@@ -418,7 +570,7 @@ mod tests {
             patch(&[(11, 13), (63, 64)], 3),
             patch(&[(0, 1)], 4),
         ];
-        let folded = fold_patches(&patches, 64 * PAGE_SIZE).unwrap();
+        let folded = fold_patches(&patches, 64 * PAGE_SIZE, &Hold::default()).unwrap();
         assert_eq!(
             folded.runs(),
             &[(0, 6 * PAGE_SIZE), (10 * PAGE_SIZE, 13 * PAGE_SIZE), (63 * PAGE_SIZE, 64 * PAGE_SIZE)]
@@ -445,8 +597,8 @@ mod tests {
             },
         ];
         let patches = vec![patch(&[(1, 3), (40, 41)], 1), patch(&[(2, 4)], 2)];
-        let folded = fold_patches(&patches, 64 * PAGE_SIZE).unwrap();
-        let flat = flatten(&extents, &folded, 64 * PAGE_SIZE).unwrap();
+        let folded = fold_patches(&patches, 64 * PAGE_SIZE, &Hold::default()).unwrap();
+        let flat = flatten(&extents, &folded, 64 * PAGE_SIZE, &Hold::default()).unwrap();
         let newest = resolve(&patches);
         for (page, newest) in newest.iter().enumerate() {
             let mut got = vec![0u8; PAGE_SIZE];
@@ -474,5 +626,63 @@ mod tests {
     fn merge_close_fills_small_gaps_only() {
         let runs = vec![(0, 4096), (8192, 12288), (1 << 20, (1 << 20) + 4096)];
         assert_eq!(merge_close(runs, GAP_FILL), vec![(0, 12288), (1 << 20, (1 << 20) + 4096)]);
+    }
+
+    /// Parts of odd lengths, more of them than one pwritev takes, written back to back.
+    fn parts(n: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| vec![(i % 251) as u8 + 1; 1 + (i * 37) % 5000]).collect()
+    }
+
+    fn read_all(file: &MemFile) -> Vec<u8> {
+        let mut got = vec![0u8; file.size()];
+        file.file().read_exact_at(&mut got, 0).unwrap();
+        got
+    }
+
+    #[test]
+    fn a_vectored_write_puts_every_part_back_to_back() {
+        let parts = parts(2500);
+        let want: Vec<u8> = parts.concat();
+        let file = MemFile::create("t", want.len().next_multiple_of(PAGE_SIZE)).unwrap();
+        let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        file.write_all_vectored_at(&slices, 0).unwrap();
+        assert!(read_all(&file)[..want.len()] == want[..]);
+    }
+
+    fn spare(bytes: usize) -> SpareFile {
+        let spare = Spare::prepare(bytes).unwrap();
+        let t = std::time::Instant::now();
+        while !spare.0.is_finished() {
+            assert!(t.elapsed().as_secs() < 10, "a spare of {bytes} bytes not ready in 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        spare.ready().unwrap()
+    }
+
+    #[test]
+    fn a_spare_takes_patches_smaller_and_larger_than_itself() {
+        for (room, pages) in [(64 * PAGE_SIZE, 10), (64 * PAGE_SIZE, 64), (16 * PAGE_SIZE, 40)] {
+            let parts: Vec<Vec<u8>> = (0..pages).map(|i| vec![i as u8 + 1; PAGE_SIZE]).collect();
+            let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+            let file = spare(room).fill(&slices, pages * PAGE_SIZE).unwrap();
+            assert_eq!(file.size(), pages * PAGE_SIZE, "room {room}, {pages} pages");
+            assert!(read_all(&file) == parts.concat(), "room {room}, {pages} pages");
+            // Unmapped and cut to size: it seals, and holds no page past its end.
+            file.seal_immutable().unwrap();
+            assert!(file.allocated_bytes().unwrap() <= (pages * PAGE_SIZE) as u64);
+        }
+    }
+
+    #[test]
+    fn spares_follow_what_was_written_within_bounds() {
+        let g = 1 << 30;
+        // At least 1/128 of the region before anything was written.
+        assert_eq!(spare_bytes(g, 0), g / 128);
+        // A quarter more than the last freeze wrote, in whole 2 MiB pages.
+        assert_eq!(spare_bytes(g, 40 << 20), 50 << 20);
+        // Never more than 1/FLATTEN_DIV of the region.
+        assert_eq!(spare_bytes(g, g), g / FLATTEN_DIV);
+        // Small regions get small spares, in pages.
+        assert_eq!(spare_bytes(48 * PAGE_SIZE, PAGE_SIZE), 3 * PAGE_SIZE);
     }
 }

@@ -245,6 +245,8 @@ pub struct Region {
     tracker: Mutex<Option<dirty::WriteTracker>>,
     /// A background fold of the image's patches.
     fold: Mutex<Option<cow::Folding>>,
+    /// The next freeze's patch file, being prepared (see [`cow::Spare`]).
+    spare: Mutex<Option<cow::Spare>>,
 }
 
 impl Region {
@@ -283,6 +285,7 @@ impl Region {
             lazy: Mutex::new(None),
             tracker: Mutex::new(None),
             fold: Mutex::new(None),
+            spare: Mutex::new(None),
         }
     }
 
@@ -298,6 +301,17 @@ impl Region {
 
     fn fold(&self) -> MutexGuard<'_, Option<cow::Folding>> {
         self.fold.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts preparing the next freeze's patch file, `bytes` long, replacing any spare
+    /// not used yet.
+    fn prepare_spare(&self, bytes: usize) {
+        *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = cow::Spare::prepare(bytes);
+    }
+
+    /// The spare patch file, if one is ready.
+    fn take_spare(&self) -> Option<cow::SpareFile> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).take()?.ready()
     }
 
     /// Starts tracking writes, if not yet, on a region just frozen. Where the kernel
