@@ -495,37 +495,22 @@ fn measure(
             out.push(Record::skipped(SUITE, sc, k, sz, Metric::RestoreNs, why));
             continue;
         }
-        let m = |f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
-        out.push(Record::value(SUITE, sc, k, sz, Metric::RestoreNs, m(|r| r.restore_ns), Unit::Ns));
-        out.push(Record::value(SUITE, sc, k, sz, Metric::ReadyNs, m(|r| r.ready_ns), Unit::Ns));
-        out.push(Record::value(SUITE, sc, k, sz, Metric::Faults, m(|r| r.faults as f64), Unit::Count));
+        // The median of `f` over the column's runs, as a record of `metric`.
+        let put = |out: &mut Vec<Record>, metric, f: fn(&Run) -> f64, unit| {
+            let v = median(runs[i].iter().map(f).collect());
+            out.push(Record::value(SUITE, sc, k, sz, metric, v, unit));
+        };
+        put(out, Metric::RestoreNs, |r| r.restore_ns, Unit::Ns);
+        put(out, Metric::ReadyNs, |r| r.ready_ns, Unit::Ns);
+        put(out, Metric::Faults, |r| r.faults as f64, Unit::Count);
         if k.prefetch() {
-            out.push(Record::value(
-                SUITE,
-                sc,
-                k,
-                sz,
-                Metric::Prefetched,
-                m(|r| r.prefetched as f64),
-                Unit::Count,
-            ));
+            put(out, Metric::Prefetched, |r| r.prefetched as f64, Unit::Count);
         }
         if k.remote() {
-            out.push(Record::value(
-                SUITE,
-                sc,
-                k,
-                sz,
-                Metric::Requests,
-                m(|r| r.requests as f64),
-                Unit::Count,
-            ));
-            let bytes = m(|r| r.fetched_bytes as f64);
-            out.push(Record::value(SUITE, sc, k, sz, Metric::FetchedBytes, bytes, Unit::Bytes));
-            let fetched = m(|r| r.packs_fetched as f64);
-            out.push(Record::value(SUITE, sc, k, sz, Metric::PacksFetched, fetched, Unit::Count));
-            let hits = m(|r| r.cache_hits as f64);
-            out.push(Record::value(SUITE, sc, k, sz, Metric::PackCacheHits, hits, Unit::Count));
+            put(out, Metric::Requests, |r| r.requests as f64, Unit::Count);
+            put(out, Metric::FetchedBytes, |r| r.fetched_bytes as f64, Unit::Bytes);
+            put(out, Metric::PacksFetched, |r| r.packs_fetched as f64, Unit::Count);
+            put(out, Metric::PackCacheHits, |r| r.cache_hits as f64, Unit::Count);
         }
     }
     Ok(())
