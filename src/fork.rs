@@ -162,22 +162,154 @@ pub struct Timings {
     pub child_first_report_ns: Option<u64>,
 }
 
+/// An instant of a fork's timeline ([`Timings`]), in order: the end of one step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    Paused,
+    Captured,
+    Cloned,
+    ParentResumed,
+    Spawned,
+    Started,
+    Hello,
+    Memory,
+    Restored,
+    Running,
+}
+
+impl Phase {
+    /// Every phase, in the order a fork passes them.
+    pub const ALL: [Phase; 10] = [
+        Phase::Paused,
+        Phase::Captured,
+        Phase::Cloned,
+        Phase::ParentResumed,
+        Phase::Spawned,
+        Phase::Started,
+        Phase::Hello,
+        Phase::Memory,
+        Phase::Restored,
+        Phase::Running,
+    ];
+}
+
+impl crate::names::Named for Phase {
+    const KIND: &'static str = "fork phase";
+
+    fn all() -> impl Iterator<Item = Self> {
+        Phase::ALL.into_iter()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Paused => "paused",
+            Phase::Captured => "captured",
+            Phase::Cloned => "cloned",
+            Phase::ParentResumed => "parent resumed",
+            Phase::Spawned => "spawned",
+            Phase::Started => "started",
+            Phase::Hello => "hello",
+            Phase::Memory => "memory",
+            Phase::Restored => "restored",
+            Phase::Running => "running",
+        }
+    }
+}
+
+crate::names::by_name!(Phase);
+
+/// A step of the child after its parent resumed, from one [`Phase`] to the next: what
+/// the fork benchmark times one by one (`fork_step_{step}_ns`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForkStep {
+    /// Starting the child process.
+    Spawn,
+    /// `exec`, the dynamic loader and vmfork's start-up.
+    Exec,
+    /// Receiving the parent's `Hello`.
+    Hello,
+    /// Receiving (and for `uffd`, registering) the memory.
+    Memory,
+    /// Restoring the VM: KVM VM, memory slots, state, new identity, control socket.
+    Restore,
+    /// Resuming the vCPUs.
+    Resume,
+}
+
+impl ForkStep {
+    /// Every step, in the order the child takes them.
+    pub const ALL: [ForkStep; 6] = [
+        ForkStep::Spawn,
+        ForkStep::Exec,
+        ForkStep::Hello,
+        ForkStep::Memory,
+        ForkStep::Restore,
+        ForkStep::Resume,
+    ];
+
+    /// The phases the step runs from and to.
+    pub fn span(self) -> (Phase, Phase) {
+        match self {
+            ForkStep::Spawn => (Phase::ParentResumed, Phase::Spawned),
+            ForkStep::Exec => (Phase::Spawned, Phase::Started),
+            ForkStep::Hello => (Phase::Started, Phase::Hello),
+            ForkStep::Memory => (Phase::Hello, Phase::Memory),
+            ForkStep::Restore => (Phase::Memory, Phase::Restored),
+            ForkStep::Resume => (Phase::Restored, Phase::Running),
+        }
+    }
+}
+
+impl crate::names::Named for ForkStep {
+    const KIND: &'static str = "fork step";
+
+    fn all() -> impl Iterator<Item = Self> {
+        ForkStep::ALL.into_iter()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ForkStep::Spawn => "spawn",
+            ForkStep::Exec => "exec",
+            ForkStep::Hello => "hello",
+            ForkStep::Memory => "memory",
+            ForkStep::Restore => "restore",
+            ForkStep::Resume => "resume",
+        }
+    }
+}
+
+crate::names::by_name!(ForkStep);
+
 impl Timings {
+    /// When `phase` ended, in nanoseconds from the request (0 for a child's phase it
+    /// never reported).
+    pub fn at(&self, phase: Phase) -> u64 {
+        match phase {
+            Phase::Paused => self.paused_ns,
+            Phase::Captured => self.captured_ns,
+            Phase::Cloned => self.cloned_ns,
+            Phase::ParentResumed => self.parent_resumed_ns,
+            Phase::Spawned => self.child_spawned_ns,
+            Phase::Started => self.child_started_ns,
+            Phase::Hello => self.child_hello_ns,
+            Phase::Memory => self.child_memory_ns,
+            Phase::Restored => self.child_restored_ns,
+            Phase::Running => self.child_running_ns,
+        }
+    }
+
     /// Each step with its end, in nanoseconds from the request, in order: where a fork's
     /// time went. The child's steps are 0 for a child that never reported them.
     pub fn phases(&self) -> [(&'static str, u64); 10] {
-        [
-            ("paused", self.paused_ns),
-            ("captured", self.captured_ns),
-            ("cloned", self.cloned_ns),
-            ("parent resumed", self.parent_resumed_ns),
-            ("spawned", self.child_spawned_ns),
-            ("started", self.child_started_ns),
-            ("hello", self.child_hello_ns),
-            ("memory", self.child_memory_ns),
-            ("restored", self.child_restored_ns),
-            ("running", self.child_running_ns),
-        ]
+        Phase::ALL.map(|p| (crate::names::Named::name(p), self.at(p)))
+    }
+
+    /// How long the child's `step` took, in nanoseconds (0 where it reported neither
+    /// end, or the end before the start).
+    pub fn took(&self, step: ForkStep) -> u64 {
+        let (from, to) = step.span();
+        self.at(to).saturating_sub(self.at(from))
     }
 }
 
@@ -742,6 +874,31 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_phase_and_step_round_trips_by_one_name() {
+        crate::names::check_round_trips::<Phase>();
+        crate::names::check_round_trips::<ForkStep>();
+        // The child's steps run from the parent's resume to the child's, one after another.
+        let spans = ForkStep::ALL.map(ForkStep::span);
+        assert_eq!(spans[0].0, Phase::ParentResumed);
+        assert_eq!(spans[5].1, Phase::Running);
+        assert!(spans.windows(2).all(|w| w[0].1 == w[1].0), "{spans:?}");
+    }
+
+    #[test]
+    fn a_step_takes_the_time_between_its_phases() {
+        let t = Timings {
+            parent_resumed_ns: 10,
+            child_spawned_ns: 15,
+            child_started_ns: 40,
+            ..Default::default()
+        };
+        assert_eq!(t.took(ForkStep::Spawn), 5);
+        assert_eq!(t.took(ForkStep::Exec), 25);
+        assert_eq!(t.took(ForkStep::Hello), 0, "a phase never reported");
+        assert_eq!(t.phases()[3], ("parent resumed", 10));
+    }
 
     fn ready(ok: bool, error: Option<&str>) -> Ready {
         let error = error.map(str::to_string);

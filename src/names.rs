@@ -79,6 +79,75 @@ macro_rules! by_name {
 }
 pub(crate) use by_name;
 
+/// Implements `Serialize` and `Deserialize` of a type as its `Display` and `FromStr`
+/// text, for a set of names some of which carry a parameter (`chain3`), which
+/// [`Named`] cannot list. `FromStr::Err` must be `String`, the reason.
+macro_rules! by_text {
+    ($t:ty) => {
+        impl ::serde::Serialize for $t {
+            fn serialize<S: ::serde::Serializer>(&self, s: S) -> ::std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> ::serde::Deserialize<'de> for $t {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> ::std::result::Result<Self, D::Error> {
+                let text = <::std::borrow::Cow<'de, str> as ::serde::Deserialize>::deserialize(d)?;
+                text.parse().map_err(::serde::de::Error::custom)
+            }
+        }
+    };
+}
+pub(crate) use by_text;
+
+/// Declares an enum whose values without a parameter each have one name, in one table:
+/// `Variant = "name"`, then, after a `;`, the variants that carry a parameter (their
+/// text is the type's own `Display`). Generates `PLAIN`, every value without a
+/// parameter in table order, and `plain_name`, the name of one of them.
+macro_rules! plain_names {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $t:ident {
+            $( $(#[$vmeta:meta])* $v:ident = $name:literal, )*
+            ;
+            $( $(#[$pmeta:meta])* $p:ident($pt:ty), )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        $vis enum $t {
+            $( $(#[$vmeta])* $v, )*
+            $( $(#[$pmeta])* $p($pt), )*
+        }
+
+        impl $t {
+            /// Every value without a parameter, in table order.
+            pub const PLAIN: &'static [$t] = &[$($t::$v,)*];
+
+            /// The name of a value without a parameter; `None` for one with.
+            pub fn plain_name(self) -> ::std::option::Option<&'static str> {
+                match self {
+                    $( $t::$v => Some($name), )*
+                    $( $t::$p(_) => None, )*
+                }
+            }
+
+            /// The value without a parameter called `name`.
+            fn from_plain_name(name: &str) -> ::std::option::Option<Self> {
+                Self::PLAIN.iter().copied().find(|v| v.plain_name() == Some(name))
+            }
+        }
+    };
+}
+pub(crate) use plain_names;
+
+/// `text` as a number written the one way `Display` writes it (no sign, no leading
+/// zero), so that what it is read from is what it is written back as.
+pub(crate) fn canonical_number(text: &str) -> Option<u32> {
+    let n: u32 = text.parse().ok()?;
+    (n.to_string() == text).then_some(n)
+}
+
 /// Checks that every value of `T` has a name of its own, and is written and read back
 /// by it: by [`Named::from_name`], `Display` and serde.
 #[cfg(test)]

@@ -644,7 +644,11 @@ fn bench_vm_run_records_every_metric() {
     let find = |scenario: &str, metric: &str| {
         records
             .iter()
-            .find(|r| r.suite == vmfork::bench::Suite::Vm && r.scenario == scenario && r.metric == metric)
+            .find(|r| {
+                r.suite == vmfork::bench::Suite::Vm
+                    && r.scenario.to_string() == scenario
+                    && r.metric.to_string() == metric
+            })
             .unwrap()
     };
     // This test binary is not vmfork, so the start measurement is skipped, with the reason.

@@ -19,7 +19,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
+use super::{BenchError, BenchOptions, Metric, Ratio, Record, Scenario, Subject, Suite, Unit, human_bytes};
 use crate::memory::{GuestMemory, MemoryOptions, PAGE_SIZE, Strategy, accounting, reflink};
 
 const SUITE: Suite = Suite::Clone;
@@ -43,13 +43,14 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             let reclones = if opts.quick { 20 } else { RECLONES };
             if let Err(e) = one_strategy(strategy, size, &mem_opts, reclones, out) {
                 eprintln!("  {strategy}: {e}");
+                let why = e.to_string();
                 out.push(Record::skipped(
                     SUITE,
-                    "clone",
-                    strategy.name(),
+                    Scenario::Clone,
+                    strategy,
                     size as u64,
-                    "clone_ns",
-                    &e.to_string(),
+                    Metric::CloneNs,
+                    &why,
                 ));
             }
         }
@@ -76,13 +77,13 @@ fn one_strategy(
     let name = strategy.name();
     let sz = size as u64;
     // Clone-suite records name their scenario after their metric.
-    let put = |out: &mut Vec<Record>, metric: &str, value: f64, unit: Unit| {
-        out.push(Record::value(SUITE, metric, name, sz, metric, value, unit))
+    let put = |out: &mut Vec<Record>, metric: Metric, value: f64, unit: Unit| {
+        out.push(Record::value(SUITE, metric, strategy, sz, metric, value, unit))
     };
     if strategy == Strategy::Reflink {
         if let Err(e) = reflink::probe() {
-            for metric in ["clone_ns", "first_read_ns_per_page", "first_write_ns_per_page"] {
-                out.push(Record::skipped(SUITE, metric, name, sz, metric, &e.to_string()));
+            for metric in [Metric::CloneNs, Metric::FirstReadNsPerPage, Metric::FirstWriteNsPerPage] {
+                out.push(Record::skipped(SUITE, metric, strategy, sz, metric, &e.to_string()));
             }
             return Ok(());
         }
@@ -92,23 +93,23 @@ fn one_strategy(
     let source = populated(size, opts)?;
     // What the run really got, before any clone remaps the source: a table must not claim
     // huge pages the kernel did not give.
-    put(out, "source_huge_pct", accounting::page_sizes(&source)?.huge_percent(), Unit::Percent);
+    put(out, Metric::SourceHugePct, accounting::page_sizes(&source)?.huge_percent(), Unit::Percent);
 
     // First clone, then read every page of that child.
     eprintln!("  {name}: clone and first touch");
     let t = Instant::now();
     let (reader, _) = source.clone_with(strategy)?;
     let clone_ns = t.elapsed().as_nanos() as f64;
-    put(out, "clone_ns", clone_ns, Unit::Ns);
-    put(out, "child_private_bytes", accounting::usage(&reader)?.private_bytes as f64, Unit::Bytes);
+    put(out, Metric::CloneNs, clone_ns, Unit::Ns);
+    put(out, Metric::ChildPrivateBytes, accounting::usage(&reader)?.private_bytes as f64, Unit::Bytes);
     let read_ns = touch(&reader, false);
-    put(out, "first_read_ns_per_page", read_ns, Unit::Ns);
+    put(out, Metric::FirstReadNsPerPage, read_ns, Unit::Ns);
     // The first child, after it read every page.
-    put(out, "child_huge_pct", accounting::page_sizes(&reader)?.huge_percent(), Unit::Percent);
+    put(out, Metric::ChildHugePct, accounting::page_sizes(&reader)?.huge_percent(), Unit::Percent);
     if strategy.is_lazy() {
         if let Some((faults, ns)) = reader.regions()[0].with_page_server(|s| s.service_time()).flatten() {
             if faults > 0 {
-                put(out, "uffd_fault_service_ns", ns as f64 / faults as f64, Unit::Ns);
+                put(out, Metric::UffdFaultServiceNs, ns as f64 / faults as f64, Unit::Ns);
             }
         }
     }
@@ -117,7 +118,7 @@ fn one_strategy(
     // A second child, written once per page.
     let (writer, _) = source.clone_with(strategy)?;
     let write_ns = touch(&writer, true);
-    put(out, "first_write_ns_per_page", write_ns, Unit::Ns);
+    put(out, Metric::FirstWriteNsPerPage, write_ns, Unit::Ns);
     drop(writer);
 
     // Sixteen idle clones: what do they cost together? Stop early rather than let the
@@ -137,13 +138,13 @@ fn one_strategy(
     // accounting: pages a patched kernel keeps in a hidden reflink base belong to no
     // file we can stat.
     let total = system_bytes().saturating_sub(baseline);
-    let metric = "fanout16_total_bytes";
+    let metric = Metric::Fanout16TotalBytes;
     match short {
         None => put(out, metric, total as f64, Unit::Bytes),
         Some(available) => out.push(Record::skipped(
             SUITE,
             metric,
-            name,
+            strategy,
             sz,
             metric,
             &format!(
@@ -162,7 +163,7 @@ fn one_strategy(
     }
     let t = Instant::now();
     let (again, _) = source.clone_with(strategy)?;
-    put(out, "reclone_ns", t.elapsed().as_nanos() as f64, Unit::Ns);
+    put(out, Metric::RecloneNs, t.elapsed().as_nanos() as f64, Unit::Ns);
     drop(again);
 
     // Many more, each after another 1% of the pages were written (a different 1% each
@@ -182,8 +183,8 @@ fn one_strategy(
     }
     times.sort_by(f64::total_cmp);
     if let (Some(&max), false) = (times.last(), times.is_empty()) {
-        put(out, "reclone_series_p50_ns", times[times.len() / 2], Unit::Ns);
-        put(out, "reclone_series_max_ns", max, Unit::Ns);
+        put(out, Metric::RecloneSeriesP50Ns, times[times.len() / 2], Unit::Ns);
+        put(out, Metric::RecloneSeriesMaxNs, max, Unit::Ns);
     }
 
     Ok(())
@@ -238,27 +239,13 @@ fn native(size: usize, huge: bool, out: &mut Vec<Record>) {
     };
     match run() {
         Ok((r, w)) => {
-            out.push(Record::value(
-                SUITE,
-                "first_read_ns_per_page",
-                "native",
-                sz,
-                "first_read_ns_per_page",
-                r,
-                Unit::Ns,
-            ));
-            out.push(Record::value(
-                SUITE,
-                "first_write_ns_per_page",
-                "native",
-                sz,
-                "first_write_ns_per_page",
-                w,
-                Unit::Ns,
-            ));
+            let (read, write) = (Metric::FirstReadNsPerPage, Metric::FirstWriteNsPerPage);
+            out.push(Record::value(SUITE, read, Subject::Native, sz, read, r, Unit::Ns));
+            out.push(Record::value(SUITE, write, Subject::Native, sz, write, w, Unit::Ns));
         }
         Err(e) => {
-            out.push(Record::skipped(SUITE, "native", "native", sz, "first_read_ns_per_page", &e.to_string()))
+            let (read, why) = (Metric::FirstReadNsPerPage, e.to_string());
+            out.push(Record::skipped(SUITE, Scenario::Native, Subject::Native, sz, read, &why))
         }
     }
 }
@@ -305,7 +292,7 @@ fn system_bytes() -> u64 {
 
 /// The clone suite's targets, per size, from one run's records.
 pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
-    let value = |strategy: &str, metric: &str, size: u64| {
+    let value = |strategy: Subject, metric: Metric, size: u64| {
         records
             .iter()
             .find(|r| {
@@ -327,34 +314,34 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             }
         };
         let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+        let (copy, cow) = (Subject::Strategy(Strategy::Copy), Subject::Strategy(Strategy::Cow));
         push(
             "copy/cow clone_ns",
-            ratio(value("copy", "clone_ns", size), value("cow", "clone_ns", size)),
+            ratio(value(copy, Metric::CloneNs, size), value(cow, Metric::CloneNs, size)),
             ">= 1000",
             |v| v >= 1000.0,
         );
         // A re-clone should cost what was written since the last one, over a long series
         // too: at 1 % written, a twentieth of an eager copy or less.
-        for s in ["cow", "reflink", "uffd", "uffd-minor"] {
+        let series = Metric::RecloneSeriesP50Ns;
+        for s in [Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor] {
             push(
-                &format!("copy/{s} reclone_series_p50_ns"),
-                ratio(value("copy", "reclone_series_p50_ns", size), value(s, "reclone_series_p50_ns", size)),
+                &format!("copy/{s} {series}"),
+                ratio(value(copy, series, size), value(s.into(), series, size)),
                 ">= 20",
                 |v| v >= 20.0,
             );
         }
+        let read = Metric::FirstReadNsPerPage;
         push(
             "cow/native first_read_ns_per_page",
-            ratio(
-                value("cow", "first_read_ns_per_page", size),
-                value("native", "first_read_ns_per_page", size),
-            ),
+            ratio(value(cow, read, size), value(Subject::Native, read, size)),
             "<= 1.5",
             |v| v <= 1.5,
         );
         push(
             "cow fanout16_total_bytes/size",
-            value("cow", "fanout16_total_bytes", size).map(|b| b / size as f64),
+            value(cow, Metric::Fanout16TotalBytes, size).map(|b| b / size as f64),
             "<= 1.1",
             |v| v <= 1.1,
         );

@@ -40,9 +40,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Ratio, Record, Suite, Unit, human_bytes};
+use super::{BenchError, BenchOptions, Metric, Ratio, Record, Scenario, Subject, Suite, Unit, human_bytes};
 use crate::api::{self, Request};
-use crate::fork::Child;
+use crate::fork::{Child, ForkStep};
 use crate::memory::{MemoryOptions, PAGE_SIZE, Strategy, reflink};
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
@@ -52,8 +52,9 @@ const SUITE: Suite = Suite::Fork;
 pub struct Plan {
     /// Forks per pause/running measurement.
     pub forks: usize,
-    /// The child workloads timed: (scenario, percent of memory touched).
-    pub workloads: &'static [(&'static str, usize)],
+    /// The child workloads timed: the percent of memory each touches
+    /// ([`Scenario::Touch`]).
+    pub workloads: &'static [u32],
     /// Idle children of the fan-out.
     pub fanout: usize,
     /// Depth of the chain.
@@ -61,11 +62,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub const FULL: Plan =
-        Plan { forks: 5, workloads: &[("touch10pct", 10), ("touch100pct", 100)], fanout: 16, chain: 32 };
+    pub const FULL: Plan = Plan { forks: 5, workloads: &[10, 100], fanout: 16, chain: 32 };
     /// `--quick`: a smoke run, each scenario once, small (under TCG every VM process
     /// takes about a second to start).
-    pub const QUICK: Plan = Plan { forks: 3, workloads: &[("touch100pct", 100)], fanout: 2, chain: 3 };
+    pub const QUICK: Plan = Plan { forks: 3, workloads: &[100], fanout: 2, chain: 3 };
 }
 /// Guest memory of the fan-out and chain VMs.
 const SMALL: usize = 256 << 20;
@@ -81,7 +81,8 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     let plan = if opts.quick { Plan::QUICK } else { Plan::FULL };
     let skip_all = |out: &mut Vec<Record>, why: &str| {
         for &size in &sizes {
-            out.push(Record::skipped(SUITE, "fork", "all", size as u64, "fork_parent_pause_ns", why));
+            let pause = Metric::ForkParentPauseNs;
+            out.push(Record::skipped(SUITE, Scenario::Fork, Subject::All, size as u64, pause, why));
         }
     };
     if let Err(e) = kvm_ioctls::Kvm::new() {
@@ -95,77 +96,78 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         for strategy in Strategy::CONCRETE {
             let name = strategy.name();
             eprintln!("  {name}");
-            let skip = |out: &mut Vec<Record>, scenario: &str, metric: &str, why: &str| {
+            let skip = |out: &mut Vec<Record>, scenario: Scenario, metric: Metric, why: &str| {
                 eprintln!("  {strategy} {scenario}: {why}");
-                out.push(Record::skipped(SUITE, scenario, name, sz, metric, why));
+                out.push(Record::skipped(SUITE, scenario, strategy, sz, metric, why));
             };
             if strategy == Strategy::Reflink {
                 if let Err(e) = reflink::probe() {
-                    skip(out, "fork", "fork_parent_pause_ns", &e.to_string());
+                    skip(out, Scenario::Fork, Metric::ForkParentPauseNs, &e.to_string());
                     continue;
                 }
             }
             match forks(size, strategy, huge, plan.forks) {
                 Ok(t) => {
-                    let m = "fork_parent_pause_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, t.pause, Unit::Ns));
-                    let m = "fork_to_child_running_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, t.first_report, Unit::Ns));
-                    let m = "fork_to_vcpus_running_ns";
-                    out.push(Record::value(SUITE, m, name, sz, m, t.vcpus_running, Unit::Ns));
+                    let m = Metric::ForkParentPauseNs;
+                    out.push(Record::value(SUITE, m, strategy, sz, m, t.pause, Unit::Ns));
+                    let m = Metric::ForkToChildRunningNs;
+                    out.push(Record::value(SUITE, m, strategy, sz, m, t.first_report, Unit::Ns));
+                    let m = Metric::ForkToVcpusRunningNs;
+                    out.push(Record::value(SUITE, m, strategy, sz, m, t.vcpus_running, Unit::Ns));
                     for (step, ns) in t.steps {
-                        let m = format!("fork_step_{step}_ns");
-                        out.push(Record::value(SUITE, "fork", name, sz, &m, ns, Unit::Ns));
+                        let m = Metric::ForkStep(step);
+                        out.push(Record::value(SUITE, Scenario::Fork, strategy, sz, m, ns, Unit::Ns));
                     }
                 }
-                Err(e) => skip(out, "fork", "fork_parent_pause_ns", &super::note(&e)),
+                Err(e) => skip(out, Scenario::Fork, Metric::ForkParentPauseNs, &super::note(&e)),
             }
             match reforks(size, strategy, huge, REFORKS) {
                 Ok((median, max)) => {
-                    let s = "refork1pct";
-                    out.push(Record::value(SUITE, s, name, sz, "parent_pause_ns", median, Unit::Ns));
-                    out.push(Record::value(SUITE, s, name, sz, "parent_pause_max_ns", max, Unit::Ns));
+                    let s = Scenario::Refork1pct;
+                    out.push(Record::value(SUITE, s, strategy, sz, Metric::ParentPauseNs, median, Unit::Ns));
+                    out.push(Record::value(SUITE, s, strategy, sz, Metric::ParentPauseMaxNs, max, Unit::Ns));
                 }
-                Err(e) => skip(out, "refork1pct", "parent_pause_ns", &super::note(&e)),
+                Err(e) => skip(out, Scenario::Refork1pct, Metric::ParentPauseNs, &super::note(&e)),
             }
-            for &(scenario, percent) in plan.workloads {
-                match child_workload(size, strategy, huge, percent) {
+            for &percent in plan.workloads {
+                let scenario = Scenario::Touch(percent);
+                let m = Metric::ChildWorkloadNs;
+                let record = |who: Subject, ns| Record::value(SUITE, scenario, who, sz, m, ns, Unit::Ns);
+                match child_workload(size, strategy, huge, percent as usize) {
                     Ok((native, child)) => {
-                        let m = "child_workload_ns";
                         if strategy == Strategy::CONCRETE[0] {
-                            out.push(Record::value(SUITE, scenario, "native", sz, m, native, Unit::Ns));
+                            out.push(record(Subject::Native, native));
                         }
-                        out.push(Record::value(SUITE, scenario, name, sz, m, child, Unit::Ns));
+                        out.push(record(strategy.into(), child));
                     }
-                    Err(e) => skip(out, scenario, "child_workload_ns", &super::note(&e)),
+                    Err(e) => skip(out, scenario, m, &super::note(&e)),
                 }
             }
             if size != sizes[0] {
                 continue; // fan-out and chains at the smallest size only
             }
-            let scenario = format!("fanout{}", plan.fanout);
+            let scenario = Scenario::Fanout(plan.fanout as u32);
+            let m = Metric::TotalBytes;
             match fan_out(size, strategy, huge, plan.fanout) {
-                Ok(bytes) => {
-                    out.push(Record::value(SUITE, &scenario, name, sz, "total_bytes", bytes, Unit::Bytes))
-                }
-                Err(e) => skip(out, &scenario, "total_bytes", &super::note(&e)),
+                Ok(bytes) => out.push(Record::value(SUITE, scenario, strategy, sz, m, bytes, Unit::Bytes)),
+                Err(e) => skip(out, scenario, m, &super::note(&e)),
             }
-            let scenario = format!("chain{}", plan.chain);
+            let scenario = Scenario::Chain(plan.chain as u32);
             match chain(size, strategy, huge, plan.chain) {
                 Ok(links) => {
                     let (first, last) = (&links[0], &links[links.len() - 1]);
                     let running = |c: &Child| c.timings.child_first_report_ns.unwrap_or_default() as f64;
                     let pause = |c: &Child| c.timings.parent_resumed_ns as f64;
                     for (metric, v) in [
-                        ("first_fork_ns", running(first)),
-                        ("last_fork_ns", running(last)),
-                        ("first_pause_ns", pause(first)),
-                        ("last_pause_ns", pause(last)),
+                        (Metric::FirstForkNs, running(first)),
+                        (Metric::LastForkNs, running(last)),
+                        (Metric::FirstPauseNs, pause(first)),
+                        (Metric::LastPauseNs, pause(last)),
                     ] {
-                        out.push(Record::value(SUITE, &scenario, name, sz, metric, v, Unit::Ns));
+                        out.push(Record::value(SUITE, scenario, strategy, sz, metric, v, Unit::Ns));
                     }
                 }
-                Err(e) => skip(out, &scenario, "first_fork_ns", &super::note(&e)),
+                Err(e) => skip(out, scenario, Metric::FirstForkNs, &super::note(&e)),
             }
         }
     }
@@ -285,7 +287,7 @@ pub(super) struct ForkMedians {
     pub vcpus_running: f64,
     /// The child's steps after the parent resumed, each from the end of the one before:
     /// spawn, exec, hello, memory, restore, resume.
-    pub steps: Vec<(&'static str, f64)>,
+    pub steps: Vec<(ForkStep, f64)>,
 }
 
 /// [`ForkMedians`] over `n` forks of the running `vm` of `size` bytes, each child stopped
@@ -314,19 +316,8 @@ pub(super) fn fork_timings(
         })?);
     }
     // Each child step from the end of the one before it (the parent's resume first).
-    let names = ["spawn", "exec", "hello", "memory", "restore", "resume"];
-    let steps = names
-        .iter()
-        .enumerate()
-        .map(|(i, &step)| {
-            let took = |t: &crate::fork::Timings| {
-                let phases = t.phases();
-                // phases()[3] is the parent's resume; the child's steps follow.
-                phases[4 + i].1.saturating_sub(phases[3 + i].1)
-            };
-            (step, median(timings.iter().map(took).collect()))
-        })
-        .collect();
+    let steps =
+        ForkStep::ALL.map(|step| (step, median(timings.iter().map(|t| t.took(step)).collect()))).to_vec();
     Ok(ForkMedians {
         pause: median(pauses),
         first_report: median(running),
@@ -511,14 +502,17 @@ fn chain(size: usize, strategy: Strategy, huge: bool, depth: usize) -> Result<Ve
 
 /// The fork suite's targets, from one run's records.
 pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
-    let value = |scenario: &str, strategy: &str, metric: &str, size: u64| {
+    let value = |scenario: Scenario, strategy: Strategy, metric: Metric, size: u64| {
         super::find(records, SUITE, scenario, strategy, metric, size).and_then(|r| r.value)
     };
     let sizes = super::sizes_of(records, SUITE);
-    let mut chains: Vec<String> = records
+    let mut chains: Vec<u32> = records
         .iter()
-        .filter(|r| r.suite == SUITE && r.scenario.starts_with("chain"))
-        .map(|r| r.scenario.clone())
+        .filter(|r| r.suite == SUITE)
+        .filter_map(|r| match r.scenario {
+            Scenario::Chain(n) => Some(n),
+            _ => None,
+        })
         .collect();
     chains.sort();
     chains.dedup();
@@ -529,24 +523,25 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
         }
     };
     for &size in &sizes {
-        let pause = |s: &str| value("fork_parent_pause_ns", s, "fork_parent_pause_ns", size);
-        for s in ["cow", "reflink"] {
-            let ratio = pause("copy").zip(pause(s)).map(|(c, x)| c / x);
+        let m = Metric::ForkParentPauseNs;
+        let pause = |s: Strategy| value(Scenario::Of(m), s, m, size);
+        for s in [Strategy::Cow, Strategy::Reflink] {
+            let ratio = pause(Strategy::Copy).zip(pause(s)).map(|(c, x)| c / x);
             push(format!("copy/{s} fork_parent_pause_ns"), size, ratio, ">= 1000", ratio >= Some(1000.0));
             let ms = pause(s).map(|ns| ns / 1e6);
             push(format!("{s} fork_parent_pause_ms"), size, ms, "<= 1", ms.is_some_and(|v| v <= 1.0));
         }
-        let refork = |s: &str| value("refork1pct", s, "parent_pause_ns", size);
-        for s in ["cow", "reflink", "uffd", "uffd-minor"] {
-            let ratio = refork("copy").zip(refork(s)).map(|(c, x)| c / x);
+        let refork = |s: Strategy| value(Scenario::Refork1pct, s, Metric::ParentPauseNs, size);
+        for s in [Strategy::Cow, Strategy::Reflink, Strategy::Uffd, Strategy::UffdMinor] {
+            let ratio = refork(Strategy::Copy).zip(refork(s)).map(|(c, x)| c / x);
             push(format!("copy/{s} refork1pct parent_pause_ns"), size, ratio, ">= 20", ratio >= Some(20.0));
             let ms = refork(s).map(|ns| ns / 1e6);
             push(format!("{s} refork1pct parent_pause_ms"), size, ms, "<= 5", ms.is_some_and(|v| v <= 5.0));
         }
-        for scenario in &chains {
-            for s in Strategy::CONCRETE.map(Strategy::name) {
-                let ratio = value(scenario, s, "last_fork_ns", size)
-                    .zip(value(scenario, s, "first_fork_ns", size))
+        for scenario in chains.iter().copied().map(Scenario::Chain) {
+            for s in Strategy::CONCRETE {
+                let ratio = value(scenario, s, Metric::LastForkNs, size)
+                    .zip(value(scenario, s, Metric::FirstForkNs, size))
                     .map(|(l, f)| l / f);
                 let name = format!("{s} {scenario} last/first fork_ns");
                 push(name, size, ratio, "<= 1.5", ratio.is_some_and(|v| v <= 1.5));

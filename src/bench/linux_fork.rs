@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::clone::settled_meminfo;
 use super::fork::{fork_timings, held_bytes, stop_all};
-use super::{BenchError, BenchOptions, Error, Record, Suite, Unit, note};
+use super::{BenchError, BenchOptions, Error, Metric, Record, Scenario, Subject, Suite, Unit, note};
 use crate::fork::Child;
 use crate::memory::{MemoryOptions, Strategy, reflink};
 use crate::vmm::linux::{
@@ -61,8 +61,9 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         (sizes, _) => sizes.to_vec(),
     };
     let plan = if opts.quick { Plan::QUICK } else { Plan::FULL };
-    let skip = |out: &mut Vec<Record>, size: usize, strategy: &str, why: &str| {
-        out.push(Record::skipped(SUITE, "fork", strategy, size as u64, "fork_parent_pause_ns", why));
+    let skip = |out: &mut Vec<Record>, size: usize, strategy: Subject, why: &str| {
+        let pause = Metric::ForkParentPauseNs;
+        out.push(Record::skipped(SUITE, Scenario::Fork, strategy, size as u64, pause, why));
     };
     let files = host_can_boot_linux().and_then(|()| reference_guest_files());
     let files = match files {
@@ -70,7 +71,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         Err(why) => {
             eprintln!("linux suite skipped: {why}");
             for &size in &sizes {
-                skip(out, size, "all", &why.to_string());
+                skip(out, size, Subject::All, &why.to_string());
             }
             return Ok(());
         }
@@ -79,14 +80,14 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         if size > MAX_MEM {
             let why = format!("a Linux guest has at most {} here", super::human_bytes(MAX_MEM as u64));
             eprintln!("linux suite at {}: {why}", super::human_bytes(size as u64));
-            skip(out, size, "all", &why);
+            skip(out, size, Subject::All, &why);
             continue;
         }
         // A guest that does not boot fails this size, not the whole report.
         if let Err(e) = at_size(size, opts.huge_pages, plan, &files, out) {
             let why = note(&e);
             eprintln!("linux suite at {}: FAILED: {why}", super::human_bytes(size as u64));
-            skip(out, size, "all", &format!("FAILED: {why}"));
+            skip(out, size, Subject::All, &format!("FAILED: {why}"));
         }
     }
     Ok(())
@@ -120,21 +121,18 @@ fn at_size(
             break;
         }
     }
-    let value = |scenario: &str, strategy: &str, metric: &str, v: f64, unit: Unit| {
+    let value = |scenario: Scenario, strategy: Subject, metric: Metric, v: f64, unit: Unit| {
         Record::value(SUITE, scenario, strategy, sz, metric, v, unit)
     };
-    out.push(value(
-        "boot_to_first_tick_ns",
-        "native",
-        "boot_to_first_tick_ns",
-        t0.elapsed().as_nanos() as f64,
-        Unit::Ns,
-    ));
+    // A record named after its metric.
+    let single =
+        |metric: Metric, strategy: Subject, v: f64| value(metric.into(), strategy, metric, v, Unit::Ns);
+    out.push(single(Metric::BootToFirstTickNs, Subject::Native, t0.elapsed().as_nanos() as f64));
     let parent = format!("bench-linux-{}-{}", std::process::id(), sz >> 20);
     let bytes_now = |children: &[Child]| held_bytes(shmem_before, children) as f64;
-    out.push(value("idle", "native", "parent_bytes", bytes_now(&[]), Unit::Bytes));
+    out.push(value(Scenario::Idle, Subject::Native, Metric::ParentBytes, bytes_now(&[]), Unit::Bytes));
     for strategy in Strategy::CONCRETE {
-        let name = strategy.name();
+        let (name, pause) = (strategy.name(), Metric::ForkParentPauseNs);
         // A parent that died leaves nothing to fork: say why once, with its last words.
         if let RunState::Stopped(why) = vm.state() {
             let (lines, _) = vm.console().subscribe();
@@ -142,42 +140,31 @@ fn at_size(
             eprintln!("  the parent guest stopped ({why}); its console's last lines:\n{tail}");
             for s in Strategy::CONCRETE.iter().skip_while(|s| **s != strategy) {
                 let note = format!("the parent guest stopped before this strategy: {why}");
-                out.push(Record::skipped(SUITE, "fork", s.name(), sz, "fork_parent_pause_ns", &note));
+                out.push(Record::skipped(SUITE, Scenario::Fork, *s, sz, pause, &note));
             }
             break;
         }
         if strategy == Strategy::Reflink {
             if let Err(e) = reflink::probe() {
-                out.push(Record::skipped(SUITE, "fork", name, sz, "fork_parent_pause_ns", &e.to_string()));
+                out.push(Record::skipped(SUITE, Scenario::Fork, strategy, sz, pause, &e.to_string()));
                 continue;
             }
         }
         eprintln!("  {name}");
         match fork_timings(&vm, &parent, size, strategy, plan.forks) {
             Ok(t) => {
-                out.push(value("fork_parent_pause_ns", name, "fork_parent_pause_ns", t.pause, Unit::Ns));
-                out.push(value(
-                    "fork_to_child_console_ns",
-                    name,
-                    "fork_to_child_console_ns",
-                    t.first_report,
-                    Unit::Ns,
-                ));
-                out.push(value(
-                    "fork_to_vcpus_running_ns",
-                    name,
-                    "fork_to_vcpus_running_ns",
-                    t.vcpus_running,
-                    Unit::Ns,
-                ));
+                let s = strategy.into();
+                out.push(single(pause, s, t.pause));
+                out.push(single(Metric::ForkToChildConsoleNs, s, t.first_report));
+                out.push(single(Metric::ForkToVcpusRunningNs, s, t.vcpus_running));
             }
             Err(e) => {
                 let why = note(&e);
                 eprintln!("  {name}: {why}");
-                out.push(Record::skipped(SUITE, "fork", name, sz, "fork_parent_pause_ns", &why));
+                out.push(Record::skipped(SUITE, Scenario::Fork, strategy, sz, pause, &why));
             }
         }
-        let scenario = format!("idle{}", plan.idle_forks);
+        let scenario = Scenario::IdleForks(plan.idle_forks as u32);
         let mut children = Vec::new();
         let mut failed = None;
         for i in 0..plan.idle_forks {
@@ -191,12 +178,12 @@ fn at_size(
         }
         if failed.is_none() {
             std::thread::sleep(IDLE_TIME);
-            out.push(value(&scenario, name, "total_bytes", bytes_now(&children), Unit::Bytes));
+            out.push(value(scenario, strategy.into(), Metric::TotalBytes, bytes_now(&children), Unit::Bytes));
         }
         stop_all(&children);
         if let Some(why) = failed {
             eprintln!("  {name} {scenario}: {why}");
-            out.push(Record::skipped(SUITE, &scenario, name, sz, "total_bytes", &why));
+            out.push(Record::skipped(SUITE, scenario, strategy, sz, Metric::TotalBytes, &why));
         }
     }
     vm.stop();
@@ -209,7 +196,7 @@ fn at_size(
 /// should cost at most an eighth of its parent, so N of them stay within 1 + N/8 parents
 /// (eight children: two parents' worth).
 pub(super) fn ratios(records: &[Record]) -> Vec<super::Ratio> {
-    let value = |scenario: &str, strategy: &str, metric: &str, size: u64| {
+    let value = |scenario: Scenario, strategy: Subject, metric: Metric, size: u64| {
         super::find(records, SUITE, scenario, strategy, metric, size).and_then(|r| r.value)
     };
     let mut out = Vec::new();
@@ -224,23 +211,28 @@ pub(super) fn ratios(records: &[Record]) -> Vec<super::Ratio> {
                 out.push(super::Ratio { name, size_bytes: size, value, target, met });
             }
         };
-        let pause = |s: &str| value("fork_parent_pause_ns", s, "fork_parent_pause_ns", size);
-        let parent = value("idle", "native", "parent_bytes", size);
+        let m = Metric::ForkParentPauseNs;
+        let pause = |s: Strategy| value(m.into(), s.into(), m, size);
+        let parent = value(Scenario::Idle, Subject::Native, Metric::ParentBytes, size);
         let idle_scenarios = records.iter().filter(|r| {
-            r.suite == SUITE && r.size_bytes == size && r.metric == "total_bytes" && r.value.is_some()
+            r.suite == SUITE && r.size_bytes == size && r.metric == Metric::TotalBytes && r.value.is_some()
         });
-        let mut idle: Vec<(&str, usize)> = idle_scenarios
-            .filter_map(|r| Some((r.scenario.as_str(), r.scenario.strip_prefix("idle")?.parse().ok()?)))
+        let mut idle: Vec<u32> = idle_scenarios
+            .filter_map(|r| match r.scenario {
+                Scenario::IdleForks(n) => Some(n),
+                _ => None,
+            })
             .collect();
         idle.sort_unstable();
         idle.dedup();
-        for s in Strategy::CONCRETE.map(Strategy::name) {
-            if s != "copy" {
-                let v = pause("copy").zip(pause(s)).map(|(c, x)| c / x);
+        for s in Strategy::CONCRETE {
+            if s != Strategy::Copy {
+                let v = pause(Strategy::Copy).zip(pause(s)).map(|(c, x)| c / x);
                 push(format!("linux copy/{s} fork_parent_pause_ns"), v, 1.0, true);
             }
-            for &(scenario, n) in &idle {
-                let v = value(scenario, s, "total_bytes", size).zip(parent).map(|(t, p)| t / p);
+            for &n in &idle {
+                let scenario = Scenario::IdleForks(n);
+                let v = value(scenario, s.into(), Metric::TotalBytes, size).zip(parent).map(|(t, p)| t / p);
                 push(format!("linux {s} {scenario}/parent memory"), v, 1.0 + n as f64 / 8.0, false);
             }
         }
@@ -257,15 +249,17 @@ mod tests {
     #[test]
     fn idle_memory_targets_follow_the_number_of_children() {
         let size = 256 << 20;
-        let rec = |scenario: &str, strategy: &str, metric: &str, v: f64| {
+        let rec = |scenario: Scenario, strategy: Subject, metric: Metric, v: f64| {
             Record::value(SUITE, scenario, strategy, size, metric, v, Unit::Bytes)
         };
+        let (copy, cow) = (Subject::Strategy(Strategy::Copy), Subject::Strategy(Strategy::Cow));
+        let (pause, total) = (Metric::ForkParentPauseNs, Metric::TotalBytes);
         let records = vec![
-            rec("idle", "native", "parent_bytes", 100.0),
-            rec("idle2", "cow", "total_bytes", 120.0),
-            rec("idle8", "cow", "total_bytes", 210.0),
-            rec("fork_parent_pause_ns", "copy", "fork_parent_pause_ns", 300.0),
-            rec("fork_parent_pause_ns", "cow", "fork_parent_pause_ns", 10.0),
+            rec(Scenario::Idle, Subject::Native, Metric::ParentBytes, 100.0),
+            rec(Scenario::IdleForks(2), cow, total, 120.0),
+            rec(Scenario::IdleForks(8), cow, total, 210.0),
+            rec(pause.into(), copy, pause, 300.0),
+            rec(pause.into(), cow, pause, 10.0),
         ];
         let ratios = ratios(&records);
         let get = |name: &str| {

@@ -11,9 +11,14 @@ mod delay;
 mod fork;
 mod linux_fork;
 mod plot;
+mod record;
 mod remote;
 mod snapshot;
 pub mod vm;
+
+pub use record::{Metric, Scenario, Subject};
+pub use remote::RemoteColumn;
+pub use snapshot::Restore;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,10 +31,10 @@ use crate::names::Named;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     pub suite: Suite,
-    pub scenario: String,
-    pub strategy: String,
+    pub scenario: Scenario,
+    pub strategy: Subject,
     pub size_bytes: u64,
-    pub metric: String,
+    pub metric: Metric,
     /// `None` when the scenario was skipped; `note` then says why.
     pub value: Option<f64>,
     pub unit: Unit,
@@ -41,10 +46,10 @@ impl Record {
     /// A measured value.
     pub fn value(
         suite: Suite,
-        scenario: &str,
-        strategy: &str,
+        scenario: impl Into<Scenario>,
+        strategy: impl Into<Subject>,
         size: u64,
-        metric: &str,
+        metric: Metric,
         value: f64,
         unit: Unit,
     ) -> Self {
@@ -53,7 +58,7 @@ impl Record {
             scenario: scenario.into(),
             strategy: strategy.into(),
             size_bytes: size,
-            metric: metric.into(),
+            metric,
             value: Some(value),
             unit,
             note: None,
@@ -61,7 +66,14 @@ impl Record {
     }
 
     /// A scenario that could not run here, with the reason.
-    pub fn skipped(suite: Suite, scenario: &str, strategy: &str, size: u64, metric: &str, why: &str) -> Self {
+    pub fn skipped(
+        suite: Suite,
+        scenario: impl Into<Scenario>,
+        strategy: impl Into<Subject>,
+        size: u64,
+        metric: Metric,
+        why: &str,
+    ) -> Self {
         let measured = Record::value(suite, scenario, strategy, size, metric, 0.0, Unit::Skipped);
         Record { value: None, note: Some(why.into()), ..measured }
     }
@@ -240,14 +252,15 @@ pub struct Ratio {
 }
 
 /// The record of one measurement in `records`, if any.
-fn find<'a>(
-    records: &'a [Record],
+fn find(
+    records: &[Record],
     suite: Suite,
-    scenario: &str,
-    strategy: &str,
-    metric: &str,
+    scenario: impl Into<Scenario>,
+    strategy: impl Into<Subject>,
+    metric: Metric,
     size: u64,
-) -> Option<&'a Record> {
+) -> Option<&Record> {
+    let (scenario, strategy) = (scenario.into(), strategy.into());
     records.iter().find(|r| {
         r.suite == suite
             && r.scenario == scenario
@@ -383,29 +396,33 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
         }
     }
     for suite in suites {
-        let mut strategies: Vec<&str> = Vec::new();
-        let mut rows: Vec<(&str, &str, u64)> = Vec::new();
+        let mut strategies: Vec<Subject> = Vec::new();
+        let mut rows: Vec<(Scenario, Metric, u64)> = Vec::new();
         for r in records.iter().filter(|r| r.suite == suite) {
-            if !strategies.contains(&r.strategy.as_str()) {
-                strategies.push(&r.strategy);
+            if !strategies.contains(&r.strategy) {
+                strategies.push(r.strategy);
             }
-            let key = (r.scenario.as_str(), r.metric.as_str(), r.size_bytes);
+            let key = (r.scenario, r.metric, r.size_bytes);
             if !rows.contains(&key) {
                 rows.push(key);
             }
         }
         // The baseline first, then the strategies in the order they ran.
-        strategies.sort_by_key(|s| *s != "native");
-        let width = |s: &str| s.len().max(12);
+        strategies.sort_by_key(|s| *s != Subject::Native);
+        let width = |s: Subject| s.name().len().max(12);
         write!(out, "{:<8} {:<26} {:>9}", "suite", "metric", "size")?;
-        for s in &strategies {
+        for &s in &strategies {
             write!(out, " {s:>w$}", w = width(s))?;
         }
         writeln!(out)?;
         for (scenario, metric, size) in rows {
-            let label = if scenario == metric { metric.to_string() } else { format!("{scenario}/{metric}") };
+            let label = if scenario == Scenario::Of(metric) {
+                metric.to_string()
+            } else {
+                format!("{scenario}/{metric}")
+            };
             write!(out, "{suite:<8} {label:<26} {:>9}", human_bytes(size))?;
-            for s in &strategies {
+            for &s in &strategies {
                 let cell = find(records, suite, scenario, s, metric, size).map_or(String::new(), |r| match r
                     .value
                 {
@@ -418,13 +435,13 @@ pub fn print_table(records: &[Record], out: &mut impl Write) -> std::io::Result<
         }
     }
     // Each distinct reason once, with the sizes it applied to.
-    let mut skips: Vec<(&str, &str, Vec<u64>)> = Vec::new();
+    let mut skips: Vec<(Subject, &str, Vec<u64>)> = Vec::new();
     for r in records.iter().filter(|r| r.value.is_none()) {
         let note = r.note.as_deref().unwrap_or("no reason recorded");
         match skips.iter_mut().find(|(s, n, _)| *s == r.strategy && *n == note) {
             Some((_, _, sizes)) if sizes.contains(&r.size_bytes) => {}
             Some((_, _, sizes)) => sizes.push(r.size_bytes),
-            None => skips.push((&r.strategy, note, vec![r.size_bytes])),
+            None => skips.push((r.strategy, note, vec![r.size_bytes])),
         }
     }
     for (strategy, note, sizes) in skips {
@@ -607,6 +624,32 @@ mod tests {
     fn a_saved_report_reads_and_writes_back_byte_for_byte() {
         let json = serde_json::to_string_pretty(&quick_report()).unwrap();
         assert!(json == QUICK_REPORT, "the report changed:\n{json}");
+    }
+
+    /// Every report committed to the repository (test data, documented runs) reads with
+    /// typed records, and each record is written back with the same names and values.
+    #[test]
+    fn every_committed_report_reads_and_writes_back_its_names() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let listed = std::process::Command::new("git").args(["-C", root, "ls-files", "*.json"]).output();
+        let listed = match listed {
+            Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap(),
+            // Not a git checkout (a packaged crate): the test data is what there is.
+            _ => "src/bench/testdata/quick-report.json\n".into(),
+        };
+        let mut reports = 0;
+        for file in listed.lines() {
+            let text = std::fs::read_to_string(std::path::Path::new(root).join(file)).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let Some(records) = json.get("records").and_then(|r| r.as_array()) else { continue };
+            for saved in records {
+                let record: Record =
+                    serde_json::from_value(saved.clone()).unwrap_or_else(|e| panic!("{file}: {e}: {saved}"));
+                assert_eq!(&serde_json::to_value(&record).unwrap(), saved, "{file}");
+            }
+            reports += 1;
+        }
+        assert!(reports >= 1, "no report among {listed:?}");
     }
 
     /// The ratios taken from the saved records are the ones saved with them.

@@ -21,16 +21,18 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::{BenchError, Error, Record, Suite, Unit, human_bytes};
+use super::remote::{COLUMNS, RemoteColumn};
+use super::snapshot::{RESTORES, Restore};
+use super::{BenchError, Error, Metric, Record, Scenario, Subject, Suite, Unit, human_bytes};
 use crate::memory::Strategy;
 
 /// Strategies in legend order, the `native` baseline first, then [`Strategy::CONCRETE`];
 /// each keeps its colour in every chart.
-const ORDER: [&str; 1 + Strategy::CONCRETE.len()] = {
-    let mut order = ["native"; 1 + Strategy::CONCRETE.len()];
+const ORDER: [Subject; 1 + Strategy::CONCRETE.len()] = {
+    let mut order = [Subject::Native; 1 + Strategy::CONCRETE.len()];
     let mut i = 0;
     while i < Strategy::CONCRETE.len() {
-        order[i + 1] = Strategy::CONCRETE[i].name();
+        order[i + 1] = Subject::Strategy(Strategy::CONCRETE[i]);
         i += 1;
     }
     order
@@ -45,9 +47,8 @@ const COLOURS: [RGBColor; ORDER.len()] = [
 ];
 const SIZE: (u32, u32) = (760, 440);
 
-/// The snapshot suite's restore strategies, in legend order, and their colours.
-const SNAPSHOT_ORDER: [&str; 5] = ["file-private", "file-uffd", "zstd-uffd", "zstd-prefetch", "eager"];
-const SNAPSHOT_COLOURS: [RGBColor; 5] = [
+/// The snapshot suite's restore strategies' colours, in its table order ([`RESTORES`]).
+const SNAPSHOT_COLOURS: [RGBColor; RESTORES.len()] = [
     RGBColor(0x8c, 0x56, 0x4b),
     RGBColor(0xe3, 0x77, 0xc2),
     RGBColor(0x17, 0xbe, 0xcf),
@@ -55,9 +56,8 @@ const SNAPSHOT_COLOURS: [RGBColor; 5] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
-/// The remote suite's restore columns' colours, in its column order
-/// (`remote::column_names`).
-const REMOTE_COLOURS: [RGBColor; 7] = [
+/// The remote suite's restore columns' colours, in its column order ([`COLUMNS`]).
+const REMOTE_COLOURS: [RGBColor; COLUMNS.len()] = [
     RGBColor(0x55, 0x55, 0x55),
     RGBColor(0xbc, 0xbd, 0x22),
     RGBColor(0x1f, 0x77, 0xb4),
@@ -67,17 +67,15 @@ const REMOTE_COLOURS: [RGBColor; 7] = [
     RGBColor(0xff, 0x7f, 0x0e),
 ];
 
-fn colour(strategy: &str) -> RGBColor {
-    let snapshot = || SNAPSHOT_ORDER.iter().position(|s| *s == strategy).map(|i| SNAPSHOT_COLOURS[i]);
-    let remote =
-        || super::remote::column_names().iter().position(|s| *s == strategy).map(|i| REMOTE_COLOURS[i]);
-    ORDER
-        .iter()
-        .position(|s| *s == strategy)
-        .map(|i| COLOURS[i])
-        .or_else(snapshot)
-        .or_else(remote)
-        .unwrap_or(BLACK)
+fn colour(strategy: Subject) -> RGBColor {
+    let at = |r: Restore| RESTORES.iter().position(|s| *s == r).map(|i| SNAPSHOT_COLOURS[i]);
+    let column = |c: RemoteColumn| COLUMNS.iter().position(|s| *s == c).map(|i| REMOTE_COLOURS[i]);
+    let of = match strategy {
+        Subject::Restore(r) => at(r),
+        Subject::Remote(c) => column(c),
+        s => ORDER.iter().position(|o| *o == s).map(|i| COLOURS[i]),
+    };
+    of.unwrap_or(BLACK)
 }
 
 /// What drawing on an SVG file fails with.
@@ -88,21 +86,21 @@ fn draw_err(path: &Path) -> impl Fn(DrawError) -> Error + Copy + '_ {
     move |source| Error::Draw { path: path.to_path_buf(), source }
 }
 
-/// Values of `metric` (suite, scenario = metric unless given) by strategy: `(size, value)`.
-fn series(records: &[Record], suite: Suite, scenario: &str, metric: &str) -> Vec<(String, Vec<(u64, f64)>)> {
-    series_of(records, suite, scenario, metric, &ORDER)
+/// Values of `metric` in the scenario named after it, by strategy: `(size, value)`.
+fn series(records: &[Record], suite: Suite, metric: Metric) -> Vec<(Subject, Vec<(u64, f64)>)> {
+    series_of(records, suite, Scenario::Of(metric), metric, ORDER)
 }
 
-/// [`series`] for the strategies `order`.
+/// [`series`] of `scenario` for the strategies `order`.
 fn series_of(
     records: &[Record],
     suite: Suite,
-    scenario: &str,
-    metric: &str,
-    order: &[&str],
-) -> Vec<(String, Vec<(u64, f64)>)> {
-    let mut out: Vec<(String, Vec<(u64, f64)>)> = Vec::new();
-    for &s in order {
+    scenario: Scenario,
+    metric: Metric,
+    order: impl IntoIterator<Item = Subject>,
+) -> Vec<(Subject, Vec<(u64, f64)>)> {
+    let mut out: Vec<(Subject, Vec<(u64, f64)>)> = Vec::new();
+    for s in order {
         let mut points: Vec<(u64, f64)> = records
             .iter()
             .filter(|r| r.suite == suite && r.scenario == scenario && r.metric == metric && r.strategy == s)
@@ -110,7 +108,7 @@ fn series_of(
             .collect();
         points.sort_by_key(|p| p.0);
         if !points.is_empty() {
-            out.push((s.to_string(), points));
+            out.push((s, points));
         }
     }
     out
@@ -120,8 +118,8 @@ fn series_of(
 pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
     std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
     let mut written = Vec::new();
-    let clone = series(records, Suite::Clone, "clone_ns", "clone_ns");
-    let pause = series(records, Suite::Fork, "fork_parent_pause_ns", "fork_parent_pause_ns");
+    let clone = series(records, Suite::Clone, Metric::CloneNs);
+    let pause = series(records, Suite::Fork, Metric::ForkParentPauseNs);
     if !clone.is_empty() || !pause.is_empty() {
         let path = dir.join("clone_latency.svg");
         latency_chart(&path, &clone, &pause)?;
@@ -129,7 +127,7 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
     }
     let largest = records.iter().filter(|r| r.suite == Suite::Clone).map(|r| r.size_bytes).max();
     if let Some(size) = largest {
-        let at = |metric: &str| -> Vec<Option<f64>> {
+        let at = |metric: Metric| -> Vec<Option<f64>> {
             ORDER
                 .iter()
                 .map(|s| {
@@ -145,8 +143,10 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
                 })
                 .collect()
         };
-        let groups =
-            [("first read", at("first_read_ns_per_page")), ("first write", at("first_write_ns_per_page"))];
+        let groups = [
+            ("first read", at(Metric::FirstReadNsPerPage)),
+            ("first write", at(Metric::FirstWriteNsPerPage)),
+        ];
         if groups.iter().any(|(_, v)| v.iter().any(Option::is_some)) {
             let path = dir.join("first_touch.svg");
             let title = format!("First touch of a page after a clone ({})", human_bytes(size));
@@ -155,23 +155,18 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
         }
     }
     let mut memory: Vec<(String, Vec<Option<f64>>)> = Vec::new();
-    let fanouts = records.iter().filter(|r| {
-        (r.suite == Suite::Clone && r.metric == "fanout16_total_bytes")
-            || (r.suite == Suite::Fork && r.scenario.starts_with("fanout") && r.metric == "total_bytes")
-            || (r.suite == Suite::Linux && r.scenario.starts_with("idle") && r.metric == "total_bytes")
-    });
-    for r in fanouts {
-        let label = match r.suite {
-            Suite::Clone => format!("16 clones, {}", human_bytes(r.size_bytes)),
-            Suite::Linux => {
-                format!(
-                    "{} Linux forks, {}",
-                    r.scenario.trim_start_matches("idle"),
-                    human_bytes(r.size_bytes)
-                )
-            }
-            _ => format!("{} forks, {}", r.scenario.trim_start_matches("fanout"), human_bytes(r.size_bytes)),
+    // Each a group of bars, labelled by what was forked.
+    let fanouts = records.iter().filter_map(|r| {
+        let size = human_bytes(r.size_bytes);
+        let label = match (r.suite, r.scenario, r.metric) {
+            (Suite::Clone, _, Metric::Fanout16TotalBytes) => format!("16 clones, {size}"),
+            (Suite::Fork, Scenario::Fanout(n), Metric::TotalBytes) => format!("{n} forks, {size}"),
+            (Suite::Linux, Scenario::IdleForks(n), Metric::TotalBytes) => format!("{n} Linux forks, {size}"),
+            _ => return None,
         };
+        Some((label, r))
+    });
+    for (label, r) in fanouts {
         let i = match memory.iter().position(|(l, _)| *l == label) {
             Some(i) => i,
             None => {
@@ -196,23 +191,25 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
         )?;
         written.push(path);
     }
-    let snapshot = |metric: &str| series_of(records, Suite::Snapshot, "written25", metric, &SNAPSHOT_ORDER);
-    let (restore, ready) = (snapshot("restore_ns"), snapshot("ready_ns"));
+    let w25 = Scenario::Written25;
+    let snapshot =
+        |metric: Metric| series_of(records, Suite::Snapshot, w25, metric, RESTORES.map(Subject::Restore));
+    let (restore, ready) = (snapshot(Metric::RestoreNs), snapshot(Metric::ReadyNs));
     if !restore.is_empty() || !ready.is_empty() {
         let path = dir.join("snapshot_restore.svg");
         let caption = "Restore: request to vCPUs running (solid), to working set touched (dashed)";
         curves(&path, caption, &restore, &ready)?;
         written.push(path);
     }
-    let (p50, p99) = (snapshot("touch_p50_ns"), snapshot("touch_p99_ns"));
+    let (p50, p99) = (snapshot(Metric::TouchP50Ns), snapshot(Metric::TouchP99Ns));
     if !p50.is_empty() || !p99.is_empty() {
         let path = dir.join("snapshot_touch.svg");
         curves(&path, "First touch of a restored chunk: p50 (solid) and p99 (dashed)", &p50, &p99)?;
         written.push(path);
     }
-    let remote_order = super::remote::column_names();
-    let remote = |metric: &str| series_of(records, Suite::Remote, "written25", metric, &remote_order);
-    let (restore, ready) = (remote("restore_ns"), remote("ready_ns"));
+    let remote =
+        |metric: Metric| series_of(records, Suite::Remote, w25, metric, COLUMNS.map(Subject::Remote));
+    let (restore, ready) = (remote(Metric::RestoreNs), remote(Metric::ReadyNs));
     if !restore.is_empty() || !ready.is_empty() {
         let path = dir.join("remote_restore.svg");
         let caption = "From the store: request to vCPUs running (solid), to working set touched (dashed)";
@@ -222,7 +219,7 @@ pub fn write_all(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, BenchEr
     Ok(written)
 }
 
-type Series = [(String, Vec<(u64, f64)>)];
+type Series = [(Subject, Vec<(u64, f64)>)];
 
 fn latency_chart(path: &Path, clone: &Series, pause: &Series) -> Result<(), BenchError> {
     curves(path, "Clone time (solid) and fork parent pause (dashed) vs guest size", clone, pause)
@@ -263,7 +260,7 @@ fn curves(path: &Path, caption: &str, solid: &Series, dashed_lines: &Series) -> 
         .map_err(err)?;
     for (dashed, set) in [(false, solid), (true, dashed_lines)] {
         for (name, points) in set {
-            let c = colour(name);
+            let c = colour(*name);
             let style = c.stroke_width(2);
             let pts: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (log2(x), y)).collect();
             // One legend entry per strategy: the caption tells solid from dashed.
@@ -274,7 +271,7 @@ fn curves(path: &Path, caption: &str, solid: &Series, dashed_lines: &Series) -> 
                 chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(err)?
             };
             if labelled {
-                let name = name.clone();
+                let name = name.to_string();
                 drawn
                     .label(name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
@@ -339,7 +336,7 @@ fn bar_chart(
                         mine.map(|&(x, y, _)| Rectangle::new([(x, $floor), (x + 0.9, y)], c.filled())),
                     )
                     .map_err(err)?
-                    .label(ORDER[s])
+                    .label(ORDER[s].to_string())
                     .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
             }
             // Group names inside the plot, under its top edge.
@@ -374,39 +371,28 @@ mod tests {
     #[test]
     fn charts_are_drawn_from_records_and_name_each_strategy() {
         let mut records = Vec::new();
-        for (i, s) in ["copy", "cow", "uffd"].into_iter().enumerate() {
+        for (i, s) in [Strategy::Copy, Strategy::Cow, Strategy::Uffd].into_iter().enumerate() {
             for size in [64u64 << 20, 256 << 20] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e3;
-                records.push(Record::value(Suite::Clone, "clone_ns", s, size, "clone_ns", v, Unit::Ns));
-                records.push(Record::value(
-                    Suite::Clone,
-                    "x",
-                    s,
-                    size,
-                    "first_read_ns_per_page",
-                    10.0 + v,
-                    Unit::Ns,
-                ));
+                let (clone, read, fanout) =
+                    (Metric::CloneNs, Metric::FirstReadNsPerPage, Metric::Fanout16TotalBytes);
+                records.push(Record::value(Suite::Clone, clone, s, size, clone, v, Unit::Ns));
+                // Of another scenario than the metric's: the first touches are found by metric.
+                records.push(Record::value(Suite::Clone, Scenario::Clone, s, size, read, 10.0 + v, Unit::Ns));
                 let bytes = size as f64 * (i as f64 + 1.0);
                 records.push(Record::value(
                     Suite::Clone,
-                    "x",
+                    Scenario::Clone,
                     s,
                     size,
-                    "fanout16_total_bytes",
+                    fanout,
                     bytes,
                     Unit::Bytes,
                 ));
             }
         }
-        records.push(Record::skipped(
-            Suite::Clone,
-            "clone_ns",
-            "reflink",
-            64 << 20,
-            "clone_ns",
-            "no reflink",
-        ));
+        let clone = Metric::CloneNs;
+        records.push(Record::skipped(Suite::Clone, clone, Strategy::Reflink, 64 << 20, clone, "no reflink"));
         let dir = std::env::temp_dir().join(format!("vmfork-plot-test-{}", std::process::id()));
         let written = write_all(&records, &dir).unwrap();
         let names: Vec<_> =
@@ -426,15 +412,17 @@ mod tests {
     #[test]
     fn the_snapshot_suite_gets_curves_of_its_restore_strategies() {
         let mut records = Vec::new();
-        for (i, s) in SNAPSHOT_ORDER.into_iter().enumerate() {
+        let w25 = Scenario::Written25;
+        for (i, s) in RESTORES.into_iter().enumerate() {
             for size in [256u64 << 20, 1 << 30] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e2;
-                for m in ["restore_ns", "ready_ns", "touch_p50_ns", "touch_p99_ns"] {
-                    records.push(Record::value(Suite::Snapshot, "written25", s, size, m, v, Unit::Ns));
+                for m in [Metric::RestoreNs, Metric::ReadyNs, Metric::TouchP50Ns, Metric::TouchP99Ns] {
+                    records.push(Record::value(Suite::Snapshot, w25, s, size, m, v, Unit::Ns));
                 }
             }
         }
-        records.push(Record::value(Suite::Snapshot, "written25", "zstd", 1 << 30, "pause_ns", 1e5, Unit::Ns));
+        let zstd = Subject::Zstd;
+        records.push(Record::value(Suite::Snapshot, w25, zstd, 1 << 30, Metric::PauseNs, 1e5, Unit::Ns));
         let dir = std::env::temp_dir().join(format!("vmfork-plot-snapshot-test-{}", std::process::id()));
         let written = write_all(&records, &dir).unwrap();
         let names: Vec<_> =
@@ -442,7 +430,7 @@ mod tests {
         assert_eq!(names, ["snapshot_restore.svg", "snapshot_touch.svg"]);
         for p in &written {
             let svg = std::fs::read_to_string(p).unwrap();
-            for s in SNAPSHOT_ORDER {
+            for s in RESTORES.map(Restore::name) {
                 assert!(svg.contains(&format!(">\n{s}\n<")), "{} has a legend entry for {s}", p.display());
             }
         }
@@ -452,11 +440,11 @@ mod tests {
     #[test]
     fn the_remote_suite_gets_curves_of_its_restore_columns() {
         let mut records = Vec::new();
-        for (i, s) in super::super::remote::column_names().into_iter().enumerate() {
+        for (i, s) in COLUMNS.into_iter().enumerate() {
             for size in [256u64 << 20, 1 << 30] {
                 let v = (i as f64 + 1.0) * size as f64 / 1e2;
-                for m in ["restore_ns", "ready_ns"] {
-                    records.push(Record::value(Suite::Remote, "written25", s, size, m, v, Unit::Ns));
+                for m in [Metric::RestoreNs, Metric::ReadyNs] {
+                    records.push(Record::value(Suite::Remote, Scenario::Written25, s, size, m, v, Unit::Ns));
                 }
             }
         }
@@ -465,7 +453,7 @@ mod tests {
         assert_eq!(written.len(), 1);
         let svg = std::fs::read_to_string(&written[0]).unwrap();
         assert!(written[0].ends_with("remote_restore.svg"));
-        for s in super::super::remote::column_names() {
+        for s in COLUMNS.map(RemoteColumn::name) {
             assert!(svg.contains(&format!(">\n{s}\n<")), "no legend entry for {s}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -54,7 +54,10 @@ use std::time::{Duration, Instant};
 
 use super::delay::DelayProxy;
 use super::snapshot::{Contents, WorkDir, median, room, source_vm, text_area, write_text};
-use super::{BenchError, BenchOptions, Error, Ratio, Record, Suite, Unit, find, human_bytes, note, sizes_of};
+use super::{
+    BenchError, BenchOptions, Error, Metric, Ratio, Record, Scenario, Subject, Suite, Unit, find,
+    human_bytes, note, sizes_of,
+};
 use crate::memory::PAGE_SIZE;
 use crate::snapshot::cache::PackCache;
 use crate::snapshot::remote::{self, Remote, S3Config, S3Url};
@@ -83,9 +86,10 @@ impl Plan {
     const QUICK: Plan = Plan { restores: 1 };
 }
 
-/// How a restore gets its snapshot and memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Column {
+/// How a restore gets its snapshot and memory (a column of the remote suite:
+/// [`super::Subject::Remote`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RemoteColumn {
     Local,
     LocalPrefetch,
     S3Cold,
@@ -97,20 +101,15 @@ enum Column {
 }
 
 /// Table order (and the order of each round).
-const COLUMNS: [Column; 7] = [
-    Column::Local,
-    Column::LocalPrefetch,
-    Column::S3Cold,
-    Column::S3Warm,
-    Column::S3ColdPrefetch,
-    Column::S3RttCold,
-    Column::S3RttPrefetch,
+pub(super) const COLUMNS: [RemoteColumn; 7] = [
+    RemoteColumn::Local,
+    RemoteColumn::LocalPrefetch,
+    RemoteColumn::S3Cold,
+    RemoteColumn::S3Warm,
+    RemoteColumn::S3ColdPrefetch,
+    RemoteColumn::S3RttCold,
+    RemoteColumn::S3RttPrefetch,
 ];
-
-/// The columns' names, in table order (the plots' legend order too).
-pub(super) fn column_names() -> Vec<&'static str> {
-    COLUMNS.iter().map(|c| c.name()).collect()
-}
 
 /// The latency the `s3-rtt20-*` columns add to every request: 10 ms each way.
 const ONE_WAY: Duration = Duration::from_millis(10);
@@ -118,30 +117,33 @@ const ONE_WAY: Duration = Duration::from_millis(10);
 /// guest) between the parent and the child snapshot: 1 % of the guest's pages, scattered.
 const FAMILY_DIRTY_EVERY: u64 = 25;
 
-impl Column {
-    fn name(self) -> &'static str {
+impl RemoteColumn {
+    pub(super) fn name(self) -> &'static str {
         match self {
-            Column::Local => "local",
-            Column::LocalPrefetch => "local-prefetch",
-            Column::S3Cold => "s3-cold",
-            Column::S3Warm => "s3-warm",
-            Column::S3ColdPrefetch => "s3-cold-prefetch",
-            Column::S3RttCold => "s3-rtt20-cold",
-            Column::S3RttPrefetch => "s3-rtt20-prefetch",
+            RemoteColumn::Local => "local",
+            RemoteColumn::LocalPrefetch => "local-prefetch",
+            RemoteColumn::S3Cold => "s3-cold",
+            RemoteColumn::S3Warm => "s3-warm",
+            RemoteColumn::S3ColdPrefetch => "s3-cold-prefetch",
+            RemoteColumn::S3RttCold => "s3-rtt20-cold",
+            RemoteColumn::S3RttPrefetch => "s3-rtt20-prefetch",
         }
     }
 
     fn remote(self) -> bool {
-        !matches!(self, Column::Local | Column::LocalPrefetch)
+        !matches!(self, RemoteColumn::Local | RemoteColumn::LocalPrefetch)
     }
 
     fn prefetch(self) -> bool {
-        matches!(self, Column::LocalPrefetch | Column::S3ColdPrefetch | Column::S3RttPrefetch)
+        matches!(
+            self,
+            RemoteColumn::LocalPrefetch | RemoteColumn::S3ColdPrefetch | RemoteColumn::S3RttPrefetch
+        )
     }
 
     /// Through the delaying forwarder.
     fn delayed(self) -> bool {
-        matches!(self, Column::S3RttCold | Column::S3RttPrefetch)
+        matches!(self, RemoteColumn::S3RttCold | RemoteColumn::S3RttPrefetch)
     }
 }
 
@@ -183,7 +185,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     let plan = if opts.quick { Plan::QUICK } else { Plan::FULL };
     let skip_size = |out: &mut Vec<Record>, size: usize, why: &str| {
         for c in [Contents::Idle, Contents::Written25] {
-            out.push(Record::skipped(SUITE, c.name(), "all", size as u64, "restore_ns", why));
+            out.push(Record::skipped(SUITE, c.scenario(), Subject::All, size as u64, Metric::RestoreNs, why));
         }
     };
     let skip_all = |out: &mut Vec<Record>, why: &str| {
@@ -238,15 +240,16 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             continue;
         }
         for contents in [Contents::Idle, Contents::Written25] {
-            eprintln!("  {}", contents.name());
-            let name = format!("{}-{}", contents.name(), human_bytes(size as u64));
+            let sc = contents.scenario();
+            eprintln!("  {sc}");
+            let name = format!("{sc}-{}", human_bytes(size as u64));
             let dir = work.0.join(&name);
             let result = measure(size, contents, opts.huge_pages, plan, &store, &name, &dir, out);
             let _ = std::fs::remove_dir_all(&dir);
             if let Err(e) = result {
                 let why = note(&e);
-                eprintln!("  {}: {why}", contents.name());
-                out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "restore_ns", &why));
+                eprintln!("  {sc}: {why}");
+                out.push(Record::skipped(SUITE, sc, Subject::All, size as u64, Metric::RestoreNs, &why));
             }
         }
         eprintln!("  family");
@@ -256,7 +259,8 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
         if let Err(e) = result {
             let why = note(&e);
             eprintln!("  family: {why}");
-            out.push(Record::skipped(SUITE, "family", "all", size as u64, "new_bytes", &why));
+            let (family, new) = (Scenario::Family, Metric::NewBytes);
+            out.push(Record::skipped(SUITE, family, Subject::All, size as u64, new, &why));
         }
     }
     drop(proxy);
@@ -290,8 +294,8 @@ fn measure_family(
     let (start, bytes) = text_area(size);
     let name = format!("family-{}", human_bytes(sz));
     let columns = [
-        ("parent", dir.join("parent"), format!("{name}/parent")),
-        ("child", dir.join("child"), format!("{name}/child")),
+        (Subject::Parent, dir.join("parent"), format!("{name}/parent")),
+        (Subject::Child, dir.join("child"), format!("{name}/child")),
     ];
     let vm = source_vm(size, Contents::Idle, huge)?;
     let taken = (|| -> Result<Vec<(snapshot::Summary, u64, f64)>, BenchError> {
@@ -329,23 +333,24 @@ fn measure_family(
     let no_prefetch = RestoreOptions { eager: false, no_prefetch: true };
     for ((col, _, prefix), (summary, pushed, push_ns)) in columns.iter().zip(taken) {
         eprintln!("    {col}: {summary}; pushed {} in {:.2} s", human_bytes(pushed), push_ns / 1e9);
-        let v = |metric: &str, value: f64, unit: Unit| {
-            Record::value(SUITE, "family", col, sz, metric, value, unit)
+        let col = *col;
+        let v = |metric: Metric, value: f64, unit: Unit| {
+            Record::value(SUITE, Scenario::Family, col, sz, metric, value, unit)
         };
-        out.push(v("pause_ns", summary.pause_ns as f64, Unit::Ns));
-        out.push(v("write_ns", summary.write_secs * 1e9, Unit::Ns));
-        out.push(v("new_bytes", summary.new_bytes as f64, Unit::Bytes));
-        out.push(v("pushed_bytes", pushed as f64, Unit::Bytes));
-        out.push(v("push_ns", push_ns, Unit::Ns));
+        out.push(v(Metric::PauseNs, summary.pause_ns as f64, Unit::Ns));
+        out.push(v(Metric::WriteNs, summary.write_secs * 1e9, Unit::Ns));
+        out.push(v(Metric::NewBytes, summary.new_bytes as f64, Unit::Bytes));
+        out.push(v(Metric::PushedBytes, pushed as f64, Unit::Bytes));
+        out.push(v(Metric::PushNs, push_ns, Unit::Ns));
         let cache = PackCache { dir: dir.join(format!("cache-{col}")), limit_bytes: 16 << 30 };
         let open = || Ok(Snapshot::open_remote_with_cache(store.remote(prefix)?, cache.clone())?);
         match restore_vm(open, &no_prefetch, Contents::Idle) {
             Ok((run, _)) => {
-                out.push(v("ready_ns", run.ready_ns, Unit::Ns));
-                out.push(v("requests", run.requests as f64, Unit::Count));
-                out.push(v("fetched_bytes", run.fetched_bytes as f64, Unit::Bytes));
+                out.push(v(Metric::ReadyNs, run.ready_ns, Unit::Ns));
+                out.push(v(Metric::Requests, run.requests as f64, Unit::Count));
+                out.push(v(Metric::FetchedBytes, run.fetched_bytes as f64, Unit::Bytes));
             }
-            Err(e) => out.push(Record::skipped(SUITE, "family", col, sz, "ready_ns", &note(&e))),
+            Err(e) => out.push(Record::skipped(SUITE, Scenario::Family, col, sz, Metric::ReadyNs, &note(&e))),
         }
     }
     Ok(())
@@ -355,12 +360,14 @@ fn measure_family(
 /// what a child snapshot costs against its parent.
 pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
     let mut out = Vec::new();
-    let get =
-        |sc: &str, st: &str, m: &str, size: u64| find(records, SUITE, sc, st, m, size).and_then(|r| r.value);
+    let get = |sc: Scenario, st: Subject, m: Metric, size: u64| {
+        find(records, SUITE, sc, st, m, size).and_then(|r| r.value)
+    };
+    let (rtt_cold, rtt_prefetch) = (RemoteColumn::S3RttCold.into(), RemoteColumn::S3RttPrefetch.into());
     for size in sizes_of(records, SUITE) {
         if let (Some(cold), Some(pre)) = (
-            get("written25", "s3-rtt20-cold", "ready_ns", size),
-            get("written25", "s3-rtt20-prefetch", "ready_ns", size),
+            get(Scenario::Written25, rtt_cold, Metric::ReadyNs, size),
+            get(Scenario::Written25, rtt_prefetch, Metric::ReadyNs, size),
         ) {
             let value = cold / pre;
             out.push(Ratio {
@@ -371,9 +378,8 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
                 met: value > 1.0,
             });
         }
-        if let (Some(child), Some(parent)) =
-            (get("family", "child", "pushed_bytes", size), get("family", "parent", "pushed_bytes", size))
-        {
+        let pushed = |s: Subject| get(Scenario::Family, s, Metric::PushedBytes, size);
+        if let (Some(child), Some(parent)) = (pushed(Subject::Child), pushed(Subject::Parent)) {
             let value = child / parent;
             out.push(Ratio {
                 name: "family child/parent pushed_bytes (1 % of pages rewritten)".into(),
@@ -415,7 +421,7 @@ fn measure(
     out: &mut Vec<Record>,
 ) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
-    let (sc, sz) = (contents.name(), size as u64);
+    let (sc, sz) = (contents.scenario(), size as u64);
     let snap_dir = dir.join("snapshot");
     let vm = source_vm(size, contents, huge)?;
     let taken = snapshot::take(&vm, "bench", false, &snap_dir, &TakeOptions::default(), None, &mut |_| {});
@@ -455,14 +461,14 @@ fn measure(
                 Ok(Snapshot::open_remote_with_cache(remote, cache)?)
             };
             let got = match k {
-                Column::Local | Column::LocalPrefetch => restore_vm(local, &opts, contents),
-                Column::S3Cold | Column::S3Warm => {
+                RemoteColumn::Local | RemoteColumn::LocalPrefetch => restore_vm(local, &opts, contents),
+                RemoteColumn::S3Cold | RemoteColumn::S3Warm => {
                     restore_vm(|| remote_open(&plain, cold_cache.clone()), &opts, contents)
                 }
-                Column::S3RttCold => {
+                RemoteColumn::S3RttCold => {
                     restore_vm(|| remote_open(&plain, fresh_cache(format!("rtt-{round}"))), &opts, contents)
                 }
-                Column::S3ColdPrefetch | Column::S3RttPrefetch => restore_vm(
+                RemoteColumn::S3ColdPrefetch | RemoteColumn::S3RttPrefetch => restore_vm(
                     || remote_open(&with_ws, fresh_cache(format!("{}-{round}", k.name()))),
                     &opts,
                     contents,
@@ -480,38 +486,31 @@ fn measure(
     }
     let _ = std::fs::remove_dir_all(&caches);
 
-    out.push(Record::value(SUITE, sc, "local", sz, "stored_bytes", summary.stored_bytes as f64, Unit::Bytes));
-    out.push(Record::value(SUITE, sc, "local", sz, "packs", packs as f64, Unit::Count));
+    let (dir_col, stored) = (RemoteColumn::Local, summary.stored_bytes as f64);
+    out.push(Record::value(SUITE, sc, dir_col, sz, Metric::StoredBytes, stored, Unit::Bytes));
+    out.push(Record::value(SUITE, sc, dir_col, sz, Metric::Packs, packs as f64, Unit::Count));
     for (i, k) in COLUMNS.into_iter().enumerate() {
-        let name = k.name();
         if runs[i].is_empty() {
             let why = failed[i].as_deref().unwrap_or("not run");
-            out.push(Record::skipped(SUITE, sc, name, sz, "restore_ns", why));
+            out.push(Record::skipped(SUITE, sc, k, sz, Metric::RestoreNs, why));
             continue;
         }
-        let m = |f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
-        out.push(Record::value(SUITE, sc, name, sz, "restore_ns", m(|r| r.restore_ns), Unit::Ns));
-        out.push(Record::value(SUITE, sc, name, sz, "ready_ns", m(|r| r.ready_ns), Unit::Ns));
-        out.push(Record::value(SUITE, sc, name, sz, "faults", m(|r| r.faults as f64), Unit::Count));
+        // The median of `f` over the column's runs, as a record of `metric`.
+        let put = |out: &mut Vec<Record>, metric, f: fn(&Run) -> f64, unit| {
+            let v = median(runs[i].iter().map(f).collect());
+            out.push(Record::value(SUITE, sc, k, sz, metric, v, unit));
+        };
+        put(out, Metric::RestoreNs, |r| r.restore_ns, Unit::Ns);
+        put(out, Metric::ReadyNs, |r| r.ready_ns, Unit::Ns);
+        put(out, Metric::Faults, |r| r.faults as f64, Unit::Count);
         if k.prefetch() {
-            out.push(Record::value(
-                SUITE,
-                sc,
-                name,
-                sz,
-                "prefetched",
-                m(|r| r.prefetched as f64),
-                Unit::Count,
-            ));
+            put(out, Metric::Prefetched, |r| r.prefetched as f64, Unit::Count);
         }
         if k.remote() {
-            out.push(Record::value(SUITE, sc, name, sz, "requests", m(|r| r.requests as f64), Unit::Count));
-            let bytes = m(|r| r.fetched_bytes as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "fetched_bytes", bytes, Unit::Bytes));
-            let fetched = m(|r| r.packs_fetched as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "packs_fetched", fetched, Unit::Count));
-            let hits = m(|r| r.cache_hits as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "pack_cache_hits", hits, Unit::Count));
+            put(out, Metric::Requests, |r| r.requests as f64, Unit::Count);
+            put(out, Metric::FetchedBytes, |r| r.fetched_bytes as f64, Unit::Bytes);
+            put(out, Metric::PacksFetched, |r| r.packs_fetched as f64, Unit::Count);
+            put(out, Metric::PackCacheHits, |r| r.cache_hits as f64, Unit::Count);
         }
     }
     Ok(())
@@ -592,7 +591,7 @@ mod tests {
     #[test]
     fn columns_are_named_and_classified() {
         assert_eq!(
-            column_names(),
+            COLUMNS.map(RemoteColumn::name),
             [
                 "local",
                 "local-prefetch",

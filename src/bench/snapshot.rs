@@ -76,7 +76,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{BenchError, BenchOptions, Error, Ratio, Record, Suite, Unit, human_bytes, note};
+use super::{
+    BenchError, BenchOptions, Error, Metric, Ratio, Record, Scenario, Subject, Suite, Unit, human_bytes, note,
+};
 use crate::memory::cow::Image;
 use crate::memory::uffd::{self, PageSource};
 use crate::memory::{Extent, GuestMemory, MemFile, MemoryOptions, PAGE_SIZE, Region, Strategy};
@@ -117,17 +119,18 @@ pub(super) enum Contents {
 }
 
 impl Contents {
-    pub(super) fn name(self) -> &'static str {
+    /// The records' scenario.
+    pub(super) fn scenario(self) -> Scenario {
         match self {
-            Contents::Idle => "idle",
-            Contents::Written25 => "written25",
+            Contents::Idle => Scenario::Idle,
+            Contents::Written25 => Scenario::Written25,
         }
     }
 }
 
-/// How a restore gets its memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Restore {
+/// How a restore gets its memory (a column of the snapshot suite: [`super::Subject::Restore`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Restore {
     FilePrivate,
     FileUffd,
     ZstdUffd,
@@ -136,11 +139,11 @@ enum Restore {
 }
 
 /// Table order.
-const RESTORES: [Restore; 5] =
+pub(super) const RESTORES: [Restore; 5] =
     [Restore::FilePrivate, Restore::FileUffd, Restore::ZstdUffd, Restore::ZstdPrefetch, Restore::Eager];
 
 impl Restore {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Restore::FilePrivate => "file-private",
             Restore::FileUffd => "file-uffd",
@@ -179,7 +182,7 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
     let skip_size = |out: &mut Vec<Record>, size: usize, why: &str| {
         eprintln!("  skipped at {}: {why}", human_bytes(size as u64));
         for c in [Contents::Idle, Contents::Written25] {
-            out.push(Record::skipped(SUITE, c.name(), "all", size as u64, "restore_ns", why));
+            out.push(Record::skipped(SUITE, c.scenario(), Subject::All, size as u64, Metric::RestoreNs, why));
         }
     };
     if let Err(e) = kvm_ioctls::Kvm::new() {
@@ -196,14 +199,15 @@ pub(super) fn run(opts: &BenchOptions, out: &mut Vec<Record>) -> Result<(), Benc
             continue;
         }
         for contents in [Contents::Idle, Contents::Written25] {
-            eprintln!("  {}", contents.name());
-            let dir = work.0.join(format!("{}-{}", contents.name(), human_bytes(size as u64)));
+            eprintln!("  {}", contents.scenario());
+            let dir = work.0.join(format!("{}-{}", contents.scenario(), human_bytes(size as u64)));
             let result = measure(size, contents, opts.huge_pages, plan, &dir, out);
             let _ = std::fs::remove_dir_all(&dir);
             if let Err(e) = result {
                 let why = note(&e);
-                eprintln!("  {}: {why}", contents.name());
-                out.push(Record::skipped(SUITE, contents.name(), "all", size as u64, "pause_ns", &why));
+                let (sc, pause) = (contents.scenario(), Metric::PauseNs);
+                eprintln!("  {sc}: {why}");
+                out.push(Record::skipped(SUITE, sc, Subject::All, size as u64, pause, &why));
             }
         }
     }
@@ -252,7 +256,7 @@ fn measure(
     out: &mut Vec<Record>,
 ) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
-    let (sc, sz) = (contents.name(), size as u64);
+    let (sc, sz) = (contents.scenario(), size as u64);
     let snap_dir = dir.join("snapshot");
     let raw_path = dir.join("memory.raw");
 
@@ -280,11 +284,19 @@ fn measure(
         cow_pauses.push(pause?);
     }
     let summary = summary.ok_or(Error::NoSnapshot)?;
-    out.push(Record::value(SUITE, sc, "zstd", sz, "pause_ns", median(pauses), Unit::Ns));
-    out.push(Record::value(SUITE, sc, "zstd", sz, "write_mib_s", median(writes), Unit::MibPerSec));
-    out.push(Record::value(SUITE, sc, "zstd", sz, "stored_bytes", summary.stored_bytes as f64, Unit::Bytes));
-    out.push(Record::value(SUITE, sc, "zstd", sz, "ratio", summary.ratio, Unit::X));
-    out.push(Record::value(SUITE, sc, "cow-fork", sz, "pause_ns", median(cow_pauses), Unit::Ns));
+    out.push(Record::value(SUITE, sc, Subject::Zstd, sz, Metric::PauseNs, median(pauses), Unit::Ns));
+    out.push(Record::value(SUITE, sc, Subject::Zstd, sz, Metric::WriteMibS, median(writes), Unit::MibPerSec));
+    out.push(Record::value(
+        SUITE,
+        sc,
+        Subject::Zstd,
+        sz,
+        Metric::StoredBytes,
+        summary.stored_bytes as f64,
+        Unit::Bytes,
+    ));
+    out.push(Record::value(SUITE, sc, Subject::Zstd, sz, Metric::Ratio, summary.ratio, Unit::X));
+    out.push(Record::value(SUITE, sc, Subject::CowFork, sz, Metric::PauseNs, median(cow_pauses), Unit::Ns));
 
     let nonzero = (summary.chunks - summary.zero_chunks) * TakeOptions::default().chunk_size as u64;
     let raw = match write_raw(&snap_dir, &raw_path) {
@@ -292,20 +304,28 @@ fn measure(
             out.push(Record::value(
                 SUITE,
                 sc,
-                "raw",
+                Subject::Raw,
                 sz,
-                "write_mib_s",
+                Metric::WriteMibS,
                 sz as f64 / (1 << 20) as f64 / secs,
                 Unit::MibPerSec,
             ));
-            out.push(Record::value(SUITE, sc, "raw", sz, "stored_bytes", allocated as f64, Unit::Bytes));
+            out.push(Record::value(
+                SUITE,
+                sc,
+                Subject::Raw,
+                sz,
+                Metric::StoredBytes,
+                allocated as f64,
+                Unit::Bytes,
+            ));
             let ratio = if allocated == 0 { 0.0 } else { nonzero as f64 / allocated as f64 };
-            out.push(Record::value(SUITE, sc, "raw", sz, "ratio", ratio, Unit::X));
+            out.push(Record::value(SUITE, sc, Subject::Raw, sz, Metric::Ratio, ratio, Unit::X));
             Ok(())
         }
         Err(e) => {
             let why = note(&e);
-            out.push(Record::skipped(SUITE, sc, "raw", sz, "write_mib_s", &why));
+            out.push(Record::skipped(SUITE, sc, Subject::Raw, sz, Metric::WriteMibS, &why));
             Err(why)
         }
     };
@@ -371,46 +391,45 @@ fn measure(
     }
 
     for (i, k) in RESTORES.into_iter().enumerate() {
-        let name = k.name();
         if runs[i].is_empty() {
             let why = failed[i].as_deref().unwrap_or("not run");
-            out.push(Record::skipped(SUITE, sc, name, sz, "restore_ns", why));
+            out.push(Record::skipped(SUITE, sc, k, sz, Metric::RestoreNs, why));
             continue;
         }
         let m = |f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
-        out.push(Record::value(SUITE, sc, name, sz, "restore_ns", m(|r| r.restore_ns), Unit::Ns));
-        out.push(Record::value(SUITE, sc, name, sz, "ready_ns", m(|r| r.ready_ns), Unit::Ns));
+        out.push(Record::value(SUITE, sc, k, sz, Metric::RestoreNs, m(|r| r.restore_ns), Unit::Ns));
+        out.push(Record::value(SUITE, sc, k, sz, Metric::ReadyNs, m(|r| r.ready_ns), Unit::Ns));
         if runs[i][0].faults.is_some() {
             out.push(Record::value(
                 SUITE,
                 sc,
-                name,
+                k,
                 sz,
-                "faults",
+                Metric::Faults,
                 m(|r| r.faults.unwrap_or(0) as f64),
                 Unit::Count,
             ));
         }
         if k == Restore::ZstdPrefetch {
             let v = m(|r| r.prefetched as f64);
-            out.push(Record::value(SUITE, sc, name, sz, "prefetched", v, Unit::Count));
+            out.push(Record::value(SUITE, sc, k, sz, Metric::Prefetched, v, Unit::Count));
         }
         match &ws_touches[i] {
             None => {}
-            Some(Ok(ns)) => out.push(Record::value(SUITE, sc, name, sz, "ws_touch_ns", *ns, Unit::Ns)),
-            Some(Err(why)) => out.push(Record::skipped(SUITE, sc, name, sz, "ws_touch_ns", why)),
+            Some(Ok(ns)) => out.push(Record::value(SUITE, sc, k, sz, Metric::WsTouchNs, *ns, Unit::Ns)),
+            Some(Err(why)) => out.push(Record::skipped(SUITE, sc, k, sz, Metric::WsTouchNs, why)),
         }
         match &touches[i] {
             None => {}
             Some(Ok(t)) => {
-                out.push(Record::value(SUITE, sc, name, sz, "touch_p50_ns", t.p50, Unit::Ns));
-                out.push(Record::value(SUITE, sc, name, sz, "touch_p99_ns", t.p99, Unit::Ns));
+                out.push(Record::value(SUITE, sc, k, sz, Metric::TouchP50Ns, t.p50, Unit::Ns));
+                out.push(Record::value(SUITE, sc, k, sz, Metric::TouchP99Ns, t.p99, Unit::Ns));
                 if let Some((p50, p99)) = t.server {
-                    out.push(Record::value(SUITE, sc, name, sz, "srv_p50_ns", p50, Unit::Ns));
-                    out.push(Record::value(SUITE, sc, name, sz, "srv_p99_ns", p99, Unit::Ns));
+                    out.push(Record::value(SUITE, sc, k, sz, Metric::SrvP50Ns, p50, Unit::Ns));
+                    out.push(Record::value(SUITE, sc, k, sz, Metric::SrvP99Ns, p99, Unit::Ns));
                 }
             }
-            Some(Err(why)) => out.push(Record::skipped(SUITE, sc, name, sz, "touch_p50_ns", why)),
+            Some(Err(why)) => out.push(Record::skipped(SUITE, sc, k, sz, Metric::TouchP50Ns, why)),
         }
     }
     Ok(())
@@ -826,7 +845,7 @@ fn touch_loop(k: Restore, snap_dir: &Path, raw: &Path, gpas: &[u64]) -> Result<T
 
 /// The snapshot suite's targets, from one run's records.
 pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
-    let value = |scenario: &str, strategy: &str, metric: &str, size: u64| {
+    let value = |scenario: Scenario, strategy: Subject, metric: Metric, size: u64| {
         super::find(records, SUITE, scenario, strategy, metric, size).and_then(|r| r.value)
     };
     let mut out = Vec::new();
@@ -835,24 +854,27 @@ pub(super) fn ratios(records: &[Record]) -> Vec<Ratio> {
             out.push(Ratio { name, size_bytes: size, value, target: target.into(), met: met(value) });
         }
     };
-    let w = Contents::Written25.name();
+    let w = Scenario::Written25;
+    let (zstd_uffd, file_uffd) = (Subject::Restore(Restore::ZstdUffd), Subject::Restore(Restore::FileUffd));
+    let prefetch = Subject::Restore(Restore::ZstdPrefetch);
     for size in super::sizes_of(records, SUITE) {
         let div = |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
-        let touch = |s: &str| value(w, s, "touch_p50_ns", size);
-        let r = div(touch("zstd-uffd"), touch("file-uffd"));
-        push(format!("{w} zstd-uffd/file-uffd touch_p50"), size, r, "<= 2", |v| v <= 2.0);
-        let ready = |s: &str| value(w, s, "ready_ns", size);
-        let r = div(ready("zstd-uffd"), ready("zstd-prefetch"));
-        push(format!("{w} zstd-uffd/zstd-prefetch ready_ns"), size, r, ">= 3", |v| v >= 3.0);
-        let host = |s: &str| value(w, s, "ws_touch_ns", size);
-        let r = div(host("zstd-uffd"), host("zstd-prefetch"));
-        push(format!("{w} zstd-uffd/zstd-prefetch ws_touch_ns"), size, r, ">= 3", |v| v >= 3.0);
-        push(format!("{w} zstd stored ratio"), size, value(w, "zstd", "ratio", size), ">= 2.5", |v| v >= 2.5);
-        for c in [Contents::Idle, Contents::Written25].map(Contents::name) {
-            let pause = |s: &str| value(c, s, "pause_ns", size);
-            let ms = pause("zstd").map(|ns| ns / 1e6);
+        let touch = |s: Subject| value(w, s, Metric::TouchP50Ns, size);
+        let r = div(touch(zstd_uffd), touch(file_uffd));
+        push(format!("{w} {zstd_uffd}/{file_uffd} touch_p50"), size, r, "<= 2", |v| v <= 2.0);
+        let ready = |s: Subject| value(w, s, Metric::ReadyNs, size);
+        let r = div(ready(zstd_uffd), ready(prefetch));
+        push(format!("{w} {zstd_uffd}/{prefetch} ready_ns"), size, r, ">= 3", |v| v >= 3.0);
+        let host = |s: Subject| value(w, s, Metric::WsTouchNs, size);
+        let r = div(host(zstd_uffd), host(prefetch));
+        push(format!("{w} {zstd_uffd}/{prefetch} ws_touch_ns"), size, r, ">= 3", |v| v >= 3.0);
+        let ratio = value(w, Subject::Zstd, Metric::Ratio, size);
+        push(format!("{w} zstd stored ratio"), size, ratio, ">= 2.5", |v| v >= 2.5);
+        for c in [Contents::Idle, Contents::Written25].map(Contents::scenario) {
+            let pause = |s: Subject| value(c, s, Metric::PauseNs, size);
+            let ms = pause(Subject::Zstd).map(|ns| ns / 1e6);
             push(format!("{c} snapshot pause_ms"), size, ms, "<= 1", |v| v <= 1.0);
-            let r = div(pause("zstd"), pause("cow-fork"));
+            let r = div(pause(Subject::Zstd), pause(Subject::CowFork));
             push(format!("{c} snapshot/cow-fork pause_ns"), size, r, "<= 1.5", |v| v <= 1.5);
         }
     }
@@ -910,20 +932,22 @@ mod tests {
     #[test]
     fn ratios_are_taken_at_each_size_against_their_targets() {
         let size = 256u64 << 20;
-        let rec = |scenario: &str, strategy: &str, metric: &str, v: f64| {
+        let rec = |scenario: Scenario, strategy: Subject, metric: Metric, v: f64| {
             Record::value(SUITE, scenario, strategy, size, metric, v, Unit::Ns)
         };
+        let (w, idle) = (Scenario::Written25, Scenario::Idle);
+        let (zstd_uffd, prefetch) = (Restore::ZstdUffd.into(), Restore::ZstdPrefetch.into());
         let records = vec![
-            rec("written25", "zstd-uffd", "touch_p50_ns", 30_000.0),
-            rec("written25", "file-uffd", "touch_p50_ns", 10_000.0),
-            rec("written25", "zstd-uffd", "ready_ns", 900e6),
-            rec("written25", "zstd-prefetch", "ready_ns", 300e6),
-            rec("written25", "zstd-uffd", "ws_touch_ns", 400e6),
-            rec("written25", "zstd-prefetch", "ws_touch_ns", 200e6),
-            rec("written25", "zstd", "ratio", 3.1),
-            rec("idle", "zstd", "pause_ns", 400_000.0),
-            rec("idle", "cow-fork", "pause_ns", 350_000.0),
-            rec("written25", "zstd", "pause_ns", 2e6),
+            rec(w, zstd_uffd, Metric::TouchP50Ns, 30_000.0),
+            rec(w, Restore::FileUffd.into(), Metric::TouchP50Ns, 10_000.0),
+            rec(w, zstd_uffd, Metric::ReadyNs, 900e6),
+            rec(w, prefetch, Metric::ReadyNs, 300e6),
+            rec(w, zstd_uffd, Metric::WsTouchNs, 400e6),
+            rec(w, prefetch, Metric::WsTouchNs, 200e6),
+            rec(w, Subject::Zstd, Metric::Ratio, 3.1),
+            rec(idle, Subject::Zstd, Metric::PauseNs, 400_000.0),
+            rec(idle, Subject::CowFork, Metric::PauseNs, 350_000.0),
+            rec(w, Subject::Zstd, Metric::PauseNs, 2e6),
         ];
         let got: Vec<(String, f64, bool)> = ratios(&records)
             .into_iter()

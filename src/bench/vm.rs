@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, Error, Record, Suite, Unit};
+use super::{BenchError, Error, Metric, Record, Scenario, Subject, Suite, Unit};
 use crate::memory::MemoryOptions;
 use crate::vmm::{Vm, VmConfig, Workload, guest};
 
@@ -102,25 +102,27 @@ pub fn run(records: &mut Vec<Record>) -> Result<(), BenchError> {
     let size = MEM as u64;
     if let Err(e) = kvm_ioctls::Kvm::new() {
         let why = format!("no usable /dev/kvm: {e}");
-        for m in ["vm_start_ns", "pause_ns", "resume_ns"] {
-            records.push(Record::skipped(Suite::Vm, m, "kvm", size, m, &why));
+        for m in [Metric::VmStartNs, Metric::PauseNs, Metric::ResumeNs] {
+            records.push(Record::skipped(Suite::Vm, m, Subject::Kvm, size, m, &why));
         }
         return Ok(());
     }
     let exe = std::env::current_exe().map_err(Error::io("cannot find this program's own path"))?;
     let is_vmfork = exe.file_name().is_some_and(|n| n == "vmfork");
+    let (start, kvm, start_ns) = (Scenario::Start, Subject::Kvm, Metric::VmStartNs);
     if is_vmfork {
         let t = vm_start(&exe, STARTS, None)?;
-        records.push(Record::value(Suite::Vm, "start", "kvm", size, "vm_start_ns", median(t), Unit::Ns));
+        records.push(Record::value(Suite::Vm, start, kvm, size, start_ns, median(t), Unit::Ns));
     } else {
         let why = "needs the vmfork binary (run `vmfork bench`)";
-        records.push(Record::skipped(Suite::Vm, "start", "kvm", size, "vm_start_ns", why));
+        records.push(Record::skipped(Suite::Vm, start, kvm, size, start_ns, why));
     }
     for vcpus in [1, 2] {
         let (p, r) = pause_resume(vcpus, CYCLES)?;
-        let scenario = format!("{vcpus}vcpu");
-        records.push(Record::value(Suite::Vm, &scenario, "kvm", size, "pause_ns", median(p), Unit::Ns));
-        records.push(Record::value(Suite::Vm, &scenario, "kvm", size, "resume_ns", median(r), Unit::Ns));
+        let scenario = Scenario::Vcpus(vcpus);
+        for (m, times) in [(Metric::PauseNs, p), (Metric::ResumeNs, r)] {
+            records.push(Record::value(Suite::Vm, scenario, kvm, size, m, median(times), Unit::Ns));
+        }
     }
     Ok(())
 }

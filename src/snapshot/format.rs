@@ -329,7 +329,7 @@ fn unframe(
         Ok(Some(len)) if len == raw_len as u64 => {}
         _ => return Err(bad(format!("entries: the zstd frame does not declare {raw_len} bytes"))),
     }
-    let raw = zstd::bulk::decompress(&b[32..], raw_len).map_err(|e| bad(format!("entries: {e}")))?;
+    let raw = zstd::bulk::decompress(&b[32..], raw_len).map_err(|source| Error::Entries { file, source })?;
     if raw.len() != raw_len || crc32c::crc32c(&raw) != crc {
         return Err(bad("entries do not match their checksum".into()));
     }
@@ -459,8 +459,9 @@ pub fn decode_chunk(
             out.copy_from_slice(stored);
         }
         Kind::Zstd => {
-            let n =
-                decompressor.decompress_to_buffer(stored, out).map_err(|e| corrupt(format!("zstd: {e}")))?;
+            let n = decompressor
+                .decompress_to_buffer(stored, out)
+                .map_err(|source| Error::CorruptFrame { chunk, source })?;
             if n != out.len() {
                 return Err(corrupt(format!("decodes to {n} bytes, not {}", out.len())));
             }

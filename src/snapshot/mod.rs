@@ -54,12 +54,33 @@ pub enum Error {
     Io { path: PathBuf, error: std::io::Error },
     #[error("{path} is not a complete snapshot: {error} (was it written to the end?)")]
     Missing { path: PathBuf, error: std::io::Error },
+    /// A file of the snapshot breaks the format; `what` says how.
     #[error("bad snapshot ({file}): {what}")]
     Format { file: &'static str, what: String },
+    #[error("bad snapshot (snapshot.json): it does not read as a vmfork snapshot manifest")]
+    Manifest(#[source] serde_json::Error),
+    /// The entries of `index.bin` or `hashes.bin` do not decompress.
+    #[error("bad snapshot ({file}): its entries do not decompress")]
+    Entries {
+        file: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad snapshot (state.json): it is not UTF-8 text")]
+    StateText(#[source] std::string::FromUtf8Error),
+    #[error("chunk size {0} is not one a snapshot can have: take it with --chunk 4K or 8K")]
+    ChunkSize(u32),
     #[error("snapshot format version {0} is not supported by this vmfork (it reads version 1)")]
     Version(u32),
+    /// A chunk's stored bytes are not what its index entry says; `what` says how.
     #[error("snapshot chunk {chunk} is corrupt: {what}")]
     CorruptChunk { chunk: u64, what: String },
+    #[error("snapshot chunk {chunk} is corrupt: its zstd frame does not decompress")]
+    CorruptFrame {
+        chunk: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "the snapshot holds a {guest_mib} MiB guest and this host has {host_mib} MiB of memory: restore it on a bigger host"
     )]
@@ -74,10 +95,74 @@ pub enum Error {
     StateSize { state: u64, memory: u64 },
     #[error("cannot encode the VM state as JSON: {0}")]
     EncodeState(serde_json::Error),
-    #[error("{object}: {what}")]
-    Remote { object: String, what: String },
-    #[error("parent snapshot {location}: {what}")]
-    Parent { location: String, what: String },
+
+    // The object store. `object` is `s3://BUCKET/KEY`.
+    #[error("cannot set up a client for {url} at {endpoint}")]
+    Client {
+        url: String,
+        endpoint: String,
+        #[source]
+        source: remote::ClientError,
+    },
+    #[error("{object}: not found (no such object, or no such bucket)")]
+    NotFound { object: String },
+    #[error("{object}: access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")]
+    Denied { object: String },
+    /// Any other failure of a request: the store's client says what.
+    #[error("{object}: the request to the store at {endpoint} failed")]
+    Request {
+        object: String,
+        endpoint: String,
+        #[source]
+        source: remote::ClientError,
+    },
+    #[error("{object}: a snapshot is there already: push to a new prefix")]
+    Pushed { object: String },
+    #[error("{object}: not found: the snapshot in the store is incomplete")]
+    PackMissing { object: String },
+    #[error(
+        "{object}: {len} bytes that fail their checksum (the manifest says {size} bytes, crc32c {crc:08x})"
+    )]
+    PackChecksum { object: String, len: u64, size: u64, crc: u32 },
+
+    // Parents: `location` is where the child's manifest says its parent is.
+    #[error(
+        "parent snapshot {location}: {} references its packs in a local directory, which other hosts cannot read: push the parent, then snapshot the VM to the store with --parent s3://...",
+        dir.display()
+    )]
+    LocalParentPushed { location: String, dir: PathBuf },
+    #[error(
+        "parent snapshot {location}: a snapshot in an object store names a local directory as its parent"
+    )]
+    LocalParentInStore { location: String },
+    #[error("the snapshot names a parent at an address no snapshot can be at")]
+    ParentUrl(#[source] remote::BadS3Url),
+    #[error("parent snapshot {location}: a snapshot taken with --parent needs its parents' packs")]
+    ParentPacks {
+        location: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("parent snapshot {location}: its snapshot.json does not read as a vmfork snapshot manifest")]
+    ParentManifest {
+        location: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("parent snapshot {location}: it has no pack checksums: take it again with this vmfork")]
+    ParentNoChecksums { location: String },
+    #[error(
+        "parent snapshot {location}: it is the end of a chain of {snapshots} snapshots already: take this one without --parent"
+    )]
+    ParentChainFull { location: String, snapshots: usize },
+    #[error(
+        "parent snapshot {location}: it has no chunk hashes (hashes.bin): take it again with this vmfork to use it as a parent"
+    )]
+    ParentNoHashes { location: String },
+    #[error("parent snapshot {location}: it holds another guest memory layout (a VM of another size)")]
+    ParentLayout { location: String },
+    #[error("parent snapshot {location}: its chunks are {kib} KiB: take this one with --chunk {kib}K")]
+    ParentChunkSize { location: String, kib: u32 },
     #[error("cannot make the restored VM's new identity: {0}")]
     Identity(crate::fork::NewVmError),
 }
@@ -106,4 +191,51 @@ pub fn restored_report() -> Option<(PathBuf, StatsReport)> {
         report.remote = snap.remote_report();
         (snap.dir.clone(), report)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Errors that wrap another hand it out as their source: the report shows it once,
+    /// after what went wrong.
+    #[test]
+    fn a_wrapped_cause_is_reported_once_after_what_went_wrong() {
+        let parse = serde_json::from_str::<format::Manifest>("{").unwrap_err();
+        let parse_text = parse.to_string();
+        let text = crate::error::tests::report_once(&Error::Manifest(parse));
+        assert!(text.starts_with("bad snapshot (snapshot.json): "), "{text}");
+        assert_eq!(text.matches(&parse_text).count(), 1, "{text}");
+
+        let missing = Error::Missing {
+            path: "/snaps/a/pack-0000.bin".into(),
+            error: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let e = Error::ParentPacks { location: "/snaps/a".into(), source: Box::new(missing) };
+        let text = crate::error::tests::report_once(&e);
+        assert!(text.starts_with("parent snapshot /snaps/a: a snapshot taken with --parent needs"), "{text}");
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+
+        let cause = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        };
+        let cause_text = cause.to_string();
+        let e = Error::Request {
+            object: "s3://b/p/snapshot.json".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            source: remote::ClientError(Box::new(cause)),
+        };
+        let text = crate::error::tests::report_once(&e);
+        assert!(
+            text.starts_with("s3://b/p/snapshot.json: the request to the store at http://127.0.0.1:9"),
+            "{text}"
+        );
+        assert_eq!(text.matches(&cause_text).count(), 1, "{text}");
+
+        let bad = remote::S3Url::parse("s3://B").unwrap().unwrap_err();
+        let text = crate::error::tests::report_once(&Error::ParentUrl(bad));
+        assert_eq!(text.matches("s3://B").count(), 1, "the address once: {text}");
+        assert!(text.contains("3 to 63 characters"), "{text}");
+    }
 }

@@ -51,6 +51,13 @@ impl S3Url {
     }
 }
 
+/// A failure of the store's client (`object_store`). Its message holds its causes
+/// already (each of object_store's errors writes its cause into its own message), so it
+/// hands none out: [`crate::error::Report`] would print them twice.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(pub Box<object_store::Error>);
+
 /// Why an `s3://` address is not one a snapshot can live at.
 #[derive(Debug, thiserror::Error)]
 pub enum BadS3Url {
@@ -168,9 +175,10 @@ impl Remote {
             (Some(k), Some(s)) => b = b.with_access_key_id(k).with_secret_access_key(s),
             _ => b = b.with_skip_signature(true),
         }
-        let store = b.build().map_err(|e| Error::Remote {
-            object: url.to_string(),
-            what: format!("cannot set up a client for {endpoint}: {e}"),
+        let store = b.build().map_err(|source| Error::Client {
+            url: url.to_string(),
+            endpoint: endpoint.clone(),
+            source: ClientError(Box::new(source)),
         })?;
         Ok(Remote { url, store, counters: Counters::default(), endpoint, cfg: cfg.clone() })
     }
@@ -181,17 +189,19 @@ impl Remote {
     }
 
     fn err(&self, name: &str, e: object_store::Error) -> Error {
-        let object = format!("s3://{}/{}", self.url.bucket, self.url.key(name));
-        let what = match &e {
-            object_store::Error::NotFound { .. } => {
-                "not found (no such object, or no such bucket)".to_string()
-            }
+        let object = self.object(name);
+        match e {
+            object_store::Error::NotFound { .. } => Error::NotFound { object },
             object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. } => {
-                "access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".to_string()
+                Error::Denied { object }
             }
-            _ => format!("{e} (store {})", self.endpoint),
-        };
-        Error::Remote { object, what }
+            e => Error::Request { object, endpoint: self.endpoint.clone(), source: ClientError(Box::new(e)) },
+        }
+    }
+
+    /// Object `name` of the snapshot, as messages name it: `s3://BUCKET/KEY`.
+    pub fn object(&self, name: &str) -> String {
+        format!("s3://{}/{}", self.url.bucket, self.url.key(name))
     }
 
     /// The object `name` of the snapshot, or `None` where there is none.
@@ -254,19 +264,10 @@ pub fn push(dir: &std::path::Path, remote: &Remote) -> Result<u64> {
     let snap = super::Snapshot::open(dir)?;
     // A snapshot in a store is read by hosts that do not have this one's directories.
     if let Some(p) = snap.manifest.parents.iter().find(|p| !p.location.starts_with("s3://")) {
-        return Err(Error::Parent {
-            location: p.location.clone(),
-            what: format!(
-                "{} references its packs in a local directory, which other hosts cannot read: push the parent, then snapshot the VM to the store with --parent s3://...",
-                dir.display()
-            ),
-        });
+        return Err(Error::LocalParentPushed { location: p.location.clone(), dir: dir.to_path_buf() });
     }
     if remote.get("snapshot.json")?.is_some() {
-        return Err(Error::Remote {
-            object: format!("s3://{}/{}", remote.url.bucket, remote.url.key("snapshot.json")),
-            what: "a snapshot is there already: push to a new prefix".into(),
-        });
+        return Err(Error::Pushed { object: remote.object("snapshot.json") });
     }
     let mut names: Vec<String> =
         (0..snap.manifest.packs.len()).map(super::format::Manifest::pack_name).collect();

@@ -96,10 +96,10 @@ fn open_packs(m: &Manifest, own: Own<'_>) -> Result<(Vec<Pack>, Vec<Arc<Remote>>
             (None, Own::Dir(dir)) => Pack::Local(local_pack(&dir.join(Manifest::pack_name(i)), size)?),
             (None, Own::Store(r)) => in_store(r, i, size, crc),
             (Some(at), _) => {
-                let parent = |what: String| Error::Parent { location: at.to_string(), what };
+                let location = || at.to_string();
                 match S3Url::parse(at) {
                     Some(url) => {
-                        let url = url.map_err(|e| parent(e.to_string()))?;
+                        let url = url.map_err(Error::ParentUrl)?;
                         let remote = match remotes.iter().find(|r| r.url == url) {
                             Some(r) => r.clone(),
                             None => {
@@ -114,15 +114,13 @@ fn open_packs(m: &Manifest, own: Own<'_>) -> Result<(Vec<Pack>, Vec<Arc<Remote>>
                         in_store(&remote, i, size, crc)
                     }
                     None if matches!(own, Own::Store(_)) => {
-                        return Err(parent(
-                            "a snapshot in an object store names a local directory as its parent".into(),
-                        ));
+                        return Err(Error::LocalParentInStore { location: location() });
                     }
                     None => {
                         let path = Path::new(at).join(Manifest::pack_name(i));
-                        Pack::Local(local_pack(&path, size).map_err(|e| {
-                            parent(format!("{e}: a snapshot taken with --parent needs its parents' packs"))
-                        })?)
+                        let parent_packs =
+                            |e| Error::ParentPacks { location: location(), source: Box::new(e) };
+                        Pack::Local(local_pack(&path, size).map_err(parent_packs)?)
                     }
                 }
             }
@@ -198,8 +196,7 @@ impl Snapshot {
                 error: std::io::ErrorKind::NotFound.into(),
             })
         };
-        let manifest: Manifest = serde_json::from_slice(&read("snapshot.json")?)
-            .map_err(|e| Error::Format { file: "snapshot.json", what: e.to_string() })?;
+        let manifest: Manifest = serde_json::from_slice(&read("snapshot.json")?).map_err(Error::Manifest)?;
         manifest.validate()?;
         if matches!(own, Own::Store(_)) && manifest.pack_crc32c.len() != manifest.packs.len() {
             return Err(Error::Format {
@@ -232,8 +229,7 @@ impl Snapshot {
             Some(b) => Some(WorkingSet::decode(&b, manifest.chunks())?),
             None => None,
         };
-        let state_json = String::from_utf8(read("state.json")?)
-            .map_err(|e| Error::Format { file: "state.json", what: e.to_string() })?;
+        let state_json = String::from_utf8(read("state.json")?).map_err(Error::StateText)?;
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             manifest,
@@ -297,19 +293,11 @@ impl Snapshot {
                 f
             }
             None => {
-                let object = || format!("s3://{}/{}", remote.url.bucket, remote.url.key(name));
-                let data = remote.get(name)?.ok_or_else(|| Error::Remote {
-                    object: object(),
-                    what: "not found: the snapshot in the store is incomplete".into(),
-                })?;
+                let data =
+                    remote.get(name)?.ok_or_else(|| Error::PackMissing { object: remote.object(name) })?;
                 if data.len() as u64 != size || crc32c::crc32c(&data) != crc {
-                    return Err(Error::Remote {
-                        object: object(),
-                        what: format!(
-                            "{} bytes that fail their checksum (the manifest says {size} bytes, crc32c {crc:08x})",
-                            data.len()
-                        ),
-                    });
+                    let (object, len) = (remote.object(name), data.len() as u64);
+                    return Err(Error::PackChecksum { object, len, size, crc });
                 }
                 self.cache.put(&scope, name, &data, crc)?
             }
@@ -603,9 +591,10 @@ impl PageSource for ChunkSource {
         }
         if let Err(e) = self.snap.decode(chunk, &mut self.dec, &mut self.buf, &mut self.out) {
             return Err(std::io::Error::other(format!(
-                "snapshot {}: {e} (guest address {:#x}); the guest cannot run on without it: \
+                "snapshot {}: {} (guest address {:#x}); the guest cannot run on without it: \
                  restore from an intact copy of the snapshot, or take it again",
                 self.snap.dir.display(),
+                crate::error::report(&e),
                 self.snap.guest_addr(chunk)
             )));
         }

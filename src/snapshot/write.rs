@@ -92,31 +92,20 @@ impl Parent {
             let path = meta.join(name);
             std::fs::read(&path).map_err(|error| Error::Missing { path: path.clone(), error })
         };
-        let refuse = |what: String| Error::Format {
-            file: "snapshot.json",
-            what: format!("parent {location}: {what}"),
-        };
-        let manifest: Manifest =
-            serde_json::from_slice(&read("snapshot.json")?).map_err(|e| refuse(e.to_string()))?;
+        let manifest: Manifest = serde_json::from_slice(&read("snapshot.json")?)
+            .map_err(|source| Error::ParentManifest { location: location.clone(), source })?;
         manifest.validate()?;
         if manifest.pack_crc32c.len() != manifest.packs.len() {
-            return Err(refuse("it has no pack checksums: take it again with this vmfork".into()));
+            return Err(Error::ParentNoChecksums { location });
         }
         if manifest.parents.len() >= MAX_PARENTS {
-            return Err(refuse(format!(
-                "it is the end of a chain of {} snapshots already: take this one without --parent",
-                manifest.parents.len() + 1
-            )));
+            return Err(Error::ParentChainFull { location, snapshots: manifest.parents.len() + 1 });
         }
         let total = manifest.all_packs().map(|p| p.2).sum();
         let index = Index::decode(&read("index.bin")?, manifest.chunks(), total)?;
         let hashes = match std::fs::read(meta.join("hashes.bin")) {
             Ok(b) => Hashes::decode(&b, manifest.chunks())?,
-            Err(_) => {
-                return Err(refuse(
-                    "it has no chunk hashes (hashes.bin): take it again with this vmfork to use it as a parent".into(),
-                ));
-            }
+            Err(_) => return Err(Error::ParentNoHashes { location }),
         };
         Ok(Parent { location, manifest, index, hashes, packs_bytes: total })
     }
@@ -147,18 +136,14 @@ impl Parent {
                 .iter()
                 .zip(layout)
                 .all(|(r, &(gpa, size))| r.guest_addr == gpa && r.size == size as u64);
-        let what = if !same {
-            "it holds another guest memory layout (a VM of another size)".to_string()
+        let location = self.location.clone();
+        if !same {
+            Err(Error::ParentLayout { location })
         } else if m.chunk_size != chunk_size {
-            format!(
-                "its chunks are {} KiB: take this one with --chunk {}K",
-                m.chunk_size / 1024,
-                m.chunk_size / 1024
-            )
+            Err(Error::ParentChunkSize { location, kib: m.chunk_size / 1024 })
         } else {
-            return Ok(());
-        };
-        Err(Error::Format { file: "snapshot.json", what: format!("parent {}: {what}", self.location) })
+            Ok(())
+        }
     }
 }
 
@@ -178,10 +163,7 @@ pub fn take(
         return Err(Error::Private(name.to_string()));
     }
     if !matches!(opts.chunk_size, 4096 | 8192) {
-        return Err(Error::Format {
-            file: "options",
-            what: format!("chunk size {} (4K or 8K)", opts.chunk_size),
-        });
+        return Err(Error::ChunkSize(opts.chunk_size));
     }
     if let Some(p) = parent {
         let layout: Vec<(u64, usize)> =
