@@ -3,6 +3,15 @@
 //! vmfork binds the uAPI itself rather than using the `userfaultfd` crate, whose build
 //! runs bindgen (it needs libclang on every build machine) and pins an old `nix`; the
 //! structures below are fixed kernel ABI (include/uapi/linux/userfaultfd.h).
+//!
+//! # Where the unsafety sits
+//! Placing bytes into memory (`copy`, `zeropage`, `continue_range`) takes raw addresses
+//! but is a safe method: the kernel refuses any destination outside a range registered
+//! with the same descriptor (`ENOENT`/`EINVAL`), and registering is the `unsafe fn`
+//! [`Uffd::register`], whose caller promises that no Rust reference or allocation covers
+//! the range for as long as it stays registered. A descriptor received from another
+//! process ([`Uffd::from_fd`]) fills only ranges that process registered, under the same
+//! promise made there.
 
 use std::fs::OpenOptions;
 use std::io;
