@@ -480,3 +480,33 @@ fn page_map_runs_are_sorted_and_disjoint_over_large_memory() {
         assert_eq!(read_u64(&again, (p * PAGE_SIZE) as u64), want, "page {p}");
     }
 }
+
+/// A `copy` of a memory that was cloned `cow` before (a view of layers) copies what the
+/// layers and patches hold, not every page of the view: reading a hole through the view
+/// would put a page into the shared layer for it, and take a fault per page.
+#[test]
+fn a_copy_of_a_layered_memory_reads_no_holes() {
+    let pages = 4096; // 16 MiB, almost all of it holes
+    let parent = GuestMemory::with_size(pages * PAGE_SIZE, &MemoryOptions::SMALL_PAGES).unwrap();
+    parent.write(7 * PAGE_SIZE as u64, b"layer").unwrap();
+    let (cow_child, _) = parent.clone_with(Strategy::Cow).unwrap();
+    parent.write(3000 * PAGE_SIZE as u64, b"written since").unwrap();
+    let shared_before = accounting::usage(&cow_child).unwrap().shared_bytes;
+    let (copy, _) = parent.clone_with(Strategy::Copy).unwrap();
+    let read = |m: &GuestMemory, page: usize, len: usize| {
+        let mut b = vec![0u8; len];
+        m.read((page * PAGE_SIZE) as u64, &mut b).unwrap();
+        b
+    };
+    assert_eq!(read(&copy, 7, 5), b"layer");
+    assert_eq!(read(&copy, 3000, 13), b"written since");
+    assert_eq!(read(&copy, 100, 4), [0; 4]);
+    let shared_after = accounting::usage(&cow_child).unwrap().shared_bytes;
+    assert!(
+        shared_after <= shared_before + 4 * PAGE_SIZE as u64,
+        "the copy grew the shared layers from {shared_before} to {shared_after} bytes"
+    );
+    let held = copy.regions()[0].layout();
+    let vmfork::memory::Layout::File(f) = &*held else { panic!("a copy owns one file") };
+    assert!(f.allocated_bytes().unwrap() <= 16 * PAGE_SIZE as u64, "the copy filled holes");
+}

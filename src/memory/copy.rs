@@ -1,7 +1,8 @@
 //! `copy`: the eager baseline. The child gets a new memfd holding a full copy.
 //!
 //! Only pages that hold data are copied: for a region backed by one file, its holes
-//! (`SEEK_HOLE`) stay holes in the child. The copy is split over all CPUs. Without huge
+//! (`SEEK_HOLE`) stay holes in the child; a `cow` view is frozen first and only its
+//! layers' data and its patches are copied. The copy is split over all CPUs. Without huge
 //! pages it uses `pwrite(2)` from the source mapping, which allocates the child's pages
 //! inside the kernel without building page tables; with huge pages it copies through a
 //! `MADV_HUGEPAGE` mapping of the child, so the child's file gets huge folios.
@@ -14,9 +15,17 @@ use super::{Error, Layout, MemFile, Region, Result};
 pub(super) fn clone_region(src: &Region, huge_pages: bool) -> Result<Region> {
     src.materialize()?;
     let size = src.size();
-    let ranges = match &*src.layout() {
-        Layout::File(f) => f.data_ranges(),
-        Layout::Layers(_) => vec![(0, size)],
+    let layered = matches!(&*src.layout(), Layout::Layers(_));
+    let ranges = if layered {
+        // A view of layers: what it holds is its image once frozen (a no-op beyond the
+        // pages written since the last freeze). Only the layers' data and the patches are
+        // read: reading a hole through the view would fault a page into the layer for it.
+        held_ranges(&super::cow::freeze(src)?)
+    } else {
+        match &*src.layout() {
+            Layout::File(f) => f.data_ranges(),
+            Layout::Layers(_) => unreachable!("checked above"),
+        }
     };
     let file = Arc::new(MemFile::create("vmfork-copy", size)?);
     let child = Region::with_file(src.guest_addr(), file.clone())?;
@@ -58,6 +67,31 @@ pub(super) fn clone_region(src: &Region, huge_pages: bool) -> Result<Region> {
         workers.into_iter().try_for_each(|w| w.join().map_err(|_| Error::CopyWorkerPanicked)?)
     })?;
     Ok(child)
+}
+
+/// The region offsets where `image` holds data, sorted and merged: each layer's data
+/// ranges within its extent, and every patch's runs.
+fn held_ranges(image: &super::cow::Image) -> Vec<(usize, usize)> {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for e in &image.extents {
+        let (lo, hi) = (e.file_offset, e.file_offset + e.len);
+        for (s, t) in e.file.data_ranges() {
+            let (s, t) = (s.max(lo), t.min(hi));
+            if s < t {
+                ranges.push((e.offset + s - lo, e.offset + t - lo));
+            }
+        }
+    }
+    ranges.extend(image.patches.iter().flat_map(|p| p.runs().iter().copied()));
+    ranges.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+    for (s, t) in ranges {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(t),
+            _ => merged.push((s, t)),
+        }
+    }
+    merged
 }
 
 fn threads() -> usize {
