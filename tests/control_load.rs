@@ -493,3 +493,45 @@ fn connections_that_never_send_a_request_are_hung_up_on_after_the_wait() {
     }
     assert_eq!(status(&rt, "p")["state"], "running");
 }
+
+/// A VM process that cannot start a thread for a connection (here: a pids cgroup at its
+/// limit) refuses that connection with an error or a hang-up, and serves again once it
+/// can: the thread spawn once panicked in the accepting thread, which ended the control
+/// socket for good.
+#[test]
+fn a_connection_that_gets_no_thread_is_refused_and_the_socket_serves_on() {
+    const TEST: &str = "a_connection_that_gets_no_thread_is_refused_and_the_socket_serves_on";
+    let Some(_lock) = kvm_available(TEST) else { return };
+    let cg = match common::cgroup::Cgroup::new("pids", "vmfork-test-pids") {
+        Ok(cg) => cg,
+        Err(why) => {
+            return common::skip(TEST, &format!("needs a pids cgroup to cap the VM's threads: {why}"));
+        }
+    };
+    let rt = Runtime::new("no-thread");
+    rt.run("p", &[]);
+    let pid = status(&rt, "p")["pid"].as_i64().unwrap() as i32;
+    let (threads, _) = idle_baseline(pid);
+    cg.add(pid).unwrap();
+    // Not one thread more.
+    cg.set_limit(Some(threads as u64)).unwrap();
+    let (mut errors, mut hangups) = (0, 0);
+    for _ in 0..5 {
+        let answers = exchange(&rt, b"{\"cmd\":\"status\"}\n");
+        match answers.as_slice() {
+            [] => hangups += 1,
+            [v] => {
+                assert_eq!(v["ok"], false, "a status was answered without a thread to answer it: {v}");
+                let e = v["error"].as_str().unwrap();
+                assert!(e.contains("cannot start a thread"), "{e}");
+                errors += 1;
+            }
+            more => panic!("{} answers: {more:?}", more.len()),
+        }
+    }
+    eprintln!("at the thread limit: {errors} errors, {hangups} hang-ups; pids.current {}", cg.usage());
+    cg.set_limit(None).unwrap();
+    let c = counter(&status(&rt, "p")).expect("the VM answers again once it may start threads");
+    control::wait_counter_past(&rt, "p", c, "after the thread limit was lifted");
+    cg.send_home(pid).unwrap();
+}

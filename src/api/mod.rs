@@ -47,6 +47,10 @@ const MAX_REQUEST: u64 = 4096;
 /// that dribbles bytes gets no more time than one that sends none).
 pub const REQUEST_WAIT: Duration = Duration::from_secs(10);
 
+/// How long the accepting thread pauses after it could not accept a connection or start
+/// a thread for one (and how long it tries to tell that client so).
+const REFUSE_BACKOFF: Duration = Duration::from_millis(10);
+
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -257,16 +261,36 @@ impl Server {
         }
     }
 
-    /// Accepts connections on `listener` in a background thread, one thread each.
+    /// Accepts connections on `listener` in a background thread, one thread each. A
+    /// connection that gets no thread (the process is at a limit of threads or memory)
+    /// is told so and hung up on, and the server goes on: a thread spawn that panicked
+    /// once ended the accepting thread, and with it the control socket for good.
     pub fn spawn(&self, listener: UnixListener, who: Identity, vm: Arc<Vm>) {
         let freezes = Arc::new(Mutex::new(()));
         std::thread::spawn(move || {
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                let conn = match conn {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of fds, say: wait a little rather than spin.
+                        eprintln!("vmfork: control socket: accept: {e}");
+                        std::thread::sleep(REFUSE_BACKOFF);
+                        continue;
+                    }
+                };
+                let reply = conn.try_clone();
                 let (vm, who, freezes) = (vm.clone(), who.clone(), freezes.clone());
-                std::thread::spawn(move || {
+                let spawned = std::thread::Builder::new().spawn(move || {
                     let _ = handle(conn, &who, &vm, &freezes);
                 });
+                if let Err(e) = spawned {
+                    eprintln!("vmfork: control socket: no thread for a connection: {e}");
+                    if let Ok(mut w) = reply {
+                        let _ = w.set_write_timeout(Some(REFUSE_BACKOFF));
+                        let _ = error(&mut w, format!("the VM process cannot start a thread to answer: {e}"));
+                    }
+                    std::thread::sleep(REFUSE_BACKOFF);
+                }
             }
         });
     }
