@@ -83,6 +83,42 @@ pub enum Error {
     /// The runtime directory (where the child's log goes) is unusable.
     #[error(transparent)]
     Runtime(#[from] crate::runtime::Error),
+    /// The child process ended during the handoff; `then` is how the parent noticed.
+    #[error("the child process {how} before it was ready ({then}); its log: {log}")]
+    Died { how: String, then: Box<Error>, log: String },
+}
+
+/// How long a parent whose handoff failed waits for the child to have exited on its own
+/// (its end of the socket closes as it exits, a moment before it can be reaped), to say
+/// so instead of only that contact was lost.
+const EXIT_WAIT: Duration = Duration::from_millis(500);
+
+/// What ended a child process, in words.
+fn how_it_ended(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(libc::SIGKILL)) => {
+            "was killed by signal 9 (SIGKILL: another process, or the kernel's out-of-memory killer)".into()
+        }
+        (None, Some(sig)) => {
+            let name = nix::sys::signal::Signal::try_from(sig).map_or("unknown", |s| s.as_str());
+            format!("was killed by signal {sig} ({name})")
+        }
+        (None, None) => format!("ended ({status})"),
+    }
+}
+
+/// The exit status of `process` if it exits within `wait`.
+fn exited_within(process: &mut std::process::Child, wait: Duration) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    loop {
+        match process.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if t.elapsed() < wait => std::thread::sleep(Duration::from_millis(5)),
+            _ => return None,
+        }
+    }
 }
 
 /// Why a child could not become the VM its parent sent: the child's side of a fork.
@@ -292,7 +328,13 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
     // failed halfway (it would wait for the rest forever otherwise). Its page servers
     // serve nobody once it has exited: they go with it.
     let mut process = process;
-    if !matches!(outcome, Ok(Ready { ok: true, .. })) {
+    // A child that said why it failed, or that stopped answering, is still there; after
+    // any other failure it may have died (killed, or out of memory): say so if it did.
+    let died = match &outcome {
+        Err(Error::Child(_) | Error::Handoff(wire::Error::TimedOut)) | Ok(_) => None,
+        Err(_) => exited_within(&mut process, EXIT_WAIT),
+    };
+    if died.is_none() && !matches!(outcome, Ok(Ready { ok: true, .. })) {
         let _ = process.kill();
     }
     let page_servers = served.map(|key| (vm.page_servers().clone(), key));
@@ -302,11 +344,11 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
             servers.release(key);
         }
     });
-    let ready = outcome.map_err(|e| match e {
-        Error::Handoff(wire::Error::TimedOut) => Error::Unresponsive {
-            log: child_log(child).map_or_else(|e| e.to_string(), |p| p.display().to_string()),
-        },
-        e => e,
+    let log = || child_log(child).map_or_else(|e| e.to_string(), |p| p.display().to_string());
+    let ready = outcome.map_err(|e| match (e, died) {
+        (e, Some(status)) => Error::Died { how: how_it_ended(status), then: Box::new(e), log: log() },
+        (Error::Handoff(wire::Error::TimedOut), None) => Error::Unresponsive { log: log() },
+        (e, None) => e,
     })?;
     if !ready.ok {
         return Err(Error::Child(ready.error.unwrap_or_default()));

@@ -107,9 +107,22 @@ fn landed(answer: &Value) -> String {
         return "after the child was ready".into();
     }
     let e = answer["error"].as_str().unwrap_or("?");
-    // "lost contact with the child: Connection reset by peer (os error 104)" → the part
-    // before the OS detail.
-    e.split(" (os error").next().unwrap_or(e).chars().take(90).collect()
+    // "the child process was killed by signal 9 (...) before it was ready (lost contact
+    // with the child: Connection reset by peer (os error 104)); its log: ..." → how it
+    // ended, and the part of how the parent noticed before the OS detail.
+    let (ended, e) = match e.split_once(" before it was ready (") {
+        Some((how, then)) => {
+            let how = if how.contains("signal 9") {
+                "SIGKILL"
+            } else {
+                how.trim_start_matches("the child process ")
+            };
+            (format!("{how}: "), then.rsplit_once("); its log").map_or(then, |(t, _)| t))
+        }
+        None => (String::new(), e),
+    };
+    let noticed: String = e.split(" (os error").next().unwrap_or(e).chars().take(90).collect();
+    format!("{ended}{noticed}")
 }
 
 /// A fork that must succeed and leave a child that continues the parent's guest.
@@ -181,6 +194,11 @@ fn step(p: &Parent, i: usize, fault: Fault, rng: &mut Rng, f: &mut Figures) {
             }
             let v = answer.join().unwrap();
             assert!(victim.is_some() || v["ok"] == false, "{what}: no child appeared, yet: {v}");
+            // However the parent noticed, the answer says that the child was killed.
+            assert!(
+                v["ok"] == true || v["error"].as_str().is_some_and(|e| e.contains("killed by signal 9")),
+                "{what}: the answer does not say that the child was killed: {v}"
+            );
             *f.kills.entry(landed(&v)).or_default() += 1;
             f.forks += 1;
         }
