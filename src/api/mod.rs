@@ -246,7 +246,10 @@ impl Server {
         // polling for the VM (`run --detach`, `restore --detach`) must never find the
         // socket between bind and listen, where its connect is refused and it would
         // remove the socket as stale.
-        let tmp = path.with_extension(format!("sock.new-{}", std::process::id()));
+        for p in crate::runtime::remove_stale_bindings()? {
+            eprintln!("vmfork: removed the socket {} of a VM process killed as it bound it", p.display());
+        }
+        let tmp = crate::runtime::binding_path(name, std::process::id())?;
         let _ = std::fs::remove_file(&tmp);
         let err = |error| Error::Socket { path: path.clone(), error };
         let l = UnixListener::bind(&tmp).map_err(err)?;
