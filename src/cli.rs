@@ -594,6 +594,9 @@ fn fork(args: ForkArgs) -> CliResult {
 
 /// Status of every live VM; stale sockets are removed with a message.
 pub fn statuses() -> Result<Vec<Status>, api::Error> {
+    for p in crate::runtime::remove_stale_bindings()? {
+        eprintln!("vmfork: removed the stale socket {} of a VM process killed as it bound it", p.display());
+    }
     let mut out = Vec::new();
     for name in crate::runtime::names()? {
         match api::call(&name, &Request::Status) {

@@ -33,6 +33,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use serde::{Deserialize, Serialize};
 
 use crate::memory::transfer::Detached;
@@ -83,6 +85,26 @@ pub enum Error {
     /// The runtime directory (where the child's log goes) is unusable.
     #[error(transparent)]
     Runtime(#[from] crate::runtime::Error),
+    /// The child process ended during the handoff; `then` is how the parent noticed.
+    #[error("the child process {how} before it was ready ({then}); its log: {log}")]
+    Died { how: String, then: Box<Error>, log: String },
+}
+
+/// How long a parent whose handoff failed waits for the child to have exited on its own
+/// (its end of the socket closes as it exits, a moment before it can be reaped), to say
+/// so instead of only that contact was lost.
+const EXIT_WAIT: Duration = Duration::from_millis(500);
+
+/// What ended a child process, in words.
+fn how_it_ended(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, Signal::SIGKILL, _) => {
+            "was killed by signal 9 (SIGKILL: another process, or the kernel's out-of-memory killer)".into()
+        }
+        WaitStatus::Signaled(_, sig, _) => format!("was killed by signal {} ({})", sig as i32, sig.as_str()),
+        other => format!("ended ({other:?})"),
+    }
 }
 
 /// Why a child could not become the VM its parent sent: the child's side of a fork.
@@ -424,7 +446,14 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
     // The child outlives this request; reap it when it exits, and end it if the handoff
     // failed halfway (it would wait for the rest forever otherwise). Its page servers
     // serve nobody once it has exited: they go with it.
-    if !matches!(outcome, Ok(Ready { ok: true, .. })) {
+    let mut process = process;
+    // A child that said why it failed, or that stopped answering, is still there; after
+    // any other failure it may have died (killed, or out of memory): say so if it did.
+    let died = match &outcome {
+        Err(Error::Child(_) | Error::Handoff(wire::Error::TimedOut)) | Ok(_) => None,
+        Err(_) => process.exited_within(EXIT_WAIT),
+    };
+    if died.is_none() && !matches!(outcome, Ok(Ready { ok: true, .. })) {
         process.kill();
     }
     let page_servers = served.map(|key| (vm.page_servers().clone(), key));
@@ -434,11 +463,11 @@ pub fn fork(vm: &Vm, parent: &str, private: bool, child: &str, strategy: Strateg
             servers.release(key);
         }
     });
-    let ready = outcome.map_err(|e| match e {
-        Error::Handoff(wire::Error::TimedOut) => Error::Unresponsive {
-            log: child_log(child).map_or_else(|e| e.to_string(), |p| p.display().to_string()),
-        },
-        e => e,
+    let log = || child_log(child).map_or_else(|e| e.to_string(), |p| p.display().to_string());
+    let ready = outcome.map_err(|e| match (e, died) {
+        (e, Some(status)) => Error::Died { how: how_it_ended(status), then: Box::new(e), log: log() },
+        (Error::Handoff(wire::Error::TimedOut), None) => Error::Unresponsive { log: log() },
+        (e, None) => e,
     })?;
     if !ready.ok {
         return Err(Error::Child(ready.error.unwrap_or_default()));
@@ -647,7 +676,7 @@ fn spawn_child(name: &str, sock: UnixStream) -> Result<ChildProcess> {
     defaults.add(nix::sys::signal::SIGPIPE);
     attr.set_sigdefault(&defaults).map_err(spawn_err)?;
     let pid = posix_spawn(path.as_c_str(), &actions, &attr, &args, &env).map_err(spawn_err)?;
-    Ok(ChildProcess { pid })
+    Ok(ChildProcess { pid, reaped: false })
 }
 
 /// `fd` moved to a number above 3 (close-on-exec), where it is not already.
@@ -668,16 +697,40 @@ fn above_stdio(fd: OwnedFd) -> std::io::Result<OwnedFd> {
 /// A forked VM's process, as started by [`spawn_child`].
 struct ChildProcess {
     pid: nix::unistd::Pid,
+    /// Reaped already: its pid may belong to another process by now.
+    reaped: bool,
 }
 
 impl ChildProcess {
     fn kill(&self) {
-        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::SIGKILL);
+        if !self.reaped {
+            let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+        }
     }
 
     /// Waits for the process to exit, and reaps it.
     fn wait(self) {
-        while let Err(nix::Error::EINTR) = nix::sys::wait::waitpid(self.pid, None) {}
+        if !self.reaped {
+            while let Err(nix::Error::EINTR) = waitpid(self.pid, None) {}
+        }
+    }
+
+    /// How the process ended, if it exits (and is reaped) within `wait`.
+    fn exited_within(&mut self, wait: Duration) -> Option<WaitStatus> {
+        let t = Instant::now();
+        loop {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if t.elapsed() < wait => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                    self.reaped = true;
+                    return Some(status);
+                }
+                Err(nix::Error::EINTR) => {}
+                _ => return None,
+            }
+        }
     }
 }
 

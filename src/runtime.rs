@@ -79,6 +79,33 @@ pub fn names() -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// Where the process `pid` binds VM `name`'s socket before it links it into place as
+/// [`socket_path`] (see [`crate::api::Server::bind`]): `NAME.sock.new-PID`.
+pub fn binding_path(name: &str, pid: u32) -> Result<PathBuf> {
+    Ok(socket_path(name)?.with_extension(format!("sock.new-{pid}")))
+}
+
+/// Removes the [`binding_path`]s of processes that are gone: a VM process killed between
+/// binding its socket and linking it into place leaves one, which no client would ever
+/// meet as stale. Returns what it removed.
+pub fn remove_stale_bindings() -> Result<Vec<PathBuf>> {
+    let dir = runtime_dir()?;
+    let rd = std::fs::read_dir(&dir).map_err(|error| Error::RuntimeDir { path: dir.clone(), error })?;
+    let mut removed = Vec::new();
+    for e in rd.filter_map(|e| e.ok()) {
+        let file = e.file_name();
+        let Some((_, pid)) = file.to_str().and_then(|f| f.rsplit_once(".sock.new-")) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            removed.push(e.path());
+        }
+    }
+    Ok(removed)
+}
+
 /// Path of VM `name`'s log (its stdout and stderr, the guest's console echo included).
 pub fn log_path(name: &str) -> Result<PathBuf> {
     check_name(name)?;

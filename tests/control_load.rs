@@ -275,16 +275,7 @@ fn the_fuzz_corpus_and_broken_clients_on_a_live_socket_leave_the_vm_running() {
     let rt = Runtime::new("live-fuzz");
     rt.run("p", &[]);
     let pid = status(&rt, "p")["pid"].as_i64().unwrap() as i32;
-    // The idle baseline: the thread that answered that status request may still be on
-    // its way out (with its connection's fds), so take the leanest of a second's samples.
-    let (mut threads_before, mut fds_before) = (count_entries(pid, "task"), control::fds(pid));
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(50));
-        let (threads, fds) = (count_entries(pid, "task"), control::fds(pid));
-        if threads < threads_before || (threads == threads_before && fds.len() < fds_before.len()) {
-            (threads_before, fds_before) = (threads, fds);
-        }
-    }
+    let (threads_before, fds_before) = idle_baseline(pid);
 
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/api_request");
     let mut files: Vec<_> = std::fs::read_dir(&corpus)
@@ -365,19 +356,182 @@ fn the_fuzz_corpus_and_broken_clients_on_a_live_socket_leave_the_vm_running() {
     drop(silent);
 
     // Nothing stays behind: every connection's thread and fd is gone again.
+    back_to(pid, threads_before, &fds_before, "the clients left");
+    assert!(children(pid).is_empty(), "the corpus started a process: {:?}", children(pid));
+    assert_eq!(status(&rt, "p")["state"], "running");
+}
+
+/// What VM process `pid` holds when idle: the thread that answered the last status
+/// request may still be on its way out (with its connection's fds), so the leanest of a
+/// second's samples.
+fn idle_baseline(pid: i32) -> (usize, Vec<String>) {
+    let (mut threads_before, mut fds_before) = (count_entries(pid, "task"), control::fds(pid));
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        let (threads, fds) = (count_entries(pid, "task"), control::fds(pid));
+        if threads < threads_before || (threads == threads_before && fds.len() < fds_before.len()) {
+            (threads_before, fds_before) = (threads, fds);
+        }
+    }
+    (threads_before, fds_before)
+}
+
+/// Waits (10 s at most) until VM process `pid` holds `threads` threads and `fds` again.
+fn back_to(pid: i32, threads_before: usize, fds_before: &[String], after: &str) {
     let t = Instant::now();
     loop {
         let (threads, fds) = (count_entries(pid, "task"), control::fds(pid));
         if threads == threads_before && fds == fds_before {
-            break;
+            return;
         }
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "10 s after the clients left, the VM has {threads} threads (before: {threads_before}) and \
+            "10 s after {after}, the VM has {threads} threads (before: {threads_before}) and \
              fds {fds:?} (before: {fds_before:?})"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(children(pid).is_empty(), "the corpus started a process: {:?}", children(pid));
+}
+
+/// The guest counter of a console line `report vcpu=0 ... counter=N ...`.
+fn console_counter(line: &str) -> Option<u64> {
+    if !line.starts_with("report vcpu=0 ") {
+        return None;
+    }
+    line.split_whitespace().find_map(|w| w.strip_prefix("counter="))?.parse().ok()
+}
+
+/// Connections that never send their request line, or only half of it, each hold a
+/// thread of the VM process while the line is awaited: they are answered with an error
+/// and hung up on once `REQUEST_WAIT` has passed since they connected, not before, and
+/// `status` answers meanwhile. A console connection (a request whose answer goes on
+/// past the wait) is not cut off.
+#[test]
+fn connections_that_never_send_a_request_are_hung_up_on_after_the_wait() {
+    const TEST: &str = "connections_that_never_send_a_request_are_hung_up_on_after_the_wait";
+    const IDLE: usize = 64;
+    let Some(_lock) = kvm_available(TEST) else { return };
+    let wait = vmfork::api::REQUEST_WAIT;
+    let rt = Runtime::new("idle");
+    rt.run("p", &[]);
+    let pid = status(&rt, "p")["pid"].as_i64().unwrap() as i32;
+    let mut console = connect(&rt, "p");
+    console.write_all(b"{\"cmd\":\"console\"}\n").unwrap();
+    let mut console = BufReader::new(console);
+    let mut line = String::new();
+    console.read_line(&mut line).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&line).unwrap(), serde_json::json!({"ok": true}));
+    let (threads_before, fds_before) = idle_baseline(pid);
+
+    let connected = Instant::now();
+    let idle: Vec<_> = (0..IDLE)
+        .map(|i| {
+            let mut s = connect(&rt, "p");
+            if i % 4 == 0 {
+                s.write_all(b"{\"cmd\":\"sta").unwrap();
+            }
+            s
+        })
+        .collect();
+    // Each of them holds a thread: the premise of the test.
+    let t = Instant::now();
+    while count_entries(pid, "task") < threads_before + IDLE {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{IDLE} connections but only {} threads (idle: {threads_before})",
+            count_entries(pid, "task")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The VM answers others and runs on meanwhile.
+    let c = counter(&status(&rt, "p")).unwrap();
+    let c = control::wait_counter_past(&rt, "p", c, "with idle connections open");
+    let meanwhile = connected.elapsed();
+    if meanwhile >= wait {
+        eprintln!("note: status took {meanwhile:.1?}, past the {wait:?} wait: not shown to answer meanwhile");
+    }
+
+    // Every one of them gets one error line, then the end of the stream: after the wait
+    // (counted from its connect, which came after `connected`) and well within twice it.
+    for (i, s) in idle.into_iter().enumerate() {
+        s.set_read_timeout(Some(
+            (2 * wait).saturating_sub(connected.elapsed()).max(Duration::from_millis(1)),
+        ))
+        .unwrap();
+        let mut got = String::new();
+        if let Err(e) = BufReader::new(s).read_to_string(&mut got) {
+            panic!(
+                "connection {i} is still open {:.1?} after it connected, without a request line ({e}); \
+                 it got {got:?}",
+                connected.elapsed()
+            );
+        }
+        let at = connected.elapsed();
+        assert!(at >= wait, "connection {i} was hung up on after {at:.1?}, before the {wait:?} wait");
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(lines.len(), 1, "connection {i}: {got:?}");
+        let v: Value =
+            serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("connection {i}: {e}: {got:?}"));
+        assert_eq!(v["ok"], false, "connection {i}: {v}");
+        let err = v["error"].as_str().unwrap();
+        assert!(err.contains("no request line within"), "connection {i}: {err}");
+    }
+    eprintln!("{IDLE} silent connections hung up on after {:.1?}", connected.elapsed());
+    back_to(pid, threads_before, &fds_before, "the silent connections were hung up on");
+
+    // The console, open all along, still streams: a report newer than any before.
+    let now = counter(&status(&rt, "p")).unwrap();
+    assert!(now > c);
+    console.get_ref().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    loop {
+        line.clear();
+        let n = console.read_line(&mut line).unwrap_or_else(|e| panic!("the console went quiet: {e}"));
+        assert!(n > 0, "the console was hung up on");
+        if console_counter(&line).is_some_and(|k| k > now) {
+            break;
+        }
+    }
     assert_eq!(status(&rt, "p")["state"], "running");
+}
+
+/// A VM process that cannot start a thread for a connection (here: a pids cgroup at its
+/// limit) refuses that connection with an error or a hang-up, and serves again once it
+/// can: the thread spawn once panicked in the accepting thread, which ended the control
+/// socket for good.
+#[test]
+fn a_connection_that_gets_no_thread_is_refused_and_the_socket_serves_on() {
+    const TEST: &str = "a_connection_that_gets_no_thread_is_refused_and_the_socket_serves_on";
+    let Some(_lock) = kvm_available(TEST) else { return };
+    let cg = match common::cgroup::Cgroup::new("pids", "vmfork-test-pids") {
+        Ok(cg) => cg,
+        Err(why) => {
+            return common::skip(TEST, &format!("needs a pids cgroup to cap the VM's threads: {why}"));
+        }
+    };
+    let rt = Runtime::new("no-thread");
+    rt.run("p", &[]);
+    let pid = status(&rt, "p")["pid"].as_i64().unwrap() as i32;
+    let (threads, _) = idle_baseline(pid);
+    cg.add(pid).unwrap();
+    // Not one thread more.
+    cg.set_limit(Some(threads as u64)).unwrap();
+    let (mut errors, mut hangups) = (0, 0);
+    for _ in 0..5 {
+        let answers = exchange(&rt, b"{\"cmd\":\"status\"}\n");
+        match answers.as_slice() {
+            [] => hangups += 1,
+            [v] => {
+                assert_eq!(v["ok"], false, "a status was answered without a thread to answer it: {v}");
+                let e = v["error"].as_str().unwrap();
+                assert!(e.contains("cannot start a thread"), "{e}");
+                errors += 1;
+            }
+            more => panic!("{} answers: {more:?}", more.len()),
+        }
+    }
+    eprintln!("at the thread limit: {errors} errors, {hangups} hang-ups; pids.current {}", cg.usage());
+    cg.set_limit(None).unwrap();
+    let c = counter(&status(&rt, "p")).expect("the VM answers again once it may start threads");
+    control::wait_counter_past(&rt, "p", c, "after the thread limit was lifted");
+    cg.send_home(pid).unwrap();
 }

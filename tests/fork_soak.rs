@@ -2,7 +2,8 @@
 //! parent per strategy (the real `vmfork` binary on this host's KVM): children killed at
 //! random points of their handoff, the parent paused and resumed mid-fork, two forks in
 //! flight at once, clients that hang up mid-request, lazily filled children killed
-//! while they fault. After every step the parent must answer and its guest run on; at
+//! while they fault, children born into a memory cgroup that is then capped just above
+//! its use. After every step the parent must answer and its guest run on; at
 //! the end it must hold what it held before (fds, threads, mappings, page servers), have
 //! no child process, and the host's shared memory must be back where it was.
 //!
@@ -18,6 +19,7 @@ use serde_json::Value;
 
 mod common;
 
+use common::cgroup::Cgroup;
 use common::control::{
     self, Rng, children, connect, count_entries, maps, request, shmem_kib, sockets, status, wait_counter_past,
 };
@@ -41,10 +43,22 @@ enum Fault {
     HangUp,
     /// A lazily filled child killed 0–20 ms after it started, while it faults.
     KillFaulting,
+    /// The child is born into a memory cgroup of the test's own (the parent is moved in,
+    /// unlimited, for the request, and back out as soon as the child exists), which is
+    /// then capped 0–4 MiB above what it holds: the child's memory steps run out of
+    /// memory. The parent is never in the cgroup while it has a limit.
+    MemoryCap,
 }
 
-const FAULTS: [Fault; 6] =
-    [Fault::None, Fault::KillChild, Fault::PauseResume, Fault::TwoForks, Fault::HangUp, Fault::KillFaulting];
+const FAULTS: [Fault; 7] = [
+    Fault::None,
+    Fault::KillChild,
+    Fault::PauseResume,
+    Fault::TwoForks,
+    Fault::HangUp,
+    Fault::KillFaulting,
+    Fault::MemoryCap,
+];
 
 /// What the soak did, for the figures it prints.
 #[derive(Default)]
@@ -53,6 +67,11 @@ struct Figures {
     faults: BTreeMap<String, u64>,
     /// Where a kill landed: the fork's answer (an error says which step failed).
     kills: BTreeMap<String, u64>,
+    /// What a memory cap did: the fork's answer, and whether the OOM killer acted.
+    capped: BTreeMap<String, u64>,
+    /// The kernel's count of charges that hit the cap, and of its OOM kills, over the soak.
+    cap_hits: u64,
+    oom_kills: u64,
     stale_sockets: usize,
 }
 
@@ -107,9 +126,22 @@ fn landed(answer: &Value) -> String {
         return "after the child was ready".into();
     }
     let e = answer["error"].as_str().unwrap_or("?");
-    // "lost contact with the child: Connection reset by peer (os error 104)" → the part
-    // before the OS detail.
-    e.split(" (os error").next().unwrap_or(e).chars().take(90).collect()
+    // "the child process was killed by signal 9 (...) before it was ready (lost contact
+    // with the child: Connection reset by peer (os error 104)); its log: ..." → how it
+    // ended, and the part of how the parent noticed before the OS detail.
+    let (ended, e) = match e.split_once(" before it was ready (") {
+        Some((how, then)) => {
+            let how = if how.contains("signal 9") {
+                "SIGKILL"
+            } else {
+                how.trim_start_matches("the child process ")
+            };
+            (format!("{how}: "), then.rsplit_once("); its log").map_or(then, |(t, _)| t))
+        }
+        None => (String::new(), e),
+    };
+    let noticed: String = e.split(" (os error").next().unwrap_or(e).chars().take(90).collect();
+    format!("{ended}{noticed}")
 }
 
 /// A fork that must succeed and leave a child that continues the parent's guest.
@@ -150,12 +182,14 @@ fn same_guest(rt: &Runtime, parent: &str, child: &str, what: &str) {
     }
 }
 
-/// A parent under soak: its name and pid, and the strategy it forks with.
+/// A parent under soak: its name and pid, the strategy it forks with, and the memory
+/// cgroup its children may be born into.
 struct Parent<'a> {
     rt: &'a Runtime,
     name: &'a str,
     pid: i32,
     strategy: &'a str,
+    cgroup: Option<&'a Cgroup>,
 }
 
 /// One soak step: `fault` injected into a fork of the parent.
@@ -181,6 +215,11 @@ fn step(p: &Parent, i: usize, fault: Fault, rng: &mut Rng, f: &mut Figures) {
             }
             let v = answer.join().unwrap();
             assert!(victim.is_some() || v["ok"] == false, "{what}: no child appeared, yet: {v}");
+            // However the parent noticed, the answer says that the child was killed.
+            assert!(
+                v["ok"] == true || v["error"].as_str().is_some_and(|e| e.contains("killed by signal 9")),
+                "{what}: the answer does not say that the child was killed: {v}"
+            );
             *f.kills.entry(landed(&v)).or_default() += 1;
             f.forks += 1;
         }
@@ -226,6 +265,38 @@ fn step(p: &Parent, i: usize, fault: Fault, rng: &mut Rng, f: &mut Figures) {
             assert_eq!(v["ok"], true, "{what}: {v}");
             std::thread::sleep(Duration::from_millis(rng.below(21)));
             sigkill(v["children"][0]["pid"].as_i64().unwrap() as i32);
+            f.forks += 1;
+        }
+        Fault::MemoryCap => {
+            let cg = p.cgroup.expect("a memory cap needs the cgroup");
+            let above = rng.below((4 << 20) + 1);
+            let (hits, kills) = (cg.limit_hits(), cg.oom_kills());
+            cg.set_limit(None).unwrap();
+            cg.add(pid).unwrap();
+            let answer = fork_async(rt, parent, strategy, &child);
+            let born = new_child(pid, &known, Duration::from_secs(20));
+            // Out before any cap: the parent's own memory is never at stake.
+            cg.send_home(pid).unwrap();
+            assert!(!cg.procs().contains(&pid), "{what}: the parent is still in the capped cgroup");
+            let cap = cg.limit_above_usage(above).unwrap();
+            let v = answer.join().unwrap();
+            cg.set_limit(None).unwrap();
+            let (hits, kills) = (cg.limit_hits() - hits, cg.oom_kills() - kills);
+            f.cap_hits += hits;
+            f.oom_kills += kills;
+            assert!(born.is_some() || v["ok"] == false, "{what}: no child appeared, yet: {v}");
+            // A child that got through runs on under the cap until it is stopped below
+            // (or killed by the OOM killer first); one that did not, the answer says why.
+            if v["ok"] == false {
+                let e = v["error"].as_str().unwrap_or("");
+                assert!(
+                    e.contains("killed by signal 9") || e.contains("Cannot allocate memory"),
+                    "{what}: capped {above} bytes above use ({cap} bytes), the fork failed without saying \
+                     it ran out of memory: {v}"
+                );
+            }
+            let oom = if kills > 0 { "; OOM kill" } else { "" };
+            *f.capped.entry(format!("{}{oom}", landed(&v))).or_default() += 1;
             f.forks += 1;
         }
     }
@@ -310,7 +381,7 @@ fn soak(
     rt: &Runtime,
     strategy: &str,
     forks: usize,
-    rng: &mut Rng,
+    (rng, cgroup): (&mut Rng, Option<&Cgroup>),
     f: &mut Figures,
     pids: &mut Vec<i32>,
 ) -> Vec<String> {
@@ -332,8 +403,12 @@ fn soak(
     let (mut i, mut done) = (0, 0);
     while done < forks {
         let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
-        let fault = if fault == Fault::KillFaulting && !lazy { Fault::KillChild } else { fault };
-        step(&Parent { rt, name: &parent, pid, strategy }, i, fault, rng, f);
+        let fault = match fault {
+            Fault::KillFaulting if !lazy => Fault::KillChild,
+            Fault::MemoryCap if cgroup.is_none() => Fault::None,
+            fault => fault,
+        };
+        step(&Parent { rt, name: &parent, pid, strategy, cgroup }, i, fault, rng, f);
         done += if fault == Fault::TwoForks { 2 } else { 1 };
         i += 1;
     }
@@ -397,11 +472,14 @@ fn forks_survive_injected_faults_and_leak_nothing() {
         |v| v.parse().expect("VMFORK_SOAK_SEED"),
     );
     eprintln!("soak seed {seed} (replay with VMFORK_SOAK_SEED={seed}), {forks} forks per strategy");
-    common::skip_part(
-        TEST,
-        "ENOMEM during clone",
-        "needs a cgroup v2 memory controller to cap the parent; this host has the v1 hierarchy",
-    );
+    let cgroup = Cgroup::new("memory", "vmfork-soak")
+        .map_err(|why| {
+            common::skip_part(TEST, "children out of memory", &format!("needs a memory cgroup: {why}"))
+        })
+        .ok();
+    if let Some(cg) = &cgroup {
+        eprintln!("memory caps in {} (cgroup {:?})", cg.dir.display(), cg.version);
+    }
     let mut rng = Rng(seed);
     let rt = Runtime::new("soak");
     let shmem_before = shmem_kib();
@@ -413,7 +491,7 @@ fn forks_survive_injected_faults_and_leak_nothing() {
     // host's Shmem too. Looked for whenever none of the soak's own runs.
     let mut others = other_vm_processes();
     for strategy in ["copy", "cow", "uffd", "uffd-minor"] {
-        leaks.extend(soak(&rt, strategy, forks, &mut rng, &mut f, &mut pids));
+        leaks.extend(soak(&rt, strategy, forks, (&mut rng, cgroup.as_ref()), &mut f, &mut pids));
         // Every VM process of this parent has exited.
         let t = Instant::now();
         while let Some(p) = pids.iter().find(|p| std::path::Path::new(&format!("/proc/{p}")).exists()) {
@@ -447,13 +525,20 @@ fn forks_survive_injected_faults_and_leak_nothing() {
             ),
         );
     }
+    // Every process of the soak has exited: what is still charged to the cgroup is page
+    // cache (reclaimable), not guest memory.
+    let cg_left = cgroup.as_ref().map(|cg| cg.usage() >> 10);
     eprintln!(
-        "soak seed {seed}: {} forks in {:.1?}; faults {:?}; kills landed {:?}; {} stale child sockets \
+        "soak seed {seed}: {} forks in {:.1?}; faults {:?}; kills landed {:?}; memory caps {:?} \
+         ({} charges hit a cap, {} OOM kills, {cg_left:?} KiB left charged); {} stale child sockets \
          removed by ls; Shmem {shmem_before} -> {shmem_after} kB; leaks found = {}",
         f.forks,
         started.elapsed(),
         f.faults,
         f.kills,
+        f.capped,
+        f.cap_hits,
+        f.oom_kills,
         f.stale_sockets,
         leaks.len()
     );

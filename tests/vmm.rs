@@ -464,6 +464,21 @@ fn cli_errors_are_clear_and_stale_sockets_are_cleaned_up() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("stale"));
     assert!(!rt.socket("ghost2").exists());
+    // A VM process killed between binding its socket and linking it into place leaves
+    // the socket under its binding name, which ls removes once that process is gone
+    // (and keeps while it runs: it may be binding right now).
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let binding = |pid: u32| rt.dir.join("vmfork").join(format!("ghost3.sock.new-{pid}"));
+    drop(std::os::unix::net::UnixListener::bind(binding(dead)).unwrap());
+    drop(std::os::unix::net::UnixListener::bind(binding(std::process::id())).unwrap());
+    let out = rt.vmfork(&["ls"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stale socket"), "{out:?}");
+    assert!(!binding(dead).exists(), "ls left the binding socket of dead pid {dead}");
+    assert!(binding(std::process::id()).exists(), "ls removed the binding socket of a live process");
+    std::fs::remove_file(binding(std::process::id())).unwrap();
     // A new VM may take a stale name.
     drop(std::os::unix::net::UnixListener::bind(rt.socket("reuse")).unwrap());
     rt.ok(&["run", "--detach", "--name", "reuse", "--mem", "16M", "--workload", "idle"]);

@@ -17,7 +17,11 @@
 //! | `{"cmd":"snapshot","dir":"/abs/path","level":1,"chunk":8192,"stop":false}` (all but `cmd` and `dir` optional) | lines `{"progress":{done_bytes,total_bytes,stored_bytes,elapsed_secs}}` while the chunks are written, then `{"ok":true,"summary":{...}}`; the VM is paused only while its memory is frozen, and stops after the answer with `"stop":true` |
 //! | `{"cmd":"restore-stats"}` | `{"ok":true,"snapshot":DIR,"stats":{zero_faults,decoded_faults,prefetched_chunks,bytes_decoded,fault_p50_us,fault_p99_us,misses,ws_precision,ws_recall,trace}}` for a VM restored from a snapshot |
 //!
-//! Anything else gets `{"ok":false,"error":"..."}` and the VM keeps running.
+//! Anything else gets `{"ok":false,"error":"..."}` and the VM keeps running. A client
+//! that has not sent its whole request line within [`REQUEST_WAIT`] of connecting gets
+//! such an error and is hung up on: each connection holds a thread of the VM process
+//! while its line is awaited. The wait is for the request only; an answer may take as
+//! long as its request needs (a fork answers once its child's guest runs).
 //!
 //! Requests that pause or resume the VM (fork, snapshot, pause, resume) run one at a
 //! time: a pause or resume sent while a fork or snapshot is in flight is answered after
@@ -38,6 +42,14 @@ use crate::vmm::{Report, RunState, Vm};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
+
+/// How long a connection may take to send its request line, from the connect (a client
+/// that dribbles bytes gets no more time than one that sends none).
+pub const REQUEST_WAIT: Duration = Duration::from_secs(10);
+
+/// How long the accepting thread pauses after it could not accept a connection or start
+/// a thread for one (and how long it tries to tell that client so).
+const REFUSE_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +246,10 @@ impl Server {
         // polling for the VM (`run --detach`, `restore --detach`) must never find the
         // socket between bind and listen, where its connect is refused and it would
         // remove the socket as stale.
-        let tmp = path.with_extension(format!("sock.new-{}", std::process::id()));
+        for p in crate::runtime::remove_stale_bindings()? {
+            eprintln!("vmfork: removed the socket {} of a VM process killed as it bound it", p.display());
+        }
+        let tmp = crate::runtime::binding_path(name, std::process::id())?;
         let _ = std::fs::remove_file(&tmp);
         let err = |error| Error::Socket { path: path.clone(), error };
         let l = UnixListener::bind(&tmp).map_err(err)?;
@@ -249,16 +264,36 @@ impl Server {
         }
     }
 
-    /// Accepts connections on `listener` in a background thread, one thread each.
+    /// Accepts connections on `listener` in a background thread, one thread each. A
+    /// connection that gets no thread (the process is at a limit of threads or memory)
+    /// is told so and hung up on, and the server goes on: a thread spawn that panicked
+    /// once ended the accepting thread, and with it the control socket for good.
     pub fn spawn(&self, listener: UnixListener, who: Identity, vm: Arc<Vm>) {
         let freezes = Arc::new(Mutex::new(()));
         std::thread::spawn(move || {
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                let conn = match conn {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of fds, say: wait a little rather than spin.
+                        eprintln!("vmfork: control socket: accept: {e}");
+                        std::thread::sleep(REFUSE_BACKOFF);
+                        continue;
+                    }
+                };
+                let reply = conn.try_clone();
                 let (vm, who, freezes) = (vm.clone(), who.clone(), freezes.clone());
-                std::thread::spawn(move || {
+                let spawned = std::thread::Builder::new().spawn(move || {
                     let _ = handle(conn, &who, &vm, &freezes);
                 });
+                if let Err(e) = spawned {
+                    eprintln!("vmfork: control socket: no thread for a connection: {e}");
+                    if let Ok(mut w) = reply {
+                        let _ = w.set_write_timeout(Some(REFUSE_BACKOFF));
+                        let _ = error(&mut w, format!("the VM process cannot start a thread to answer: {e}"));
+                    }
+                    std::thread::sleep(REFUSE_BACKOFF);
+                }
             }
         });
     }
@@ -316,7 +351,28 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm, freezes: &Mutex<()>) -> io:
     // Bytes, not a `String`: a line that is not UTF-8 gets its error answer like any
     // other bad request, instead of a hang-up without a word.
     let mut line = Vec::new();
-    BufReader::new((&conn).take(MAX_REQUEST)).read_until(b'\n', &mut line)?;
+    let until = Instant::now() + REQUEST_WAIT;
+    let read = BufReader::new(Deadline { conn: &conn, until }.take(MAX_REQUEST)).read_until(b'\n', &mut line);
+    match read {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            // The client may never read this; a full socket buffer must not hold the
+            // thread either.
+            w.set_write_timeout(Some(REQUEST_WAIT))?;
+            return error(
+                &mut w,
+                format!(
+                    "no request line within {} s of connecting ({} bytes came); send one JSON line \
+                     like {{\"cmd\":\"status\"}}",
+                    REQUEST_WAIT.as_secs(),
+                    line.len()
+                ),
+            );
+        }
+        Err(e) => return Err(e),
+    }
+    // The answer may take long (a fork's), and a console streams: no timeout from here.
+    conn.set_read_timeout(None)?;
     let req: Request = match std::str::from_utf8(&line).map_err(BadRequest::NotUtf8).and_then(parse_request) {
         Ok(r) => r,
         Err(e) => {
@@ -417,6 +473,27 @@ fn handle(conn: UnixStream, who: &Identity, vm: &Vm, freezes: &Mutex<()>) -> io:
                 }
             }
         }
+    }
+}
+
+/// Reads from a connection until `until`: each read waits only for what is left of
+/// the time, so that the whole request line, not each byte of it, has [`REQUEST_WAIT`].
+/// Past it, reads fail with [`io::ErrorKind::TimedOut`] (or `WouldBlock`, the socket's
+/// own timeout).
+struct Deadline<'a> {
+    conn: &'a UnixStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no request line in time"));
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        let mut conn = self.conn;
+        conn.read(buf)
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // Each suite uses its own part of this.
 
+pub mod cgroup;
 pub mod control;
 pub mod guest;
 
