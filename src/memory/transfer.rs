@@ -117,11 +117,6 @@ impl Detached {
             .collect::<Result<Vec<_>>>()?;
         GuestMemory::from_regions(regions, self.huge_pages)
     }
-
-    /// Total bytes of guest memory.
-    pub fn size(&self) -> usize {
-        self.regions.iter().map(|r| r.size).sum()
-    }
 }
 
 /// The files a manifest names, each once, in the order of their fd indices.
