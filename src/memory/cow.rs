@@ -347,6 +347,11 @@ impl Spare {
         worker.ok().map(Spare)
     }
 
+    /// Whether the preparation has ended (well or not).
+    pub(super) fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+
     /// The spare file, if it is ready now: a freeze does not wait for one.
     pub(super) fn ready(self) -> Option<SpareFile> {
         if self.0.is_finished() { self.0.join().ok()?.ok() } else { None }

@@ -303,15 +303,20 @@ impl Region {
         self.fold.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts preparing the next freeze's patch file, `bytes` long, replacing any spare
-    /// not used yet.
+    /// Starts preparing the next freeze's patch file, `bytes` long, unless one is still
+    /// being prepared: two would only compete for the same CPU and pages.
     fn prepare_spare(&self, bytes: usize) {
-        *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = cow::Spare::prepare(bytes);
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.as_ref().is_none_or(|s| s.is_finished()) {
+            *spare = cow::Spare::prepare(bytes);
+        }
     }
 
-    /// The spare patch file, if one is ready.
+    /// The spare patch file, if one is ready; one still being prepared stays for a later
+    /// freeze.
     fn take_spare(&self) -> Option<cow::SpareFile> {
-        self.spare.lock().unwrap_or_else(|p| p.into_inner()).take()?.ready()
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.as_ref()?.is_finished() { spare.take()?.ready() } else { None }
     }
 
     /// Starts tracking writes, if not yet, on a region just frozen. Where the kernel
